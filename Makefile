@@ -1,0 +1,47 @@
+# Two commands matter: `make demo` and `make test`. Both create .venv when it is missing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TORCH   := torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test test-slow assets lint format clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/opd demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+# Rebuild the shipped teacher and student warm start from scratch (fixed seeds, about 3 minutes).
+assets: $(STAMP)
+	$(BIN)/opd sft --config configs/assets_teacher.yaml
+	$(BIN)/opd sft --config configs/assets_student.yaml
+	rm -rf src/opdistill/assets/addition-teacher src/opdistill/assets/addition-student
+	cp -r build/assets/teacher/final src/opdistill/assets/addition-teacher
+	cp -r build/assets/student/final src/opdistill/assets/addition-student
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pyright
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build runs .pytest_cache

@@ -1,0 +1,73 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is ``checkpoints/step_N/``: the model and tokenizer in HF ``save_pretrained`` layout
+plus ``trainer_state.pt`` (optimizer, step, training clock, counters). It is written into a temporary
+directory and renamed into place, and ``checkpoints/latest`` is replaced atomically afterwards, so a
+crash at any moment leaves the previous checkpoint intact. Data order and sampling randomness are
+functions of (seed, step), so nothing else is needed to continue bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdistill.errors import UserError
+from opdistill.models import save_model
+
+STATE_FILE = "trainer_state.pt"
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int) -> Path:
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step}"
+    tmp = root / f".step_{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tokenizer, tmp)
+    torch.save(state, tmp / STATE_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_atomic(root / "latest", final.name)
+    for old in sorted(root.glob("step_*"), key=_step_of)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        raise UserError(f"no checkpoint to resume from in {run_dir} (expected {pointer}).")
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"checkpoint {path} is incomplete (no {STATE_FILE}); remove it or start afresh.")
+    return path
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / STATE_FILE, weights_only=False)
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop records logged after ``max_step`` so a resumed run's logs read as one uninterrupted run."""
+    import json
+
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= max_step]
+    _write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))

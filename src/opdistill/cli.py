@@ -1,0 +1,181 @@
+"""`opd`: the command-line entry point. User errors print one sentence and exit 2 (``--debug`` for tracebacks)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from opdistill.errors import UserError
+
+EPILOG = "Config overrides: section.field=value, e.g. train.steps=100 optim.lr=3e-4 student.path=runs/x/final"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="OPD vs SFT baselines on the shipped tiny models (CPU, minutes)")
+    demo.add_argument("--out", default="", help="run directory (default runs/demo-<date>-<time>)")
+    demo.add_argument("--budget", type=float, default=60.0, help="training seconds per method (default 60)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--eval-n", type=int, default=1000, help="held-out problems for the final table (default 1000)"
+    )
+
+    for name, text in (
+        ("sft", "supervised fine-tuning on completions"),
+        ("distill", "on-policy distillation"),
+    ):
+        sub = commands.add_parser(name, help=text, epilog=EPILOG)
+        sub.add_argument("--config", help="YAML config (defaults apply to anything it leaves out)")
+        sub.add_argument(
+            "--resume", action="store_true", help="continue the run in train.out_dir from its last checkpoint"
+        )
+        sub.add_argument("overrides", nargs="*", metavar="section.field=value")
+
+    ev = commands.add_parser("eval", help="greedy accuracy, avg@n and pass@k of a model; JSON on stdout")
+    ev.add_argument("--model", required=True, help="HF model directory")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", help="built-in task (its test split)")
+    source.add_argument("--data", help="JSONL with prompt and answer fields")
+    ev.add_argument(
+        "--n", type=int, default=0, help="samples per problem for avg@n and pass@k (default 0: greedy only)"
+    )
+    ev.add_argument("--k", default="1,4,16", help="pass@k values, each <= n (default 1,4,16)")
+    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems")
+    ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for avg@n/pass@k")
+    ev.add_argument(
+        "--max-new-tokens", type=int, default=0, help="default: longest reference completion + 8, else 256"
+    )
+    ev.add_argument("--answer-regex", default=r"-?\d+(?:\.\d+)?", help="--data: the answer is the last match")
+    ev.add_argument("--verifier", default="", help="--data: module:function(completion, example) -> bool")
+    ev.add_argument("--seed", type=int, default=0)
+
+    tasks = commands.add_parser("tasks", help="list built-in tasks, or export one to JSONL")
+    tasks.add_argument("--export", metavar="NAME", help="write examples of this task as JSONL")
+    tasks.add_argument("--split", choices=("train", "test"), default="train")
+    tasks.add_argument("--n", type=int, default=20, help="examples to export (default 20)")
+    tasks.add_argument("--out", help="output file (default stdout)")
+
+    report = commands.add_parser("report", help="HTML report (PNG plots) of one or several runs")
+    report.add_argument("runs", nargs="+", help="run directories")
+    report.add_argument("--out", default="", help="output directory (default: the first run)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"opd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"opd {args.command}: interrupted.", file=sys.stderr)
+        return 130
+
+
+def _train(args, objective: str) -> int:
+    from opdistill import config as cfg
+    from opdistill import train
+
+    config = cfg.load_config(args.config, args.overrides)
+    if objective == "sft":
+        config = cfg.replace(config, objective={"type": "sft"})
+    elif config.objective.type == "sft":
+        raise UserError(
+            "objective.type=sft is what `opd sft` runs; pick a distillation objective for `opd distill`."
+        )
+    result = train.run(config, resume=args.resume)
+    if not result["complete"]:
+        print(f"stopped at step {result['stopped_at']} with a checkpoint; continue with the same command and --resume.",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    print(json.dumps({k: result[k] for k in ("out", "steps", "elapsed_s", "final_eval")}, indent=2))
+    return 0
+
+
+def _demo(args) -> int:
+    import time
+
+    from opdistill.demo import run_demo
+
+    out = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
+    run_demo(out, args.budget, args.seed, args.eval_n)
+    return 0
+
+
+def _eval(args) -> int:
+    from opdistill.config import ModelSpec
+    from opdistill.data import encode_completion
+    from opdistill.evaluate import evaluate
+    from opdistill.models import load_model
+    from opdistill.tasks import load_task
+
+    if args.task:
+        task = load_task(task=args.task)
+    else:
+        task = load_task(
+            train_file=args.data, eval_file=args.data, answer_regex=args.answer_regex, verifier=args.verifier
+        )
+    examples = task.test[: args.limit or None]
+    if not examples:
+        raise UserError("no problems to evaluate.")
+    ks = [int(k) for k in args.k.split(",") if k] if args.n else []
+    if any(not 1 <= k <= args.n for k in ks):
+        raise UserError(f"every --k must be between 1 and --n ({args.n}); got {args.k}.")
+    model, tokenizer = load_model(ModelSpec(path=args.model))
+    max_new = args.max_new_tokens
+    if not max_new:
+        lengths = [len(encode_completion(tokenizer, ex.completion)) for ex in examples if ex.completion]
+        max_new = max(lengths) + 8 if lengths else 256
+    result = evaluate(model, tokenizer, examples, task.verify, max_new_tokens=max_new, n=args.n, ks=ks,
+                      temperature=args.temperature, seed=args.seed)  # fmt: skip
+    print(json.dumps({"model": args.model, "data": args.task or args.data, **result}, indent=2))
+    return 0
+
+
+def _tasks(args) -> int:
+    from opdistill.data import write_jsonl
+    from opdistill.tasks import load_task, task_names
+
+    if not args.export:
+        for name, description in task_names().items():
+            print(f"{name:12s} {description}")
+        return 0
+    task = load_task(task=args.export)
+    examples = task.test[: args.n] if args.split == "test" else [task.train[i] for i in range(args.n)]
+    write_jsonl(examples, args.out or "/dev/stdout")
+    return 0
+
+
+def _report(args) -> int:
+    from opdistill.report import write_report
+
+    runs = {}
+    for run in args.runs:
+        path = Path(run)
+        if not (path / "metrics.jsonl").is_file():
+            raise UserError(f"{path} is not a run directory (no metrics.jsonl).")
+        runs[path.name] = path
+    out = Path(args.out) if args.out else Path(args.runs[0])
+    print(write_report(runs, out))
+    return 0
+
+
+COMMANDS = {
+    "demo": _demo,
+    "sft": lambda args: _train(args, "sft"),
+    "distill": lambda args: _train(args, "distill"),
+    "eval": _eval,
+    "tasks": _tasks,
+    "report": _report,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Typed run configuration: frozen dataclasses, YAML files and dotted ``section.field=value`` overrides.
+
+Every field has a default and a comment; ``Literal`` fields list their choices. Unknown keys are an
+error that names the closest valid key, and the resolved config is written into every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from opdistill.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str = ""  # HF model directory (save_pretrained layout); empty = build a fresh tiny model
+    preset: str = "d32l2"  # fresh tiny model "d{hidden}l{layers}", e.g. d32l2 (34k params), d64l2, d128l4
+    arch: Literal["llama", "qwen2"] = "llama"  # architecture of a fresh tiny model
+    dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype
+
+    def __post_init__(self):
+        if not self.path and not _parse_preset(self.preset):
+            raise UserError(
+                f"model preset {self.preset!r} is not of the form d<hidden>l<layers>, e.g. d32l2."
+            )
+
+
+def _parse_preset(preset: str) -> tuple[int, int] | None:
+    """'d64l2' -> (64, 2); None when malformed."""
+    head, sep, layers = preset.lower().removeprefix("d").partition("l")
+    if not (preset.lower().startswith("d") and sep and head.isdigit() and layers.isdigit()):
+        return None
+    return int(head), int(layers)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "addition"  # built-in task (see `opd tasks`); unused when train_file is given
+    task_options: dict[str, Any] = field(default_factory=dict)  # task parameters, e.g. {digits: 4}
+    train_file: str = ""  # JSONL: prompt, answer, completion, privileged, id (takes precedence over task)
+    eval_file: str = ""  # JSONL held out for evaluation (built-in tasks have their own test split)
+    n_train_prompts: int = 0  # restrict training to the first N prompts (0 = all / unlimited)
+    answer_regex: str = r"-?\d+(?:\.\d+)?"  # user data: the answer is the last match (group 1 if any)
+    verifier: str = ""  # user data: "module:function(completion, example) -> bool", overrides the regex
+    completions: Literal["dataset", "teacher", "teacher_pool"] = "dataset"  # SFT targets: see README
+    pool_size: int = 4096  # teacher_pool: prompts in the cached pool of teacher completions
+    teacher_temperature: float = 0.0  # teacher / teacher_pool completions: 0 = greedy
+
+    def __post_init__(self):
+        if self.train_file:  # the user's file replaces the default task; the resolved config says so
+            object.__setattr__(self, "task", "")
+        elif not self.task:
+            raise UserError("give data.task (a built-in task, see `opd tasks`) or data.train_file (JSONL).")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    n_per_prompt: int = 1  # G: completions sampled per prompt
+    temperature: float = 1.0  # sampling temperature (the loss uses the untempered model)
+    top_p: float = 1.0  # nucleus sampling threshold
+    max_new_tokens: int = 64  # completions stop at EOS or here (then counted as truncated)
+
+    def __post_init__(self):
+        if self.n_per_prompt < 1 or self.max_new_tokens < 1:
+            raise UserError("rollout.n_per_prompt and rollout.max_new_tokens must be at least 1.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise UserError("rollout.temperature must be >= 0 and rollout.top_p in (0, 1].")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    # full_rkl: exact reverse KL over the vocabulary at each sampled state (direct branch, ALGORITHMS §3 β=1)
+    # sampled_rkl: detached advantage -(log p_S - log p_T) with importance sampling (PG branch, §2)
+    # sft: cross-entropy on completions (what `opd sft` runs)
+    type: Literal["full_rkl", "sampled_rkl", "sft"] = "full_rkl"
+    kl_coef: float = 1.0  # c_KL: scale of the sampled reverse-KL advantage
+    discount: float = 0.0  # γ: 0 = per-token (myopic) advantage, 1 = full reward-to-go
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_steps: int = 10  # linear warmup
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200  # optimizer steps (the schedule spans them)
+    time_budget_s: float = 0.0  # stop after this much training time (eval excluded); 0 = no limit
+    prompts_per_step: int = 64  # prompts per optimizer step (x rollout.n_per_prompt sequences)
+    micro_batch_size: int = 0  # sequences per forward/backward (0 = all at once)
+    seed: int = 0  # seeds model init, data order and sampling
+    eval_every: int = 50  # evaluate every N steps (0 = only at the end)
+    eval_every_s: float = 0.0  # or every N seconds of training time (0 = off)
+    eval_size: int = 200  # held-out problems per periodic eval (greedy)
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk (0 = all)
+    max_bad_steps: int = 3  # abort after this many non-finite losses in a row
+    out_dir: str = "runs/run"  # run directory
+    threads: int = 0  # torch threads (0 = torch's default)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.prompts_per_step < 1:
+            raise UserError("train.steps and train.prompts_per_step must be at least 1.")
+
+
+@dataclass(frozen=True)
+class Config:
+    student: ModelSpec = field(default_factory=ModelSpec)
+    teacher: ModelSpec = field(default_factory=lambda: ModelSpec(preset="d64l2"))
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``section.field=value`` overrides, validated into a frozen Config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist.") from None
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(
+                f"config file {path} must hold a mapping of sections, e.g. 'train: {{steps: 100}}'."
+            )
+        raw = loaded or {}
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"override {item!r} must look like section.field=value, e.g. train.steps=100.")
+        *parents, leaf = key.split(".")
+        node = raw
+        for name in parents:
+            child = node.setdefault(name, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {item!r}: {name} is not a section.")
+            node = child
+        node[leaf] = yaml.safe_load(value) if value else ""
+    return from_dict(Config, raw, "")
+
+
+def from_dict(cls: type, raw: dict[str, Any], where: str):
+    """Build dataclass ``cls`` from a plain mapping, checking keys and value types."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where or 'config'} must be a mapping, got {raw!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{where}{key}"
+        if key not in fields:
+            valid = [f"{where}{name}" for name in fields]
+            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]}?" if close else f" Valid keys: {', '.join(valid)}."
+            raise UserError(f"unknown config key {dotted!r}.{hint}")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``hint`` (with the int->float and list->tuple coercions YAML needs)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where + ".")  # type: ignore[arg-type]
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(repr(c) for c in typing.get_args(hint))
+            raise UserError(f"{where} must be one of {choices}; got {value!r}.")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(option, value, where)
+            except UserError:
+                continue
+        raise UserError(f"{where} has the wrong type: {value!r}.")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise UserError(f"{where} must be a list of {len(args)} values, e.g. [0.9, 0.98]; got {value!r}.")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value, strict=True))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping, e.g. {{digits: 4}}; got {value!r}.")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"{where} must be a float; got {value!r}.") from None
+    if hint is str and value is None:
+        return ""
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise UserError(f"{where} must be a {hint.__name__}; got {value!r}.")
+    return value
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML output."""
+
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def replace(config: Config, **sections: dict[str, Any]) -> Config:
+    """Copy of ``config`` with fields of named sections changed: ``replace(c, train={"steps": 5})``."""
+    changed = {
+        name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()
+    }
+    return dataclasses.replace(config, **changed)

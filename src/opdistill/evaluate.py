@@ -1,0 +1,86 @@
+"""Held-out evaluation: greedy accuracy, avg@n and unbiased pass@k (ALGORITHMS.md §13.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from opdistill.data import Example, encode_prompts, left_pad
+from opdistill.diagnostics import pass_at_k
+from opdistill.rollout import generate
+from opdistill.tasks import Verifier
+
+
+def decode_completions(tokenizer, tokens_BT: torch.Tensor, mask_BT: torch.Tensor) -> list[str]:
+    return [
+        tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
+        for row, m in zip(tokens_BT, mask_BT, strict=True)
+    ]
+
+
+def sample_completions(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    n: int = 1,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> list[str]:
+    """``n`` completions per example (grouped per example), in batches of prompts."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    prompts = encode_prompts(tokenizer, examples)
+    repeated = [p for p in prompts for _ in range(n)]
+    texts: list[str] = []
+    for start in range(0, len(repeated), batch_size):
+        ids_BP, mask_BP = left_pad(repeated[start : start + batch_size], tokenizer.pad_token_id)
+        rollout = generate(
+            model,
+            ids_BP,
+            mask_BP,
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            temperature=temperature,
+            top_p=top_p,
+            generator=generator,
+        )
+        keep_BT = rollout.loss_mask_BT & (rollout.tokens_BT != tokenizer.eos_token_id)
+        texts.extend(decode_completions(tokenizer, rollout.tokens_BT, keep_BT))
+    model.train(was_training)
+    return texts
+
+
+def evaluate(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    verify: Verifier,
+    *,
+    max_new_tokens: int,
+    n: int = 0,
+    ks: Sequence[int] = (),
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Greedy accuracy; with n > 0 also avg@n and pass@k over n samples at ``temperature``."""
+    greedy = sample_completions(model, tokenizer, examples, max_new_tokens=max_new_tokens)
+    result: dict[str, float] = {
+        "n_problems": len(examples),
+        "greedy_acc": sum(verify(c, ex) for c, ex in zip(greedy, examples, strict=True)) / len(examples),
+    }
+    if n > 0:
+        sampled = sample_completions(
+            model, tokenizer, examples, max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed
+        )
+        correct = [sum(verify(sampled[i * n + j], ex) for j in range(n)) for i, ex in enumerate(examples)]
+        result[f"avg@{n}"] = sum(c / n for c in correct) / len(examples)
+        for k in ks:
+            result[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(examples)
+    return result

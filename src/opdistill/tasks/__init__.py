@@ -1,0 +1,125 @@
+"""Tasks: a training stream, a held-out test set and a verifier — built in, or from the user's JSONL."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from opdistill.data import Example, ExampleStream, read_jsonl
+from opdistill.errors import UserError
+
+Verifier = Callable[[str, Example], bool]
+
+
+class Stream(Protocol):
+    def __getitem__(self, index: int) -> Example: ...
+    def batch(self, step: int, size: int) -> list[Example]: ...
+
+
+@dataclass
+class Task:
+    name: str
+    train: Stream  # endless, deterministic in (seed, index)
+    test: list[Example]  # held out; may be empty for user data without an eval file
+    verify: Verifier  # completion text, example -> correct?
+
+
+def regex_verifier(pattern: str) -> Verifier:
+    """Correct when the last match of ``pattern`` (its group 1, if it has groups) equals ``example.answer``."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise UserError(f"answer regex {pattern!r} does not compile: {err}.") from None
+
+    def verify(completion: str, example: Example) -> bool:
+        matches = list(compiled.finditer(completion))
+        if not matches:
+            return False
+        last = matches[-1]
+        found = last.group(1) if compiled.groups else last.group(0)
+        return found is not None and found.strip() == example.answer.strip()
+
+    return verify
+
+
+def function_verifier(spec: str) -> Verifier:
+    """Import a user verifier named ``module:function``."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        raise UserError(f"verifier {spec!r} must look like module:function.")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"cannot import verifier {spec!r}: {err}.") from None
+    if not callable(fn):
+        raise UserError(f"verifier {spec!r} is not a function.")
+    return fn
+
+
+class _Limited:
+    """The first ``n`` examples of a stream, cycled: the prompt-limited regime."""
+
+    def __init__(self, stream: Stream, n: int):
+        self.stream, self.n = stream, n
+
+    def __getitem__(self, index: int) -> Example:
+        return self.stream[index % self.n]
+
+    def batch(self, step: int, size: int) -> list[Example]:
+        return [self[i] for i in range(step * size, (step + 1) * size)]
+
+
+def _builtin() -> dict[str, tuple[str, Callable[..., tuple[Stream, list[Example], Verifier]]]]:
+    from opdistill.tasks import addition
+
+    return {"addition": (addition.DESCRIPTION, addition.build)}
+
+
+def task_names() -> dict[str, str]:
+    """Built-in task name -> one-line description."""
+    return {name: desc for name, (desc, _) in _builtin().items()}
+
+
+def load_task(
+    task: str = "",
+    task_options: dict[str, Any] | None = None,
+    train_file: str = "",
+    eval_file: str = "",
+    n_train_prompts: int = 0,
+    answer_regex: str = r"-?\d+(?:\.\d+)?",
+    verifier: str = "",
+    seed: int = 0,
+) -> Task:
+    """The Task a DataConfig describes (its fields are this function's keywords)."""
+    if task:
+        builtin = _builtin()
+        if task not in builtin:
+            raise UserError(
+                f"unknown task {task!r}; built-in tasks: {', '.join(builtin)} (or give data.train_file)."
+            )
+        try:
+            train, test, verify = builtin[task][1](seed=seed, **(task_options or {}))
+        except TypeError as err:
+            raise UserError(f"bad data.task_options for task {task!r}: {err}.") from None
+    else:
+        train = ExampleStream(read_jsonl(train_file), seed)
+        test = read_jsonl(eval_file) if eval_file else []
+        verify = function_verifier(verifier) if verifier else regex_verifier(answer_regex)
+    if n_train_prompts > 0:
+        train = _Limited(train, n_train_prompts)
+    return Task(task or train_file, train, test, verify)
+
+
+def task_from_config(data, seed: int) -> Task:
+    """``load_task`` from a DataConfig (SFT-only fields ignored)."""
+    skip = {"completions", "pool_size", "teacher_temperature"}
+    fields = {k: getattr(data, k) for k in data.__dataclass_fields__ if k not in skip}
+    return load_task(**fields, seed=seed)
+
+
+def corpus_text(task: Task, n: int = 2000) -> Sequence[str]:
+    """Text to build a character vocabulary from: the first n training examples and the test set."""
+    return [task.train[i].text() for i in range(n)] + [ex.text() for ex in task.test]

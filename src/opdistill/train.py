@@ -1,0 +1,367 @@
+"""The training loop, shared by SFT and on-policy distillation.
+
+One step: take prompts → get completions (student samples them for OPD; dataset or teacher for SFT)
+→ the teacher scores the student's tokens → loss over micro-batches with one global token normaliser
+→ clip, AdamW, schedule → log, evaluate, checkpoint. A variant is a config switch, not a subclass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from opdistill import losses
+from opdistill.checkpoint import latest_checkpoint, load_state, save_checkpoint, truncate_jsonl
+from opdistill.config import Config, ModelSpec, save_config
+from opdistill.data import (
+    Example,
+    ExampleStream,
+    encode_completion,
+    encode_prompts,
+    left_pad,
+    read_jsonl,
+    right_pad,
+    write_jsonl,
+)
+from opdistill.diagnostics import mean_entropy
+from opdistill.errors import UserError
+from opdistill.evaluate import evaluate, sample_completions
+from opdistill.models import check_same_tokenizer, completion_logits, load_model, save_model
+from opdistill.progress import NullProgress, ProgressBar
+from opdistill.rollout import generate
+from opdistill.tasks import Task, corpus_text, task_from_config
+from opdistill.teachers import LocalTeacher
+from opdistill.types import Rollout, TeacherSignal
+
+COUNTERS = (
+    "student_train_tokens",
+    "student_sampled_tokens",
+    "teacher_scored_tokens",
+    "teacher_generated_tokens",
+)
+
+
+def learning_rate(config: Config, step: int, elapsed_s: float) -> float:
+    """Linear warmup, then cosine (or constant) over the run. With a time budget, progress is whichever
+    of steps and training seconds is further along, so the decay ends when the budget does."""
+    opt, train = config.optim, config.train
+    if step < opt.warmup_steps:
+        return opt.lr * (step + 1) / opt.warmup_steps
+    if opt.schedule == "constant":
+        return opt.lr
+    progress = (step - opt.warmup_steps) / max(1, train.steps - opt.warmup_steps)
+    if train.time_budget_s > 0:
+        progress = max(progress, elapsed_s / train.time_budget_s)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return opt.lr * (opt.min_lr_ratio + (1 - opt.min_lr_ratio) * cosine)
+
+
+def run(
+    config: Config, *, resume: bool = False, stop_after: int | None = None, show_progress: bool = True
+) -> dict:
+    """Train per ``config``; returns a summary. ``stop_after`` ends this session after that many steps
+    (checkpointed, resumable) — the same as an interruption, used to test resume."""
+    out = Path(config.train.out_dir)
+    distill = config.objective.type != "sft"
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    task = task_from_config(config.data, config.train.seed)
+    corpus = corpus_text(task)
+    state = {"step": 0, "elapsed_s": 0.0, "bad_steps": 0, **dict.fromkeys(COUNTERS, 0)}
+    student_spec = config.student
+    if resume:
+        checkpoint = latest_checkpoint(out)
+        state = load_state(checkpoint)
+        student_spec = ModelSpec(path=str(checkpoint), dtype=config.student.dtype)
+        for log in ("metrics.jsonl", "eval.jsonl"):
+            truncate_jsonl(out / log, state["step"])
+    elif (out / "metrics.jsonl").exists():
+        raise UserError(
+            f"run directory {out} already holds a run; pass --resume or choose another train.out_dir."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+
+    student, tokenizer = load_model(student_spec, corpus, config.train.seed)
+    student.train()
+    teacher = None
+    if distill or config.data.completions != "dataset":
+        teacher_model, teacher_tokenizer = load_model(config.teacher, corpus, config.train.seed + 1)
+        check_same_tokenizer(tokenizer, teacher_tokenizer)
+        teacher = LocalTeacher(teacher_model)
+    make_batch = batch_source(config, task, tokenizer, student, teacher, out, state)
+    optimizer = torch.optim.AdamW(
+        student.parameters(),
+        lr=config.optim.lr,
+        betas=config.optim.betas,
+        weight_decay=config.optim.weight_decay,
+    )
+    if resume:
+        optimizer.load_state_dict(state.pop("optimizer"))
+
+    stop_requested = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))
+    last_eval: dict[str, float] = {}
+    session_steps = 0
+    title = "distill" if distill else "sft"
+    bar = ProgressBar(title, config.train.steps, state["step"]) if show_progress else NullProgress()
+    try:
+        with bar, (out / "metrics.jsonl").open("a") as metrics_file:
+            while state["step"] < config.train.steps and not _out_of_time(config, state):
+                started = time.perf_counter()
+                step = state["step"]
+                torch.manual_seed(
+                    config.train.seed * 1_000_003 + step
+                )  # sampling depends on (seed, step) only
+                lr = learning_rate(config, step, state["elapsed_s"])
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                rollout, signal_, batch_metrics = make_batch(step)
+                metrics = train_step(config, student, optimizer, rollout, signal_)
+                finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+                state["bad_steps"] = 0 if finite else state["bad_steps"] + 1  # a bad step was skipped
+
+                step_s = time.perf_counter() - started
+                state["step"] = step + 1
+                state["elapsed_s"] += step_s
+                for key in COUNTERS:
+                    state[key] += batch_metrics.pop(key, 0) + metrics.pop(key, 0)
+                record = {"step": step + 1, "lr": lr, **batch_metrics, **metrics, "step_s": step_s}
+                record["tokens_per_s"] = record["loss_tokens"] / step_s
+                record.update({k: state[k] for k in ("elapsed_s", *COUNTERS)})
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                if state["bad_steps"] >= config.train.max_bad_steps:
+                    raise UserError(
+                        f"the loss or gradient was not finite for {state['bad_steps']} steps in a row (steps "
+                        f"{step + 2 - state['bad_steps']}-{step + 1}, skipped); lower optim.lr or check the teacher and data."
+                    )
+
+                if _eval_due(config, state, step_s) and task.test:
+                    last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state)
+                bar.update(state["step"], _bar_fields(record, last_eval))
+                session_steps += 1
+                final = state["step"] >= config.train.steps or _out_of_time(config, state)
+                if config.train.save_every and state["step"] % config.train.save_every == 0 and not final:
+                    _checkpoint(config, out, student, tokenizer, optimizer, state)
+                if stop_requested or (stop_after is not None and session_steps >= stop_after and not final):
+                    _checkpoint(config, out, student, tokenizer, optimizer, state)
+                    return {"stopped_at": state["step"], "out": str(out), "complete": False}
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+
+    if task.test and last_eval.get("step") != state["step"]:
+        last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state)
+    _checkpoint(config, out, student, tokenizer, optimizer, state)
+    save_model(student, tokenizer, out / "final")
+    return {"out": str(out), "complete": True, "steps": state["step"], "final_eval": last_eval, **state}
+
+
+def train_step(config: Config, student, optimizer, rollout: Rollout, signal_: TeacherSignal | None) -> dict:
+    """Loss and backward over micro-batches (one global normaliser: the step's loss-token count), then clip and
+    AdamW. A non-finite loss or gradient skips the update and is reported through the returned metrics."""
+    rows = rollout.tokens_BT.shape[0]
+    micro = config.train.micro_batch_size or rows
+    normalizer = float(rollout.loss_mask_BT.sum().clamp(min=1))
+    totals: dict[str, float] = {}
+    optimizer.zero_grad(set_to_none=True)
+    for start in range(0, rows, micro):
+        part = slice(start, start + micro)
+        mb = rollout.select(part)
+        loss, metrics = objective_loss(
+            config, student, mb, None if signal_ is None else signal_.select(part), normalizer
+        )
+        loss.backward()
+        weight = float(mb.loss_mask_BT.sum()) / normalizer
+        metrics["loss"] = float(loss.detach()) / weight if weight else 0.0
+        for key, value in metrics.items():
+            if key.endswith("_min"):
+                totals[key] = min(totals.get(key, value), value)
+            elif key.endswith("_max"):
+                totals[key] = max(totals.get(key, value), value)
+            else:
+                totals[key] = totals.get(key, 0.0) + weight * value
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+    grad_norm = float(total_norm)
+    if math.isfinite(totals["loss"]) and math.isfinite(grad_norm):
+        if config.optim.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(student.parameters(), config.optim.grad_clip, total_norm)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        **totals,
+        "grad_norm": grad_norm,
+        "loss_tokens": int(normalizer),
+        "student_train_tokens": int(rollout.attention_mask.sum()),
+    }
+
+
+def objective_loss(
+    config: Config, student, rollout: Rollout, signal_: TeacherSignal | None, normalizer: float
+):
+    """The configured objective on one micro-batch: the only place the loop touches the math core."""
+    objective = config.objective
+    mask_BT = rollout.loss_mask_BT
+    logits_BTV = completion_logits(student, rollout)  # [B, T, V], with grad
+    if objective.type == "sft":
+        loss, metrics = losses.cross_entropy(logits_BTV, rollout.tokens_BT, mask_BT, normalizer)
+        return loss, {**metrics, "entropy": mean_entropy(logits_BTV, mask_BT)}
+    assert signal_ is not None
+    logp_BT = losses.token_logprobs(logits_BTV, rollout.tokens_BT)
+    # the reward uses the trainer's (detached) log-prob: equal to the sampler's at temperature 1, and still the
+    # student's own policy when sampling is tempered; the importance ratio corrects for the sampler.
+    advantage_BT, metrics = losses.sampled_rkl_advantage(
+        logp_BT.detach(), signal_.token_logp_BT, mask_BT, objective.kl_coef, objective.discount
+    )
+    metrics["entropy"] = mean_entropy(logits_BTV, mask_BT)
+    if objective.type == "sampled_rkl":
+        loss, extra = losses.pg_loss(logp_BT, rollout.sampler_logp_BT, advantage_BT, mask_BT, normalizer)
+    else:
+        assert signal_.logp_BTV is not None
+        loss, extra = losses.reverse_kl_full(logits_BTV, signal_.logp_BTV, mask_BT, normalizer)
+    return loss, {**metrics, **extra}
+
+
+def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: Path, state: dict) -> Callable:
+    """step -> (rollout, teacher signal or None, metrics): where this run's completions come from."""
+    prompts_per_step, roll, data = config.train.prompts_per_step, config.rollout, config.data
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    level = "full" if config.objective.type == "full_rkl" else "sampled"
+
+    def sampled(model, examples: list[Example], temperature: float, repeats: int) -> Rollout:
+        prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(repeats)]
+        ids_BP, mask_BP = left_pad(prompts, pad)
+        model_was_training = model.training
+        model.eval()
+        rollout = generate(
+            model, ids_BP, mask_BP, max_new_tokens=roll.max_new_tokens, eos_id=eos, pad_id=pad,
+            temperature=temperature, top_p=roll.top_p,
+        )  # fmt: skip
+        model.train(model_was_training)
+        return rollout
+
+    def on_policy(step: int):
+        rollout = sampled(
+            student, task.train.batch(step, prompts_per_step), roll.temperature, roll.n_per_prompt
+        )
+        signal_ = teacher.score(rollout, level)
+        return (
+            rollout,
+            signal_,
+            {
+                "response_length": float(rollout.loss_mask_BT.sum(1).float().mean()),
+                "truncation_rate": float(rollout.truncated_B.float().mean()),
+                "student_sampled_tokens": int(rollout.loss_mask_BT.sum()),
+                "teacher_scored_tokens": int(rollout.attention_mask.sum()),
+            },
+        )
+
+    def from_text(examples: list[Example]) -> Rollout:
+        missing = [ex.id or ex.prompt for ex in examples if not ex.completion]
+        if missing:
+            raise UserError(f"SFT needs a 'completion' for every example; {missing[0]!r} has none.")
+        ids_BP, mask_BP = left_pad(encode_prompts(tokenizer, examples), pad)
+        tokens_BT, loss_mask_BT = right_pad(
+            [encode_completion(tokenizer, ex.completion) for ex in examples], pad
+        )
+        zeros = torch.zeros(tokens_BT.shape)
+        return Rollout(
+            ids_BP, mask_BP, tokens_BT, loss_mask_BT, zeros, torch.zeros(len(examples), dtype=torch.bool)
+        )
+
+    def fresh_teacher(step: int):
+        rollout = sampled(
+            teacher.model, task.train.batch(step, prompts_per_step), data.teacher_temperature, 1
+        )
+        return rollout, None, {"teacher_generated_tokens": int(rollout.attention_mask.sum())}
+
+    if config.objective.type != "sft":
+        return on_policy
+    if data.completions == "teacher":
+        return fresh_teacher
+    stream = task.train
+    if data.completions == "teacher_pool":
+        stream = _teacher_pool(config, task, tokenizer, teacher, out, state)
+    return lambda step: (from_text(stream.batch(step, prompts_per_step)), None, {})
+
+
+def _teacher_pool(config: Config, task: Task, tokenizer, teacher, out: Path, state: dict) -> ExampleStream:
+    """Teacher completions for the first ``pool_size`` training prompts, made once (their time and tokens
+    count against the run) and reused every epoch; kept in the run directory so resume reuses them."""
+    path = out / "teacher_pool.jsonl"
+    if path.is_file():
+        return ExampleStream(read_jsonl(path), config.train.seed)
+    started = time.perf_counter()
+    examples = [task.train[i] for i in range(config.data.pool_size)]
+    texts = sample_completions(
+        teacher.model, tokenizer, examples, max_new_tokens=config.rollout.max_new_tokens,
+        temperature=config.data.teacher_temperature, seed=config.train.seed,
+    )  # fmt: skip
+    pool = [
+        Example(prompt=ex.prompt, answer=ex.answer, completion=text)
+        for ex, text in zip(examples, texts, strict=True)
+    ]
+    write_jsonl(pool, path)
+    state["elapsed_s"] += time.perf_counter() - started
+    prompt_tokens = sum(len(ids) for ids in encode_prompts(tokenizer, pool))
+    state["teacher_generated_tokens"] += prompt_tokens + sum(
+        len(encode_completion(tokenizer, t)) for t in texts
+    )
+    return ExampleStream(pool, config.train.seed)
+
+
+def _out_of_time(config: Config, state: dict) -> bool:
+    return config.train.time_budget_s > 0 and state["elapsed_s"] >= config.train.time_budget_s
+
+
+def _eval_due(config: Config, state: dict, step_s: float) -> bool:
+    train = config.train
+    if train.eval_every and state["step"] % train.eval_every == 0:
+        return True
+    # time-based cadence: the step that crosses a multiple of eval_every_s
+    return bool(train.eval_every_s) and (state["elapsed_s"] // train.eval_every_s) > (
+        (state["elapsed_s"] - step_s) // train.eval_every_s
+    )
+
+
+def _evaluate_and_log(config: Config, student, tokenizer, task: Task, out: Path, state: dict) -> dict:
+    result = evaluate(
+        student,
+        tokenizer,
+        task.test[: config.train.eval_size],
+        task.verify,
+        max_new_tokens=config.rollout.max_new_tokens,
+    )
+    record = {"step": state["step"], "elapsed_s": state["elapsed_s"], **result}
+    with (out / "eval.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return record
+
+
+def _checkpoint(config: Config, out: Path, student, tokenizer, optimizer, state: dict) -> None:
+    save_checkpoint(
+        out,
+        state["step"],
+        student,
+        tokenizer,
+        {**state, "optimizer": optimizer.state_dict()},
+        config.train.keep_checkpoints,
+    )
+
+
+def _bar_fields(record: dict, last_eval: dict) -> dict[str, float]:
+    fields = {"loss": record["loss"]}
+    if "teacher_kl" in record:
+        fields["teacher_kl"] = record["teacher_kl"]
+    if "greedy_acc" in last_eval:
+        fields["acc"] = last_eval["greedy_acc"]
+    fields["tok/s"] = record["tokens_per_s"]
+    return fields

@@ -1,0 +1,61 @@
+"""Config: YAML + dotted overrides, types, and errors that name the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from opdistill.config import Config, load_config, save_config
+from opdistill.errors import UserError
+
+
+def test_defaults_yaml_and_overrides_compose(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {steps: 7, seed: 3}\noptim: {lr: 1}\n")
+    config = load_config(path, ["train.steps=9", "optim.betas=[0.8, 0.9]", "data.task_options.digits=6"])
+    assert config.train.steps == 9 and config.train.seed == 3
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.optim.betas == (0.8, 0.9)
+    assert config.data.task == "addition" and config.data.task_options == {"digits": 6}
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(None, ["rollout.temperature=0.7", "objective.type=sampled_rkl"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    assert load_config() == Config()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.step=5", "unknown config key 'train.step'. Did you mean train.steps?"),
+        ("optimm.lr=1", "unknown config key 'optimm'. Did you mean optim?"),
+        ("train.steps=many", "train.steps must be a int"),
+        ("objective.type=kl", "objective.type must be one of"),
+        ("optim.betas=[0.9]", "optim.betas must be a list of 2 values"),
+        ("trainsteps", "must look like section.field=value"),
+        ("rollout.top_p=0", "rollout.top_p in (0, 1]"),
+        ("student.preset=big", "is not of the form d<hidden>l<layers>"),
+    ],
+)
+def test_bad_keys_and_values_name_the_fix(override, message):
+    with pytest.raises(UserError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_a_train_file_replaces_the_default_task():
+    assert load_config(None, ["data.train_file=x.jsonl"]).data.task == ""
+    with pytest.raises(UserError, match="give data.task"):
+        load_config(None, ["data.task="])

@@ -1,0 +1,63 @@
+"""Tokenizer, model save/load through HF APIs, logprob alignment, tokenizer mismatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opdistill.config import ModelSpec
+from opdistill.data import Example, encode_completion, encode_prompts, left_pad, right_pad
+from opdistill.errors import UserError
+from opdistill.losses import token_logprobs
+from opdistill.models import char_tokenizer, check_same_tokenizer, completion_logits, load_model, save_model
+from opdistill.types import Rollout
+
+
+def test_char_tokenizer_round_trip_and_chat_template(tokenizer):
+    ids = encode_prompts(tokenizer, [Example(prompt="12+34=")])[0]
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.decode(ids[1:]) == "12+34="
+    completion = encode_completion(tokenizer, "1+4+0=05>46")
+    assert completion[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(completion, skip_special_tokens=True) == "1+4+0=05>46"
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("?", add_special_tokens=False)) == ["<unk>"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_save_and_load_through_hf_apis(tmp_path, make_model, tokenizer, arch):
+    model = make_model(seed=1, preset="d16l1", arch=arch)
+    save_model(model, tokenizer, tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded, loaded_tok = load_model(ModelSpec(path=str(tmp_path)))
+    ids = torch.tensor([[1, 5, 6, 7]])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert loaded_tok.get_vocab() == tokenizer.get_vocab() and loaded_tok.padding_side == "left"
+
+
+def test_completion_logits_predict_the_next_token_like_cross_entropy(make_model, tokenizer):
+    model = make_model(seed=2, preset="d32l2")
+    prompts = [encode_prompts(tokenizer, [Example(prompt=p)])[0] for p in ("12+34=", "9=")]
+    completions = [encode_completion(tokenizer, c) for c in ("46", "9,9>1")]
+    ids_BP, mask_BP = left_pad(prompts, tokenizer.pad_token_id)
+    tokens_BT, loss_mask_BT = right_pad(completions, tokenizer.pad_token_id)
+    rollout = Rollout(
+        ids_BP, mask_BP, tokens_BT, loss_mask_BT, torch.zeros(tokens_BT.shape), torch.zeros(2).bool()
+    )
+    with torch.no_grad():
+        logp_BT = token_logprobs(completion_logits(model, rollout), tokens_BT)
+    for row in range(2):  # reference: the unpadded sequence alone, position t predicts token t + 1
+        seq = torch.tensor([prompts[row] + completions[row]])
+        logits = model(input_ids=seq).logits[0, :-1]
+        ce = torch.nn.functional.cross_entropy(logits, seq[0, 1:], reduction="none")
+        n = len(completions[row])
+        torch.testing.assert_close(logp_BT[row, :n], -ce[-n:], atol=1e-5, rtol=1e-5)
+
+
+def test_tokenizer_mismatch_is_a_clear_error(tokenizer):
+    check_same_tokenizer(tokenizer, char_tokenizer(["0123456789+=,>"]))
+    with pytest.raises(UserError, match="tokenizers differ.*teacher-only tokens \\['a'\\]"):
+        check_same_tokenizer(tokenizer, char_tokenizer(["0123456789+=,>a"]))
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist or holds no config.json"):
+        load_model(ModelSpec(path=str(tmp_path / "nope")))

@@ -1,0 +1,106 @@
+"""The loop end to end on tiny real models: learning, exact resume, micro-batch invariance, guards."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from opdistill import train
+from opdistill.config import ModelSpec, load_config
+from opdistill.demo import asset_dir
+from opdistill.errors import UserError
+from opdistill.models import load_model
+
+
+def _config(tmp_path, *overrides):
+    return load_config(None, [
+        f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1",
+        "train.prompts_per_step=8", "rollout.max_new_tokens=52", "train.eval_every=0", "train.eval_size=20",
+        "optim.warmup_steps=1", f"train.out_dir={tmp_path / 'run'}", *overrides,
+    ])  # fmt: skip
+
+
+def _metrics(run_dir):
+    timing = {"step_s", "tokens_per_s", "elapsed_s"}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+def _params(run_dir):
+    model, _ = load_model(ModelSpec(path=str(run_dir / "final")))
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("objective", ["full_rkl", "sampled_rkl"])
+def test_teacher_kl_falls_against_a_fixed_teacher(tmp_path, objective):
+    config = _config(tmp_path, f"objective.type={objective}", "train.steps=30", "train.prompts_per_step=16",
+                     "optim.lr=1e-2", "optim.warmup_steps=3")  # fmt: skip
+    result = train.run(config, show_progress=False)
+    kls = [r["teacher_kl"] for r in _metrics(tmp_path / "run")]
+    assert result["complete"] and len(kls) == 30
+    assert sum(kls[-5:]) / 5 < 0.85 * sum(kls[:3]) / 3, kls
+    assert (tmp_path / "run" / "config.yaml").is_file() and (
+        tmp_path / "run" / "final" / "model.safetensors"
+    ).is_file()
+
+
+@pytest.mark.parametrize("overrides", [
+    ("objective.type=full_rkl",),
+    ("objective.type=sampled_rkl", "objective.discount=0.9"),
+    ("objective.type=sft", "data.completions=teacher_pool", "data.pool_size=24"),
+])  # fmt: skip
+def test_resume_is_exact(tmp_path, overrides):
+    whole = _config(tmp_path / "a", "train.steps=4", *overrides)
+    train.run(whole, show_progress=False)
+    split = _config(tmp_path / "b", "train.steps=4", *overrides)
+    first = train.run(split, stop_after=2, show_progress=False)
+    assert first == {"stopped_at": 2, "out": str(tmp_path / "b" / "run"), "complete": False}
+    assert not (tmp_path / "b" / "run" / "final").exists()
+    train.run(split, resume=True, show_progress=False)
+    assert _metrics(tmp_path / "a" / "run") == _metrics(tmp_path / "b" / "run")
+    a, b = _params(tmp_path / "a" / "run"), _params(tmp_path / "b" / "run")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_micro_batches_do_not_change_the_update(tmp_path):
+    train.run(_config(tmp_path / "a", "train.steps=2"), show_progress=False)
+    train.run(_config(tmp_path / "b", "train.steps=2", "train.micro_batch_size=3"), show_progress=False)
+    a, b = _params(tmp_path / "a" / "run"), _params(tmp_path / "b" / "run")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+
+
+def test_non_finite_loss_aborts_after_repeated_bad_steps(tmp_path):
+    config = _config(tmp_path, "train.steps=10", "optim.lr=1e30")
+    with pytest.raises(UserError, match="not finite for 3 steps in a row"):
+        train.run(config, show_progress=False)
+    rows = _metrics(tmp_path / "run")
+    finite = [math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows]
+    assert finite[-3:] == [False] * 3 and len(rows) < 10  # every step is logged, the last three were skipped
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    config = _config(tmp_path, "train.steps=1")
+    train.run(config, show_progress=False)
+    with pytest.raises(UserError, match="already holds a run"):
+        train.run(config, show_progress=False)
+    with pytest.raises(UserError, match="no checkpoint to resume"):
+        train.run(_config(tmp_path / "other", "train.steps=1"), resume=True, show_progress=False)
+
+
+def test_learning_rate_schedule():
+    config = load_config(
+        None, ["optim.warmup_steps=2", "train.steps=12", "optim.min_lr_ratio=0.1", "optim.lr=1.0"]
+    )
+    assert train.learning_rate(config, 0, 0) == 0.5
+    assert train.learning_rate(config, 2, 0) == pytest.approx(1.0)
+    assert train.learning_rate(config, 12, 0) == pytest.approx(0.1)
+    timed = load_config(
+        None, ["optim.warmup_steps=0", "train.steps=1000", "train.time_budget_s=10", "optim.lr=1.0"]
+    )
+    assert train.learning_rate(timed, 1, 10.0) == pytest.approx(
+        0.1
+    )  # the clock, not the step, ends the decay
