@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/opd demo
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
@@ -35,13 +35,13 @@ assets: $(STAMP)
 	cp -r build/assets/student/final src/opdistill/assets/addition-student
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests
 	$(BIN)/pyright
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
 
 clean:
 	rm -rf $(VENV) build runs .pytest_cache

@@ -27,13 +27,13 @@ class ModelSpec:
     dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype
 
     def __post_init__(self):
-        if not self.path and not _parse_preset(self.preset):
+        if not self.path and not parse_preset(self.preset):
             raise UserError(
                 f"model preset {self.preset!r} is not of the form d<hidden>l<layers>, e.g. d32l2."
             )
 
 
-def _parse_preset(preset: str) -> tuple[int, int] | None:
+def parse_preset(preset: str) -> tuple[int, int] | None:
     """'d64l2' -> (64, 2); None when malformed."""
     head, sep, layers = preset.lower().removeprefix("d").partition("l")
     if not (preset.lower().startswith("d") and sep and head.isdigit() and layers.isdigit()):
@@ -226,7 +226,7 @@ def to_dict(config: Config) -> dict[str, Any]:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return plain(dataclasses.asdict(config))
+    return {name: plain(value) for name, value in dataclasses.asdict(config).items()}
 
 
 def save_config(config: Config, path: Path) -> None:

@@ -28,13 +28,13 @@ from opdistill.tasks import task_from_config
 
 ASSETS = resources.files("opdistill") / "assets"
 RUNS = {
-    "opd": ("on-policy distillation (student samples, teacher scores)", {"objective": {"type": "full_rkl"}}),
+    "opd": ("student samples, teacher scores every token", {"objective": {"type": "full_rkl"}}),
     "sft": (
-        "SFT on fresh teacher samples each step (large-teacher economics)",
+        "SFT, fresh teacher samples every step",
         {"objective": {"type": "sft"}, "data": {"completions": "teacher"}},
     ),
     "sft_pool": (
-        "SFT on a cached teacher pool, reused (pool generation counted)",
+        "SFT, cached teacher pool reused",
         {"objective": {"type": "sft"}, "data": {"completions": "teacher_pool"}},
     ),
 }
@@ -83,7 +83,7 @@ def run_demo(out: Path, budget_s: float, seed: int, eval_n: int, show_progress: 
     summary["compute"] = compute
     summary["wall_s"] = time.perf_counter() - started
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "config.yaml").write_text(json.dumps(to_dict(base), indent=2))
+    save_config(base, out / "config.yaml")
     table = _table(summary)
     console.print(table)
     write_report(
@@ -97,8 +97,8 @@ def run_demo(out: Path, budget_s: float, seed: int, eval_n: int, show_progress: 
 
 
 def _rows(summary: dict) -> list[tuple[str, str, str, str, str]]:
-    rows = [("teacher", "shipped 133k-param model", f"{summary['teacher_acc']:.3f}", "", ""),
-            ("student before", "shipped 34k-param warm start", f"{summary['student_before_acc']:.3f}", "", "")]  # fmt: skip
+    rows = [("teacher", "shipped, 133k params", f"{summary['teacher_acc']:.3f}", "", ""),
+            ("student before", "shipped warm start, 34k params", f"{summary['student_before_acc']:.3f}", "", "")]  # fmt: skip
     for name, (regime, _) in RUNS.items():
         c = summary["compute"][name]
         rows.append((name, regime, f"{summary[f'{name}_acc']:.3f}", str(c["steps"]),
@@ -106,12 +106,13 @@ def _rows(summary: dict) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
-HEADERS = ("model", "regime", "greedy acc", "steps", "student / teacher tokens")
+HEADERS = ("model", "regime", "accuracy", "steps", "tokens student/teacher")
 
 
 def _table(summary: dict) -> Table:
     table = Table(
-        title=f"held-out accuracy on {summary['eval_problems']} problems, {summary['budget_s']:.0f} s training each"
+        title=f"greedy accuracy on {summary['eval_problems']} held-out problems, {summary['budget_s']:.0f} s of training each",
+        caption="tokens: through the student's forward+backward / generated or scored by the teacher (pool included)",
     )
     for header in HEADERS:
         table.add_column(header)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -24,7 +25,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from opdistill.config import ModelSpec, _parse_preset
+from opdistill.config import ModelSpec, parse_preset
 from opdistill.errors import UserError
 
 hf_logging.disable_progress_bar()
@@ -59,11 +60,11 @@ def char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
 
 def tiny_model(spec: ModelSpec, tokenizer, seed: int) -> torch.nn.Module:
     """A fresh randomly initialised model of ``spec.preset`` size (4 heads, SwiGLU ff = 4 x hidden, tied embeddings)."""
-    parsed = _parse_preset(spec.preset)
+    parsed = parse_preset(spec.preset)
     assert parsed is not None  # ModelSpec validated it
     hidden, layers = parsed
     heads = 4 if hidden % 4 == 0 and hidden >= 32 else 2
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=4 * hidden,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 
 class NullProgress:
@@ -15,27 +15,30 @@ class NullProgress:
     def __exit__(self, *exc):
         return False
 
-    def update(self, step: int, fields: dict[str, float]) -> None:
+    def update(self, step: int, elapsed_s: float, fields: dict[str, float]) -> None:
         pass
 
 
 class ProgressBar(NullProgress):
-    """Step, loss, teacher_kl, last eval accuracy, tokens/s and ETA."""
+    """Step, loss, teacher_kl, last eval accuracy, tokens/s and ETA. With a time budget the bar measures
+    training seconds (the budget ends the run); otherwise steps."""
 
-    def __init__(self, title: str, total: int, start: int):
-        self.title, self.total, self.start = title, total, start
+    def __init__(self, title: str, total_steps: int, start_step: int, budget_s: float = 0.0):
+        self.title, self.total_steps, self.budget_s = title, total_steps, budget_s
         self.interactive = sys.stderr.isatty()
         self.last_line = 0.0
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            TextColumn("{task.fields[where]}"),
             TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(),
-            transient=False,
             disable=not self.interactive,
         )
-        self.task = self.progress.add_task(title, total=total, completed=start, info="")
+        total = budget_s or total_steps
+        self.task = self.progress.add_task(
+            title, total=total, completed=0 if budget_s else start_step, where="", info=""
+        )
 
     def __enter__(self):
         self.progress.__enter__()
@@ -44,9 +47,14 @@ class ProgressBar(NullProgress):
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
-    def update(self, step: int, fields: dict[str, float]) -> None:
+    def update(self, step: int, elapsed_s: float, fields: dict[str, float]) -> None:
         info = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
-        self.progress.update(self.task, completed=step, info=info)
-        if not self.interactive and (time.monotonic() - self.last_line > 10 or step == self.total):
+        where = f"step {step}" + (
+            f"  {elapsed_s:.0f}/{self.budget_s:.0f} s" if self.budget_s else f"/{self.total_steps}"
+        )
+        self.progress.update(
+            self.task, completed=elapsed_s if self.budget_s else step, where=where, info=info
+        )
+        if not self.interactive and (time.monotonic() - self.last_line > 10 or step == self.total_steps):
             self.last_line = time.monotonic()
-            print(f"{self.title} step {step}/{self.total}  {info}", file=sys.stderr, flush=True)
+            print(f"{self.title} {where}  {info}", file=sys.stderr, flush=True)

@@ -39,6 +39,7 @@ from opdistill.tasks import Task, corpus_text, task_from_config
 from opdistill.teachers import LocalTeacher
 from opdistill.types import Rollout, TeacherSignal
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 COUNTERS = (
     "student_train_tokens",
     "student_sampled_tokens",
@@ -105,12 +106,19 @@ def run(
     if resume:
         optimizer.load_state_dict(state.pop("optimizer"))
 
+    # Ctrl-C or a scheduler's SIGTERM ends the run after the current step, with a checkpoint to resume from
     stop_requested = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))
+    previous_handlers = {
+        sig: signal.signal(sig, lambda *_: stop_requested.append(True)) for sig in STOP_SIGNALS
+    }
     last_eval: dict[str, float] = {}
     session_steps = 0
-    title = "distill" if distill else "sft"
-    bar = ProgressBar(title, config.train.steps, state["step"]) if show_progress else NullProgress()
+    title = f"{'distill' if distill else 'sft'} {out.name}"
+    bar = (
+        ProgressBar(title, config.train.steps, state["step"], config.train.time_budget_s)
+        if show_progress
+        else NullProgress()
+    )
     try:
         with bar, (out / "metrics.jsonl").open("a") as metrics_file:
             while state["step"] < config.train.steps and not _out_of_time(config, state):
@@ -146,7 +154,7 @@ def run(
 
                 if _eval_due(config, state, step_s) and task.test:
                     last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state)
-                bar.update(state["step"], _bar_fields(record, last_eval))
+                bar.update(state["step"], state["elapsed_s"], _bar_fields(record, last_eval))
                 session_steps += 1
                 final = state["step"] >= config.train.steps or _out_of_time(config, state)
                 if config.train.save_every and state["step"] % config.train.save_every == 0 and not final:
@@ -155,7 +163,8 @@ def run(
                     _checkpoint(config, out, student, tokenizer, optimizer, state)
                     return {"stopped_at": state["step"], "out": str(out), "complete": False}
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
     if task.test and last_eval.get("step") != state["step"]:
         last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state)

@@ -56,7 +56,7 @@ def function_verifier(spec: str) -> Verifier:
         raise UserError(f"cannot import verifier {spec!r}: {err}.") from None
     if not callable(fn):
         raise UserError(f"verifier {spec!r} is not a function.")
-    return fn
+    return lambda completion, example: bool(fn(completion, example))
 
 
 class _Limited:

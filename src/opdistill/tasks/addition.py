@@ -38,8 +38,9 @@ def is_test(prompt: str) -> bool:
 
 def _draw(rng: random.Random, digits: int, test: bool) -> Example:
     while True:
-        ex = problem(rng.randrange(10**digits), rng.randrange(10**digits), digits)
-        if is_test(ex.prompt) == test:
+        a, b = rng.randrange(10**digits), rng.randrange(10**digits)
+        ex = problem(a, b, digits)
+        if is_test(f"{a:0{digits}d}+{b:0{digits}d}=") == test:
             return ex
 
 

@@ -1,0 +1,155 @@
+"""The `opd` command as a user runs it: a task of their own, bad inputs, interruption and resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from opdistill.demo import asset_dir
+
+TEACHER = str(asset_dir("addition-teacher"))
+
+
+def opd(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "opdistill.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def _one_clear_sentence(proc: subprocess.CompletedProcess, text: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def reverse_task(tmp_path_factory):
+    """A task that is not built in: reverse a word. Train and eval JSONL files, as a user would write them."""
+    import random
+
+    root = tmp_path_factory.mktemp("reverse")
+    rng = random.Random(0)
+    for name, n in (("train", 400), ("eval", 50)):
+        with (root / f"{name}.jsonl").open("w") as f:
+            for i in range(n):
+                word = "".join(rng.choice("abcdef") for _ in range(rng.randint(3, 6)))
+                f.write(
+                    json.dumps(
+                        {
+                            "id": f"{name}{i}",
+                            "prompt": f"reverse {word}:",
+                            "completion": word[::-1],
+                            "answer": word[::-1],
+                        }
+                    )
+                    + "\n"
+                )
+    return root
+
+
+def test_own_jsonl_task_sft_distill_eval(tmp_path, reverse_task):
+    data = [f"data.train_file={reverse_task / 'train.jsonl'}", f"data.eval_file={reverse_task / 'eval.jsonl'}",
+            "data.answer_regex=([a-f]+)$", "rollout.max_new_tokens=12", "train.prompts_per_step=16", "train.eval_size=50"]  # fmt: skip
+    teacher = opd(
+        "sft",
+        *data,
+        "student.preset=d32l2",
+        "train.steps=30",
+        "optim.lr=3e-3",
+        f"train.out_dir={tmp_path / 't'}",
+    )
+    assert teacher.returncode == 0, teacher.stderr
+    summary = json.loads(teacher.stdout)
+    assert summary["steps"] == 30 and 0 <= summary["final_eval"]["greedy_acc"] <= 1
+    student = opd("sft", *data, "student.preset=d16l1", "train.steps=5", f"train.out_dir={tmp_path / 's'}")
+    assert student.returncode == 0, student.stderr
+    distill = opd("distill", *data, f"student.path={tmp_path / 's' / 'final'}", f"teacher.path={tmp_path / 't' / 'final'}",
+                  "train.steps=4", f"train.out_dir={tmp_path / 'd'}")  # fmt: skip
+    assert distill.returncode == 0, distill.stderr
+    rows = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(
+        "teacher_kl" in r and "truncation_rate" in r for r in rows
+    )
+    ev = opd("eval", "--model", str(tmp_path / "d" / "final"), "--data", str(reverse_task / "eval.jsonl"),
+             "--answer-regex", "([a-f]+)$", "--n", "4", "--k", "1,2,4")  # fmt: skip
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(ev.stdout)
+    assert result["n_problems"] == 50 and set(result) >= {"greedy_acc", "avg@4", "pass@1", "pass@4"}
+    assert result["pass@1"] == pytest.approx(result["avg@4"]) and result["pass@4"] >= result["pass@1"]
+
+
+def test_eval_and_tasks_on_the_builtin_task(tmp_path):
+    ev = opd("eval", "--model", TEACHER, "--task", "addition", "--limit", "100")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["greedy_acc"] >= 0.9
+    listing = opd("tasks")
+    assert listing.returncode == 0 and listing.stdout.startswith("addition")
+    exported = opd(
+        "tasks", "--export", "addition", "--split", "test", "--n", "3", "--out", str(tmp_path / "x.jsonl")
+    )
+    assert exported.returncode == 0
+    lines = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and set(lines[0]) == {"prompt", "answer", "completion"}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("sft", "train.stepz=3"), "unknown config key 'train.stepz'. Did you mean train.steps?"),
+        (("sft", "--config", "missing.yaml"), "config file missing.yaml does not exist"),
+        (("distill", f"teacher.path={TEACHER}", "teacher.path=/nonexistent"), "/nonexistent does not exist"),
+        (("distill", "objective.type=sft"), "what `opd sft` runs"),
+        (("sft", "data.task=sums"), "unknown task 'sums'"),
+        (
+            ("eval", "--model", TEACHER, "--task", "addition", "--n", "2", "--k", "4"),
+            "every --k must be between 1 and --n",
+        ),
+        (("eval", "--model", "/nonexistent", "--task", "addition"), "/nonexistent does not exist"),
+        (("report", "/nonexistent"), "not a run directory"),
+    ],
+)
+def test_bad_input_is_one_clear_sentence(tmp_path, args, message):
+    _one_clear_sentence(opd(*args, cwd=tmp_path), message)
+
+
+def test_malformed_data_line_and_tokenizer_mismatch(tmp_path, reverse_task):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 3}\n')
+    _one_clear_sentence(opd("sft", f"data.train_file={bad}", f"train.out_dir={tmp_path / 'a'}"),
+                        f"{bad}:2: field 'completion' must be a string")  # fmt: skip
+    mismatch = opd("distill", f"data.train_file={reverse_task / 'train.jsonl'}", f"teacher.path={TEACHER}",
+                   f"train.out_dir={tmp_path / 'b'}")  # fmt: skip
+    _one_clear_sentence(mismatch, "teacher and student tokenizers differ")
+
+
+def test_interrupted_run_checkpoints_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = ["distill", f"teacher.path={TEACHER}", "student.preset=d16l1", "train.steps=60", "train.prompts_per_step=8",
+            "rollout.max_new_tokens=52", "train.eval_every=0", f"train.out_dir={out}"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "opdistill.cli", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and (out / "checkpoints" / "latest").is_file()
+    stopped = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 3 <= stopped < 60
+    resumed = opd(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 61))
