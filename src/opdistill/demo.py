@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from opdistill import train
-from opdistill.config import ModelSpec, load_config, replace, to_dict
+from opdistill.config import ModelSpec, load_config, replace, save_config
 from opdistill.errors import UserError
 from opdistill.evaluate import evaluate
 from opdistill.models import load_model
