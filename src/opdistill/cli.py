@@ -21,8 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="", help="run directory (default runs/demo-<date>-<time>)")
     demo.add_argument("--budget", type=float, default=60.0, help="training seconds per method (default 60)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--eval-n", type=int, default=1000, help="held-out problems for the final table")
+    demo.add_argument("--teacher", type=Path, help="teacher model directory (default: the shipped teacher)")
     demo.add_argument(
-        "--eval-n", type=int, default=1000, help="held-out problems for the final table (default 1000)"
+        "--student", type=Path, help="student warm start directory (default: the shipped student)"
     )
 
     for name, text in (
@@ -106,7 +108,7 @@ def _demo(args) -> int:
     from opdistill.demo import run_demo
 
     out = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
-    run_demo(out, args.budget, args.seed, args.eval_n)
+    run_demo(out, args.budget, args.seed, args.eval_n, args.teacher, args.student)
     return 0
 
 

@@ -47,33 +47,47 @@ def asset_dir(name: str) -> Path:
     return path
 
 
-def run_demo(out: Path, budget_s: float, seed: int, eval_n: int, show_progress: bool = True) -> dict:
+def run_demo(
+    out: Path,
+    budget_s: float,
+    seed: int,
+    eval_n: int,
+    teacher: Path | None = None,
+    student: Path | None = None,
+    show_progress: bool = True,
+) -> dict:
     started = time.perf_counter()
     console = Console(stderr=True)
+    if not console.is_terminal:  # logs and pipes: wide enough that the table does not wrap
+        console = Console(stderr=True, width=120)
     if (out / "summary.json").exists():
         raise UserError(f"{out} already holds a demo; choose another --out or remove it.")
     recipe = resources.files("opdistill") / "recipes" / "demo.yaml"
     base = load_config(str(recipe), [
-        f"student.path={asset_dir('addition-student')}", f"teacher.path={asset_dir('addition-teacher')}",
+        f"student.path={student or asset_dir('addition-student')}", f"teacher.path={teacher or asset_dir('addition-teacher')}",
         f"train.time_budget_s={budget_s}", f"train.eval_every_s={budget_s / 6}", f"train.seed={seed}",
     ])  # fmt: skip
     task = task_from_config(base.data, seed)
     test = task.test[:eval_n]
     max_new = base.rollout.max_new_tokens
 
-    def accuracy(path: Path) -> float:
+    def accuracy(path: Path, params_key: str = "") -> float:
         model, tokenizer = load_model(ModelSpec(path=str(path)))
+        if params_key:
+            summary[params_key] = sum(p.numel() for p in model.parameters())
         return evaluate(model, tokenizer, test, task.verify, max_new_tokens=max_new)["greedy_acc"]
 
     summary: dict = {"eval_problems": len(test), "budget_s": budget_s, "seed": seed}
-    summary["teacher_acc"] = accuracy(Path(base.teacher.path))
-    summary["student_before_acc"] = accuracy(Path(base.student.path))
+    summary["teacher_acc"] = accuracy(Path(base.teacher.path), "teacher_params")
+    summary["student_before_acc"] = accuracy(Path(base.student.path), "student_params")
     console.print(f"teacher {summary['teacher_acc']:.3f}, student before {summary['student_before_acc']:.3f} "
                   f"on {len(test)} held-out problems; {budget_s:.0f} s of training per method")  # fmt: skip
     compute = {}
     for name, (_, sections) in RUNS.items():
         config = replace(base, **sections, train={**sections.get("train", {}), "out_dir": str(out / name)})
         result = train.run(config, show_progress=show_progress)
+        if not result["complete"]:  # Ctrl-C: the run checkpointed itself; the comparison is void
+            raise KeyboardInterrupt
         summary[f"{name}_acc"] = accuracy(out / name / "final")
         compute[name] = {key: result[key] for key in ("steps", "elapsed_s", *train.COUNTERS)}
     summary["student_train_tokens"] = {n: c["student_train_tokens"] for n, c in compute.items()}
@@ -97,8 +111,8 @@ def run_demo(out: Path, budget_s: float, seed: int, eval_n: int, show_progress: 
 
 
 def _rows(summary: dict) -> list[tuple[str, str, str, str, str]]:
-    rows = [("teacher", "shipped, 133k params", f"{summary['teacher_acc']:.3f}", "", ""),
-            ("student before", "shipped warm start, 34k params", f"{summary['student_before_acc']:.3f}", "", "")]  # fmt: skip
+    rows = [("teacher", f"{summary['teacher_params'] / 1e3:.0f}k params", f"{summary['teacher_acc']:.3f}", "", ""),
+            ("student before", f"warm start, {summary['student_params'] / 1e3:.0f}k params", f"{summary['student_before_acc']:.3f}", "", "")]  # fmt: skip
     for name, (regime, _) in RUNS.items():
         c = summary["compute"][name]
         rows.append((name, regime, f"{summary[f'{name}_acc']:.3f}", str(c["steps"]),

@@ -1,0 +1,47 @@
+"""Run `opd demo` for several seeds (one after another, nothing else running) and print a Markdown table.
+
+    python benchmarks/demo_seeds.py --seeds 0 1 2 --out runs/bench-demo [--teacher DIR] [--budget 60]
+
+Rows come from each run's summary.json; README.md and benchmarks/RESULTS.md quote this output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-demo"))
+    parser.add_argument("--budget", type=float, default=60.0)
+    parser.add_argument("--teacher", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for seed in args.seeds:
+        run_dir = args.out / f"seed{seed}"
+        if not (run_dir / "summary.json").is_file():
+            command = [sys.executable, "-m", "opdistill.cli", "demo", "--seed", str(seed), "--out", str(run_dir),
+                       "--budget", str(args.budget)]  # fmt: skip
+            if args.teacher:
+                command += ["--teacher", str(args.teacher)]
+            subprocess.run(command, check=True)
+        s = json.loads((run_dir / "summary.json").read_text())
+        steps = " / ".join(str(s["compute"][name]["steps"]) for name in ("opd", "sft", "sft_pool"))
+        rows.append(
+            f"| {seed} | {s['teacher_acc']:.3f} | {s['student_before_acc']:.3f} | **{s['opd_acc']:.3f}** | "
+            f"{s['sft_acc']:.3f} | {s['sft_pool_acc']:.3f} | {steps} | {s['wall_s']:.0f} s |"
+        )
+    print(f"teacher {s['teacher_params'] / 1e3:.0f}k params, student {s['student_params'] / 1e3:.0f}k params, "
+          f"{args.budget:.0f} s of training per method, {s['eval_problems']} held-out problems")  # fmt: skip
+    print("| seed | teacher | student before | **opd** | sft (fresh samples) | sft_pool | opd / sft / sft_pool steps | wall time |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

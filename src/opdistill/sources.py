@@ -1,0 +1,116 @@
+"""Where a step's completions come from: the student's own samples (OPD), the dataset, fresh teacher
+samples, or a cached pool of teacher samples. Each source is ``step -> (rollout, teacher signal or None,
+metrics)``; what a step sees depends only on (seed, step), which keeps resume exact."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from opdistill.config import Config
+from opdistill.data import (
+    Example,
+    ExampleStream,
+    encode_completion,
+    encode_prompts,
+    left_pad,
+    read_jsonl,
+    right_pad,
+    write_jsonl,
+)
+from opdistill.errors import UserError
+from opdistill.evaluate import sample_completions
+from opdistill.rollout import generate
+from opdistill.tasks import Task
+from opdistill.types import Rollout
+
+
+def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: Path, state: dict) -> Callable:
+    """step -> (rollout, teacher signal or None, metrics): where this run's completions come from."""
+    prompts_per_step, roll, data = config.train.prompts_per_step, config.rollout, config.data
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    level = "full" if config.objective.type == "full_rkl" else "sampled"
+
+    def sampled(model, examples: list[Example], temperature: float, repeats: int) -> Rollout:
+        prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(repeats)]
+        ids_BP, mask_BP = left_pad(prompts, pad)
+        model_was_training = model.training
+        model.eval()
+        rollout = generate(
+            model, ids_BP, mask_BP, max_new_tokens=roll.max_new_tokens, eos_id=eos, pad_id=pad,
+            temperature=temperature, top_p=roll.top_p,
+        )  # fmt: skip
+        model.train(model_was_training)
+        return rollout
+
+    def on_policy(step: int):
+        rollout = sampled(
+            student, task.train.batch(step, prompts_per_step), roll.temperature, roll.n_per_prompt
+        )
+        signal_ = teacher.score(rollout, level)
+        return (
+            rollout,
+            signal_,
+            {
+                "response_length": float(rollout.loss_mask_BT.sum(1).float().mean()),
+                "truncation_rate": float(rollout.truncated_B.float().mean()),
+                "student_sampled_tokens": int(rollout.loss_mask_BT.sum()),
+                "teacher_scored_tokens": int(rollout.attention_mask.sum()),
+            },
+        )
+
+    def from_text(examples: list[Example]) -> Rollout:
+        missing = [ex.id or ex.prompt for ex in examples if not ex.completion]
+        if missing:
+            raise UserError(f"SFT needs a 'completion' for every example; {missing[0]!r} has none.")
+        ids_BP, mask_BP = left_pad(encode_prompts(tokenizer, examples), pad)
+        tokens_BT, loss_mask_BT = right_pad(
+            [encode_completion(tokenizer, ex.completion) for ex in examples], pad
+        )
+        zeros = torch.zeros(tokens_BT.shape)
+        return Rollout(
+            ids_BP, mask_BP, tokens_BT, loss_mask_BT, zeros, torch.zeros(len(examples), dtype=torch.bool)
+        )
+
+    def fresh_teacher(step: int):
+        rollout = sampled(
+            teacher.model, task.train.batch(step, prompts_per_step), data.teacher_temperature, 1
+        )
+        return rollout, None, {"teacher_generated_tokens": int(rollout.attention_mask.sum())}
+
+    if config.objective.type != "sft":
+        return on_policy
+    if data.completions == "teacher":
+        return fresh_teacher
+    stream = task.train
+    if data.completions == "teacher_pool":
+        stream = teacher_pool(config, task, tokenizer, teacher, out, state)
+    return lambda step: (from_text(stream.batch(step, prompts_per_step)), None, {})
+
+
+def teacher_pool(config: Config, task: Task, tokenizer, teacher, out: Path, state: dict) -> ExampleStream:
+    """Teacher completions for the first ``pool_size`` training prompts, made once (their time and tokens
+    count against the run) and reused every epoch; kept in the run directory so resume reuses them."""
+    path = out / "teacher_pool.jsonl"
+    if path.is_file():
+        return ExampleStream(read_jsonl(path), config.train.seed)
+    started = time.perf_counter()
+    examples = [task.train[i] for i in range(config.data.pool_size)]
+    texts = sample_completions(
+        teacher.model, tokenizer, examples, max_new_tokens=config.rollout.max_new_tokens,
+        temperature=config.data.teacher_temperature, seed=config.train.seed,
+    )  # fmt: skip
+    pool = [
+        Example(prompt=ex.prompt, answer=ex.answer, completion=text)
+        for ex, text in zip(examples, texts, strict=True)
+    ]
+    write_jsonl(pool, path)
+    state["elapsed_s"] += time.perf_counter() - started
+    prompt_tokens = sum(len(ids) for ids in encode_prompts(tokenizer, pool))
+    state["teacher_generated_tokens"] += prompt_tokens + sum(
+        len(encode_completion(tokenizer, t)) for t in texts
+    )
+    return ExampleStream(pool, config.train.seed)
