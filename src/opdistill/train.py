@@ -81,6 +81,8 @@ def run(
     student.train()
     teacher = None
     if distill or config.data.completions != "dataset":
+        if not config.teacher.path:
+            raise UserError("this run needs a trained teacher: set teacher.path to its model directory.")
         teacher_model, teacher_tokenizer = load_model(config.teacher, corpus, config.train.seed + 1)
         check_same_tokenizer(tokenizer, teacher_tokenizer)
         teacher = LocalTeacher(teacher_model)
@@ -115,9 +117,8 @@ def run(
             while state["step"] < config.train.steps and not _out_of_time(config, state):
                 started = time.perf_counter()
                 step = state["step"]
-                torch.manual_seed(
-                    config.train.seed * 1_000_003 + step
-                )  # sampling depends on (seed, step) only
+                # sampling depends on (seed, step) only, which is what makes resume exact
+                torch.manual_seed(config.train.seed * 1_000_003 + step)
                 lr = learning_rate(config, step, state["elapsed_s"])
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -150,7 +151,7 @@ def run(
                 final = state["step"] >= config.train.steps or _out_of_time(config, state)
                 if config.train.save_every and state["step"] % config.train.save_every == 0 and not final:
                     _checkpoint(config, out, student, tokenizer, optimizer, state)
-                if stop_requested or (stop_after is not None and session_steps >= stop_after and not final):
+                if not final and (stop_requested or (stop_after is not None and session_steps >= stop_after)):
                     _checkpoint(config, out, student, tokenizer, optimizer, state)
                     return {"stopped_at": state["step"], "out": str(out), "complete": False}
     finally:
