@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from opdistill.config import Config, load_config, save_config
+from opdistill.config import Config, describe, load_config, save_config
 from opdistill.errors import UserError
 
 
@@ -59,3 +59,12 @@ def test_a_train_file_replaces_the_default_task():
     assert load_config(None, ["data.train_file=x.jsonl"]).data.task == ""
     with pytest.raises(UserError, match="give data.task"):
         load_config(None, ["data.task="])
+
+
+def test_help_lists_every_key_with_its_default_and_comment():
+    lines = describe().splitlines()
+    assert "  train.steps=200  optimizer steps (the schedule spans them)" in lines
+    assert len(lines) == sum(
+        len(getattr(Config(), name).__dataclass_fields__) for name in Config.__dataclass_fields__
+    )
+    assert all("  " in line.strip() for line in lines), [line for line in lines if "  " not in line.strip()]

@@ -104,3 +104,12 @@ def test_unknown_task_and_bad_options():
         load_task(task="sum")
     with pytest.raises(UserError, match="bad data.task_options"):
         load_task(task="addition", task_options={"digitz": 3})
+
+
+def test_eval_file_without_answers_is_refused_unless_a_verifier_decides(tmp_path):
+    train = _write(tmp_path, ['{"prompt": "a", "completion": "b"}'])
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c"}\n')
+    with pytest.raises(UserError, match="eval.jsonl:2: field 'answer' is missing"):
+        load_task(train_file=str(train), eval_file=str(evals))
+    assert len(load_task(train_file=str(train), eval_file=str(evals), verifier="os.path:exists").test) == 2

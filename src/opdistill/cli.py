@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from opdistill.config import describe
 from opdistill.errors import UserError
 
-EPILOG = "Config overrides: section.field=value, e.g. train.steps=100 optim.lr=3e-4 student.path=runs/x/final"
+EPILOG = """config keys, as section.field=value overrides or YAML sections (e.g. train.steps=100 optim.lr=3e-4),
+with their defaults:"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +33,12 @@ def _parser() -> argparse.ArgumentParser:
         ("sft", "supervised fine-tuning on completions"),
         ("distill", "on-policy distillation"),
     ):
-        sub = commands.add_parser(name, help=text, epilog=EPILOG)
+        sub = commands.add_parser(
+            name,
+            help=text,
+            epilog=EPILOG + "\n\n" + describe(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sub.add_argument("--config", help="YAML config (defaults apply to anything it leaves out)")
         sub.add_argument(
             "--resume", action="store_true", help="continue the run in train.out_dir from its last checkpoint"

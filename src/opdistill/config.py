@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from opdistill.errors import UserError
 
 @dataclass(frozen=True)
 class ModelSpec:
-    path: str = ""  # HF model directory (save_pretrained layout); empty = build a fresh tiny model
+    path: str = ""  # HF model directory (save_pretrained layout); empty = a fresh tiny model (students only)
     preset: str = "d32l2"  # fresh tiny model "d{hidden}l{layers}", e.g. d32l2 (34k params), d64l2, d128l4
     arch: Literal["llama", "qwen2"] = "llama"  # architecture of a fresh tiny model
     dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype
@@ -41,6 +43,9 @@ def parse_preset(preset: str) -> tuple[int, int] | None:
     return int(head), int(layers)
 
 
+SftTargets = Literal["dataset", "teacher", "teacher_pool"]
+
+
 @dataclass(frozen=True)
 class DataConfig:
     task: str = "addition"  # built-in task (see `opd tasks`); unused when train_file is given
@@ -50,8 +55,8 @@ class DataConfig:
     n_train_prompts: int = 0  # restrict training to the first N prompts (0 = all / unlimited)
     answer_regex: str = r"-?\d+(?:\.\d+)?"  # user data: the answer is the last match (group 1 if any)
     verifier: str = ""  # user data: "module:function(completion, example) -> bool", overrides the regex
-    completions: Literal["dataset", "teacher", "teacher_pool"] = "dataset"  # SFT targets: see README
-    pool_size: int = 4096  # teacher_pool: prompts in the cached pool of teacher completions
+    completions: SftTargets = "dataset"  # SFT on: dataset | teacher (fresh each step) | teacher_pool (reused)
+    pool_size: int = 4096  # teacher_pool: prompts in the cached pool (teacher = fresh samples every step)
     teacher_temperature: float = 0.0  # teacher / teacher_pool completions: 0 = greedy
 
     def __post_init__(self):
@@ -80,7 +85,7 @@ class ObjectiveConfig:
     # full_rkl: exact reverse KL over the vocabulary at each sampled state (direct branch, ALGORITHMS §3 β=1)
     # sampled_rkl: detached advantage -(log p_S - log p_T) with importance sampling (PG branch, §2)
     # sft: cross-entropy on completions (what `opd sft` runs)
-    type: Literal["full_rkl", "sampled_rkl", "sft"] = "full_rkl"
+    type: Literal["full_rkl", "sampled_rkl", "sft"] = "full_rkl"  # full_rkl | sampled_rkl | sft
     kl_coef: float = 1.0  # c_KL: scale of the sampled reverse-KL advantage
     discount: float = 0.0  # γ: 0 = per-token (myopic) advantage, 1 = full reward-to-go
 
@@ -214,6 +219,19 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise UserError(f"{where} must be a {hint.__name__}; got {value!r}.")
     return value
+
+
+def describe() -> str:
+    """Every config key with its default and the comment beside its declaration (for ``--help``)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M))
+        default = getattr(Config(), section.name)
+        for f in dataclasses.fields(cls):
+            value = getattr(default, f.name)
+            lines.append(f"  {section.name}.{f.name}={value!r}  {comments.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -108,6 +108,12 @@ def load_task(
         train = ExampleStream(read_jsonl(train_file), seed)
         test = read_jsonl(eval_file) if eval_file else []
         verify = function_verifier(verifier) if verifier else regex_verifier(answer_regex)
+        unanswered = next((i for i, ex in enumerate(test, start=1) if not ex.answer), None)
+        if unanswered is not None and not verifier:
+            raise UserError(
+                f"{eval_file}:{unanswered}: field 'answer' is missing; evaluation compares with it "
+                "(or name a verifier function that does not need it)."
+            )
     if n_train_prompts > 0:
         train = _Limited(train, n_train_prompts)
     return Task(task or train_file, train, test, verify)
@@ -121,5 +127,9 @@ def task_from_config(data, seed: int) -> Task:
 
 
 def corpus_text(task: Task, n: int = 2000) -> Sequence[str]:
-    """Text to build a character vocabulary from: the first n training examples and the test set."""
-    return [task.train[i].text() for i in range(n)] + [ex.text() for ex in task.test]
+    """Text to build a character vocabulary from: every example of a file (the first n of an endless
+    generator) and the test set."""
+    train = (
+        task.train.examples if isinstance(task.train, ExampleStream) else [task.train[i] for i in range(n)]
+    )
+    return [ex.text() for ex in train] + [ex.text() for ex in task.test]
