@@ -1,6 +1,6 @@
 """Run `opd demo` for several seeds (one after another, nothing else running) and print a Markdown table.
 
-    python benchmarks/demo_seeds.py --seeds 0 1 2 --out runs/bench-demo [--teacher DIR] [--budget 60]
+    python benchmarks/demo_seeds.py --seeds 0 1 2 --out runs/bench-demo [--teacher DIR] [--budget 60] [--prompts N]
 
 Rows come from each run's summary.json; README.md and benchmarks/RESULTS.md quote this output.
 """
@@ -15,11 +15,16 @@ from pathlib import Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-demo"))
     parser.add_argument("--budget", type=float, default=60.0)
     parser.add_argument("--teacher", type=Path)
+    parser.add_argument(
+        "--prompts", type=int, default=0, help="prompt-limited regime: train on this many prompts"
+    )
     args = parser.parse_args()
     rows = []
     for seed in args.seeds:
@@ -29,6 +34,8 @@ def main() -> None:
                        "--budget", str(args.budget)]  # fmt: skip
             if args.teacher:
                 command += ["--teacher", str(args.teacher)]
+            if args.prompts:
+                command += ["--prompts", str(args.prompts)]
             subprocess.run(command, check=True)
         s = json.loads((run_dir / "summary.json").read_text())
         steps = " / ".join(str(s["compute"][name]["steps"]) for name in ("opd", "sft", "sft_pool"))
@@ -37,8 +44,11 @@ def main() -> None:
             f"{s['sft_acc']:.3f} | {s['sft_pool_acc']:.3f} | {steps} | {s['wall_s']:.0f} s |"
         )
     print(f"teacher {s['teacher_params'] / 1e3:.0f}k params, student {s['student_params'] / 1e3:.0f}k params, "
-          f"{args.budget:.0f} s of training per method, {s['eval_problems']} held-out problems")  # fmt: skip
-    print("| seed | teacher | student before | **opd** | sft (fresh samples) | sft_pool | opd / sft / sft_pool steps | wall time |")
+          f"{args.budget:.0f} s of training per method, {args.prompts or 'unlimited'} training prompts, "
+          f"{s['eval_problems']} held-out problems")  # fmt: skip
+    print(
+        "| seed | teacher | student before | **opd** | sft (fresh samples) | sft_pool | opd / sft / sft_pool steps | wall time |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

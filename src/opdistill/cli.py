@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--student", type=Path, help="student warm start directory (default: the shipped student)"
     )
+    demo.add_argument(
+        "--prompts", type=int, default=0, help="train every method on only N prompts (default: all)"
+    )
 
     for name, text in (
         ("sft", "supervised fine-tuning on completions"),
@@ -115,7 +118,7 @@ def _demo(args) -> int:
     from opdistill.demo import run_demo
 
     out = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
-    run_demo(out, args.budget, args.seed, args.eval_n, args.teacher, args.student)
+    run_demo(out, args.budget, args.seed, args.eval_n, args.teacher, args.student, args.prompts)
     return 0
 
 

@@ -54,6 +54,7 @@ def run_demo(
     eval_n: int,
     teacher: Path | None = None,
     student: Path | None = None,
+    prompts: int = 0,
     show_progress: bool = True,
 ) -> dict:
     started = time.perf_counter()
@@ -66,6 +67,7 @@ def run_demo(
     base = load_config(str(recipe), [
         f"student.path={student or asset_dir('addition-student')}", f"teacher.path={teacher or asset_dir('addition-teacher')}",
         f"train.time_budget_s={budget_s}", f"train.eval_every_s={budget_s / 6}", f"train.seed={seed}",
+        *([f"data.n_train_prompts={prompts}", f"data.pool_size={prompts}"] if prompts else []),
     ])  # fmt: skip
     task = task_from_config(base.data, seed)
     test = task.test[:eval_n]
@@ -77,7 +79,12 @@ def run_demo(
             summary[params_key] = sum(p.numel() for p in model.parameters())
         return evaluate(model, tokenizer, test, task.verify, max_new_tokens=max_new)["greedy_acc"]
 
-    summary: dict = {"eval_problems": len(test), "budget_s": budget_s, "seed": seed}
+    summary: dict = {
+        "eval_problems": len(test),
+        "budget_s": budget_s,
+        "seed": seed,
+        "train_prompts": prompts or None,
+    }
     summary["teacher_acc"] = accuracy(Path(base.teacher.path), "teacher_params")
     summary["student_before_acc"] = accuracy(Path(base.student.path), "student_params")
     console.print(f"teacher {summary['teacher_acc']:.3f}, student before {summary['student_before_acc']:.3f} "
