@@ -28,13 +28,15 @@ def test_i2_full_reverse_kl_value_and_gradient():
     z, t = _dist(1)
     z.requires_grad_(True)
     teacher_logp = t.log_softmax(-1)
-    loss, metrics = losses.reverse_kl_full(z[None, None], teacher_logp[None, None], torch.ones(1, 1), 1.0)
+    loss, metrics = losses.divergence_loss(
+        z[None, None], teacher_logp[None, None], torch.ones(1, 1), 1.0, beta=1.0
+    )
     loss.backward()
     p, ell = z.detach().softmax(-1), z.detach().log_softmax(-1) - teacher_logp
     kl = (p * ell).sum()
     torch.testing.assert_close(loss.detach().double(), kl)
     torch.testing.assert_close(z.grad, p * (ell - kl))  # I2
-    assert metrics["full_rkl"] == pytest.approx(float(kl))
+    assert metrics["divergence"] == pytest.approx(float(kl))
 
 
 def test_i3_detached_advantage_pg_is_exact_in_expectation():
@@ -93,20 +95,21 @@ def test_is_loss_at_behaviour_policy_equals_minus_sum_advantage():
     assert metrics["is_ratio_min"] == metrics["is_ratio_max"] == 1.0
 
 
-@pytest.mark.parametrize("objective", ["full_rkl", "sampled_rkl"])
+@pytest.mark.parametrize("objective", ["full_rkl", "full_fkl", "jsd", "sampled_rkl"])
 def test_teacher_equal_to_student_gives_zero_loss_and_zero_gradient(objective):
     logits = torch.randn(2, 5, V, dtype=torch.float64, requires_grad=True)
     tokens = torch.randint(0, V, (2, 5))
     mask = torch.ones(2, 5, dtype=torch.bool)
     teacher_logp_BTV = logits.detach().log_softmax(-1)
-    if objective == "full_rkl":
-        loss, _ = losses.reverse_kl_full(logits, teacher_logp_BTV, mask, 10.0)
-    else:
+    if objective == "sampled_rkl":
         logp = losses.token_logprobs(logits, tokens)
         teacher = losses.token_logprobs(logits.detach(), tokens)  # the teacher is the same network
         advantage, metrics = losses.sampled_rkl_advantage(logp.detach(), teacher, mask)
         assert metrics["teacher_kl"] == 0.0
         loss, _ = losses.pg_loss(logp, logp.detach(), advantage, mask, 10.0)
+    else:
+        beta = {"full_rkl": 1.0, "full_fkl": 0.0, "jsd": 0.3}[objective]
+        loss, _ = losses.divergence_loss(logits, teacher_logp_BTV, mask, 10.0, beta=beta, temperature=1.5)
     loss.backward()
     assert float(loss.detach()) == pytest.approx(0.0, abs=1e-12)
     assert logits.grad is not None and float(logits.grad.abs().max()) < 1e-12
@@ -123,9 +126,9 @@ def test_normaliser_is_explicit_so_micro_batches_add_up():
     logits = torch.randn(4, 3, V)
     teacher = torch.randn(4, 3, V).log_softmax(-1)
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]]).bool()
-    whole, _ = losses.reverse_kl_full(logits, teacher, mask, float(mask.sum()))
+    whole, _ = losses.divergence_loss(logits, teacher, mask, float(mask.sum()), beta=1.0)
     halves = [
-        losses.reverse_kl_full(logits[s], teacher[s], mask[s], float(mask.sum()))[0]
+        losses.divergence_loss(logits[s], teacher[s], mask[s], float(mask.sum()), beta=1.0)[0]
         for s in (slice(0, 2), slice(2, 4))
     ]
     torch.testing.assert_close(whole, halves[0] + halves[1])
@@ -134,7 +137,7 @@ def test_normaliser_is_explicit_so_micro_batches_add_up():
 def test_full_reverse_kl_handles_teacher_zeros_where_student_is_zero():
     logits = torch.tensor([[[0.0, 0.0, float("-inf")]]], requires_grad=True)
     teacher = torch.tensor([[[0.0, 0.0, float("-inf")]]]).log_softmax(-1)
-    loss, _ = losses.reverse_kl_full(logits, teacher, torch.ones(1, 1), 1.0)
+    loss, _ = losses.divergence_loss(logits, teacher, torch.ones(1, 1), 1.0, beta=1.0)
     loss.backward()
     assert float(loss.detach()) == 0.0 and torch.isfinite(logits.grad).all()
 

@@ -44,6 +44,7 @@ def parse_preset(preset: str) -> tuple[int, int] | None:
 
 
 SftTargets = Literal["dataset", "teacher", "teacher_pool"]
+Objective = Literal["full_rkl", "full_fkl", "jsd", "sampled_rkl", "sft"]
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,24 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    # full_rkl: exact reverse KL over the vocabulary at each sampled state (direct branch, ALGORITHMS §3 β=1)
-    # sampled_rkl: detached advantage -(log p_S - log p_T) with importance sampling (PG branch, §2)
-    # sft: cross-entropy on completions (what `opd sft` runs)
-    type: Literal["full_rkl", "sampled_rkl", "sft"] = "full_rkl"  # full_rkl | sampled_rkl | sft
+    # Direct branch, exact over the vocabulary at each sampled state (teacher sends full log-probs):
+    #   full_rkl = KL(p_S ‖ p_T) (GKD β = 1), full_fkl = KL(p_T ‖ p_S) (β = 0), jsd = JSD_β (ALGORITHMS §3)
+    # PG branch: sampled_rkl = detached advantage -(log p_S - log p_T) with importance sampling (§2)
+    # sft = cross-entropy on completions (what `opd sft` runs)
+    type: Objective = "full_rkl"  # full_rkl | full_fkl | jsd | sampled_rkl | sft
+    jsd_beta: float = 0.5  # β of type=jsd: 0 = forward KL, 1 = reverse KL (TRL convention)
+    temperature: float = 1.0  # loss temperature τ on both student and teacher logits (full-vocabulary types)
     kl_coef: float = 1.0  # c_KL: scale of the sampled reverse-KL advantage
     discount: float = 0.0  # γ: 0 = per-token (myopic) advantage, 1 = full reward-to-go
+
+    def __post_init__(self):
+        if not 0 <= self.jsd_beta <= 1 or self.temperature <= 0:
+            raise UserError("objective.jsd_beta must be in [0, 1] and objective.temperature above 0.")
+
+    @property
+    def direct_beta(self) -> float | None:
+        """β of the full-vocabulary divergence, or None for the sampled and SFT objectives."""
+        return {"full_rkl": 1.0, "full_fkl": 0.0, "jsd": self.jsd_beta}.get(self.type)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ runs in fp32, and metrics are detached Python floats.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -78,23 +80,53 @@ def pg_loss(
     return loss, {"is_ratio_min": float(ratios.min()), "is_ratio_max": float(ratios.max())}
 
 
-def reverse_kl_full(
+def kl_terms(logp_a_BTV: torch.Tensor, logp_b_BTV: torch.Tensor) -> torch.Tensor:
+    """KL(a ‖ b) per position = Σ_v a_v (log a_v - log b_v), with 0 log 0 = 0: where a has no mass the term
+    vanishes whatever b says there (masked before the product, so neither value nor gradient sees -inf)."""
+    log_ratio_BTV = (logp_a_BTV - logp_b_BTV).masked_fill(torch.isneginf(logp_a_BTV), 0.0)
+    return (logp_a_BTV.exp() * log_ratio_BTV).sum(-1)
+
+
+def generalized_jsd(
+    student_logits_BTV: torch.Tensor, teacher_logp_BTV: torch.Tensor, beta: float, temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-position generalized JSD between teacher q and student p over the full vocabulary (GKD, Agarwal
+    et al. 2023; ALGORITHMS.md §3). JSD_β = β KL(q ‖ m) + (1-β) KL(p ‖ m), m = β q + (1-β) p, with TRL's
+    endpoints: β = 0 is exactly the forward KL(q ‖ p), β = 1 exactly the reverse KL(p ‖ q).
+
+    Both sides are divided by the loss temperature τ before the softmax; the teacher may be given as
+    log-probs at τ = 1 (re-normalising logp/τ equals softmax(logits/τ)). Gradient flows into the student
+    only, at fixed states (direct branch). Returns [B, T]. Materialises a few [B, T, V] fp32 temporaries.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized_jsd needs 0 <= beta <= 1, got {beta}")
+    student_BTV = torch.log_softmax(at_least_fp32(student_logits_BTV) / temperature, dim=-1)
+    teacher_BTV = torch.log_softmax(at_least_fp32(teacher_logp_BTV) / temperature, dim=-1)
+    if beta == 0.0:
+        return kl_terms(teacher_BTV, student_BTV)
+    if beta == 1.0:
+        return kl_terms(student_BTV, teacher_BTV)
+    mixture_BTV = torch.logsumexp(
+        torch.stack([student_BTV + math.log1p(-beta), teacher_BTV + math.log(beta)]), dim=0
+    )
+    return beta * kl_terms(teacher_BTV, mixture_BTV) + (1 - beta) * kl_terms(student_BTV, mixture_BTV)
+
+
+def divergence_loss(
     student_logits_BTV: torch.Tensor,
     teacher_logp_BTV: torch.Tensor,
     mask_BT: torch.Tensor,
     normalizer: float,
+    beta: float,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """(1/Z) Σ m_t KL(p_S(·|s_t) ‖ p_T(·|s_t)) over the full vocabulary at each visited state: the direct
-    branch, GKD with β = 1 (ALGORITHMS.md §3; gradient I2). No gradient flows through the sampling."""
-    student_logp_BTV = torch.log_softmax(at_least_fp32(student_logits_BTV), dim=-1)
-    # 0 log 0 = 0: where the student has no mass the term vanishes, whatever the teacher says there
-    # (masked before the product so that neither the value nor the gradient sees -inf - -inf)
-    impossible_BTV = torch.isneginf(student_logp_BTV)
-    log_ratio_BTV = (student_logp_BTV - at_least_fp32(teacher_logp_BTV)).masked_fill(impossible_BTV, 0.0)
-    per_token_BT = (student_logp_BTV.exp() * log_ratio_BTV).sum(-1)
+    """(1/Z) Σ m_t JSD_β(p_T ‖ p_S)(s_t) at each visited state: the direct branch (ALGORITHMS.md §1.4, §3).
+    β = 1 is the full-vocabulary reverse KL (gradient I2), β = 0 the forward KL."""
+    per_token_BT = generalized_jsd(student_logits_BTV, teacher_logp_BTV, beta, temperature)
     mask_BT = mask_BT.float()
     loss = (per_token_BT * mask_BT).sum() / normalizer
-    return loss, {"full_rkl": float((per_token_BT.detach() * mask_BT).sum() / mask_BT.sum().clamp(min=1))}
+    mean = (per_token_BT.detach() * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+    return loss, {"divergence": float(mean)}
 
 
 def cross_entropy(

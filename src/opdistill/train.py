@@ -223,11 +223,13 @@ def objective_loss(
         logp_BT.detach(), signal_.token_logp_BT, mask_BT, objective.kl_coef, objective.discount
     )
     metrics["entropy"] = mean_entropy(logits_BTV, mask_BT)
-    if objective.type == "sampled_rkl":
+    if objective.direct_beta is None:
         loss, extra = losses.pg_loss(logp_BT, rollout.sampler_logp_BT, advantage_BT, mask_BT, normalizer)
     else:
         assert signal_.logp_BTV is not None
-        loss, extra = losses.reverse_kl_full(logits_BTV, signal_.logp_BTV, mask_BT, normalizer)
+        loss, extra = losses.divergence_loss(
+            logits_BTV, signal_.logp_BTV, mask_BT, normalizer, objective.direct_beta, objective.temperature
+        )
     return loss, {**metrics, **extra}
 
 
