@@ -41,10 +41,12 @@ def _params(run_dir):
         ("full_fkl", "divergence"),
         ("jsd", "divergence"),
         ("sampled_rkl", "teacher_kl"),
+        ("sampled_rkl objective.pg_clip=0.2 objective.dual_clip=3", "teacher_kl"),
+        ("k2", "teacher_kl"),
     ],
 )
 def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_path, objective, target):
-    config = _config(tmp_path, f"objective.type={objective}", "train.steps=30", "train.prompts_per_step=16",
+    config = _config(tmp_path, *f"objective.type={objective}".split(), "train.steps=30", "train.prompts_per_step=16",
                      "optim.lr=1e-2", "optim.warmup_steps=3")  # fmt: skip
     result = train.run(config, show_progress=False)
     values = [r[target] for r in _metrics(tmp_path / "run")]

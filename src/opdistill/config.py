@@ -44,7 +44,8 @@ def parse_preset(preset: str) -> tuple[int, int] | None:
 
 
 SftTargets = Literal["dataset", "teacher", "teacher_pool"]
-Objective = Literal["full_rkl", "full_fkl", "jsd", "sampled_rkl", "sft"]
+Objective = Literal["full_rkl", "full_fkl", "jsd", "sampled_rkl", "k2", "sft"]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "sum", "constant"]
 
 
 @dataclass(frozen=True)
@@ -85,22 +86,43 @@ class RolloutConfig:
 class ObjectiveConfig:
     # Direct branch, exact over the vocabulary at each sampled state (teacher sends full log-probs):
     #   full_rkl = KL(p_S ‖ p_T) (GKD β = 1), full_fkl = KL(p_T ‖ p_S) (β = 0), jsd = JSD_β (ALGORITHMS §3)
-    # PG branch: sampled_rkl = detached advantage -(log p_S - log p_T) with importance sampling (§2)
+    # Sampled-token, teacher sends only log p_T(y_t) (§2, §1.4):
+    #   sampled_rkl = detached advantage -(log p_S - log p_T), importance-sampled or PPO-clipped policy gradient
+    #   k2 = ½ (log p_S - log p_T)² back-propagated directly (same per-sample gradient as sampled_rkl)
     # sft = cross-entropy on completions (what `opd sft` runs)
-    type: Objective = "full_rkl"  # full_rkl | full_fkl | jsd | sampled_rkl | sft
+    type: Objective = "full_rkl"  # full_rkl | full_fkl | jsd | sampled_rkl | k2 | sft
     jsd_beta: float = 0.5  # β of type=jsd: 0 = forward KL, 1 = reverse KL (TRL convention)
     temperature: float = 1.0  # loss temperature τ on both student and teacher logits (full-vocabulary types)
     kl_coef: float = 1.0  # c_KL: scale of the sampled reverse-KL advantage
     discount: float = 0.0  # γ: 0 = per-token (myopic) advantage, 1 = full reward-to-go
+    pg_clip: float = 0.0  # sampled_rkl: PPO clip ε (0 = plain importance sampling), e.g. 0.2
+    pg_clip_high: float = 0.0  # sampled_rkl: upper ε if different from pg_clip (0 = same)
+    dual_clip: float = 0.0  # with pg_clip: cap negative-advantage token losses at c·|A| (0 = off), e.g. 3
+    aggregation: Aggregation = "token-mean"  # per-token losses -> one number: see docs/objectives.md
+    aggregation_constant: float = 1.0  # divisor of aggregation=constant
 
     def __post_init__(self):
         if not 0 <= self.jsd_beta <= 1 or self.temperature <= 0:
             raise UserError("objective.jsd_beta must be in [0, 1] and objective.temperature above 0.")
+        if self.pg_clip < 0 or self.pg_clip_high < 0 or (self.dual_clip and self.dual_clip <= 1):
+            raise UserError(
+                "objective.pg_clip and pg_clip_high must be >= 0 and objective.dual_clip 0 or above 1."
+            )
+        if self.dual_clip and not self.pg_clip:
+            raise UserError(
+                "objective.dual_clip needs objective.pg_clip (dual clip bounds the PPO-clipped loss)."
+            )
+        if self.aggregation_constant <= 0:
+            raise UserError("objective.aggregation_constant must be above 0.")
 
     @property
     def direct_beta(self) -> float | None:
         """β of the full-vocabulary divergence, or None for the sampled and SFT objectives."""
         return {"full_rkl": 1.0, "full_fkl": 0.0, "jsd": self.jsd_beta}.get(self.type)
+
+    @property
+    def ppo_clip(self) -> tuple[float, float] | None:
+        return (self.pg_clip, self.pg_clip_high or self.pg_clip) if self.pg_clip else None
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
 """Pure objective math (ALGORITHMS.md §1-§3): tensors in, ``(loss, metrics)`` out.
 
-Nothing here sees a model, tokenizer, config or process group. Masks are explicit boolean tensors,
-normalisers are passed in (the global count of loss tokens across micro-batches and ranks), log-softmax
-runs in fp32, and metrics are detached Python floats.
+Nothing here sees a model, tokenizer, config or process group. Losses are per token ([B, T]); a
+``Normalizer`` built from the step's global counts turns them into one number. Masks are explicit
+boolean tensors, log-softmax runs in fp32, and metrics are detached Python floats.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -48,7 +49,7 @@ def sampled_rkl_advantage(
     """OPD advantage A_t = -c_KL (log p_S(y_t) - log p_T(y_t)), optionally discounted (ALGORITHMS.md §2.3).
 
     The log-ratio is a per-token reward, never a loss: back-propagating it directly has zero expected
-    gradient (I14a), so tensors that carry gradient are refused. Use the result in ``pg_loss``.
+    gradient (I14a), so tensors that carry gradient are refused. Use the result in ``pg_per_token``.
     Shapes: all [B, T]; returns (advantage_BT, metrics) with ``teacher_kl`` = mean sampled reverse KL.
     """
     if sampler_logp_BT.requires_grad or teacher_logp_BT.requires_grad:
@@ -63,21 +64,45 @@ def sampled_rkl_advantage(
     return advantage_BT, {"teacher_kl": float(log_ratio_BT.sum() / count)}
 
 
-def pg_loss(
+def pg_per_token(
     logp_BT: torch.Tensor,
     sampler_logp_BT: torch.Tensor,
     advantage_BT: torch.Tensor,
     mask_BT: torch.Tensor,
-    normalizer: float,
+    clip: tuple[float, float] | None = None,
+    dual_clip: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Importance-sampled policy gradient: -(1/Z) Σ m ρ A with ρ = exp(logp - logp_sampler) (tinker
-    ``importance_sampling``; ALGORITHMS.md §1.4). At logp = logp_sampler the gradient is -(1/Z) Σ m A ∇logp."""
-    mask_BT = mask_BT.float()
+    """Per-token policy-gradient loss -ρ_t A_t with ρ = exp(logp - logp_sampler) (ALGORITHMS.md §1.4).
+
+    ``clip=None``: plain importance sampling (tinker ``importance_sampling``); at logp = logp_sampler the
+    gradient is -A ∇logp. ``clip=(ε_low, ε_high)``: PPO, max(-ρA, -clip(ρ, 1-ε_low, 1+ε_high)A); with
+    ``dual_clip`` = c > 1 the loss of a negative-advantage token is also capped at -cA (Ye et al. 2020,
+    as in verl). Returns (loss_BT, metrics); the advantage is treated as a constant.
+    """
+    advantage_BT = advantage_BT.detach()
     ratio_BT = torch.exp(logp_BT - sampler_logp_BT.detach())
-    loss = -(ratio_BT * advantage_BT.detach() * mask_BT).sum() / normalizer
+    loss_BT = -ratio_BT * advantage_BT
     kept = mask_BT.bool()
     ratios = ratio_BT.detach()[kept] if kept.any() else torch.ones(1)
-    return loss, {"is_ratio_min": float(ratios.min()), "is_ratio_max": float(ratios.max())}
+    metrics = {"is_ratio_min": float(ratios.min()), "is_ratio_max": float(ratios.max())}
+    if clip is not None:
+        clipped_BT = -ratio_BT.clamp(1 - clip[0], 1 + clip[1]) * advantage_BT
+        clipped_active_BT = clipped_BT > loss_BT
+        loss_BT = torch.maximum(loss_BT, clipped_BT)
+        if dual_clip > 0:
+            capped_BT = (advantage_BT < 0) & (loss_BT > -dual_clip * advantage_BT)
+            loss_BT = torch.where(
+                advantage_BT < 0, torch.minimum(loss_BT, -dual_clip * advantage_BT), loss_BT
+            )
+            clipped_active_BT = clipped_active_BT | capped_BT
+        metrics["clip_frac"] = float(clipped_active_BT[kept].float().mean()) if kept.any() else 0.0
+    return loss_BT, metrics
+
+
+def k2_per_token(logp_BT: torch.Tensor, teacher_logp_BT: torch.Tensor) -> torch.Tensor:
+    """k2 = ½ (log p_S(y_t) - log p_T(y_t))², back-propagated directly: per sample its gradient is exactly the
+    PG gradient with A = -ℓ (ALGORITHMS.md §1.4 rule 2, I14b; KDRL). On-policy samples only."""
+    return 0.5 * (logp_BT - teacher_logp_BT.detach()) ** 2
 
 
 def kl_terms(logp_a_BTV: torch.Tensor, logp_b_BTV: torch.Tensor) -> torch.Tensor:
@@ -112,28 +137,38 @@ def generalized_jsd(
     return beta * kl_terms(teacher_BTV, mixture_BTV) + (1 - beta) * kl_terms(student_BTV, mixture_BTV)
 
 
-def divergence_loss(
-    student_logits_BTV: torch.Tensor,
-    teacher_logp_BTV: torch.Tensor,
-    mask_BT: torch.Tensor,
-    normalizer: float,
-    beta: float,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """(1/Z) Σ m_t JSD_β(p_T ‖ p_S)(s_t) at each visited state: the direct branch (ALGORITHMS.md §1.4, §3).
-    β = 1 is the full-vocabulary reverse KL (gradient I2), β = 0 the forward KL."""
-    per_token_BT = generalized_jsd(student_logits_BTV, teacher_logp_BTV, beta, temperature)
-    mask_BT = mask_BT.float()
-    loss = (per_token_BT * mask_BT).sum() / normalizer
-    mean = (per_token_BT.detach() * mask_BT).sum() / mask_BT.sum().clamp(min=1)
-    return loss, {"divergence": float(mean)}
+@dataclass(frozen=True)
+class Normalizer:
+    """How a step's per-token losses become one number (ALGORITHMS.md §1.5), from the step's global counts
+    (all micro-batches, all ranks), so micro-batching and world size never change the gradient.
+
+    token-mean: Σ m x / tokens · seq-mean-token-mean: Σ_b (Σ_t m x / Σ_t m) / sequences ·
+    seq-mean-token-sum: Σ m x / sequences · sum: Σ m x · constant: Σ m x / constant (Dr. GRPO style).
+    """
+
+    mode: str
+    tokens: float
+    sequences: float
+    constant: float = 1.0
+
+    def __call__(self, per_token_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+        mask_BT = mask_BT.to(per_token_BT.dtype)
+        # where() rather than a product: a masked position may hold inf/nan (e.g. a -inf log-prob on padding)
+        masked_BT = torch.where(mask_BT > 0, per_token_BT, torch.zeros_like(per_token_BT))
+        if self.mode == "token-mean":
+            return masked_BT.sum() / max(self.tokens, 1.0)
+        if self.mode == "seq-mean-token-mean":
+            return (masked_BT.sum(1) / mask_BT.sum(1).clamp(min=1)).sum() / max(self.sequences, 1.0)
+        if self.mode == "seq-mean-token-sum":
+            return masked_BT.sum() / max(self.sequences, 1.0)
+        if self.mode == "sum":
+            return masked_BT.sum()
+        if self.mode == "constant":
+            return masked_BT.sum() / self.constant
+        raise ValueError(f"unknown aggregation {self.mode!r}")
 
 
-def cross_entropy(
-    logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, mask_BT: torch.Tensor, normalizer: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """SFT: (1/Z) Σ m_t -log p(y_t) on completion tokens (prompt and padding masked out)."""
-    mask_BT = mask_BT.float()
-    nll_BT = -token_logprobs(logits_BTV, tokens_BT)
-    loss = (nll_BT * mask_BT).sum() / normalizer
-    return loss, {"nll": float((nll_BT.detach() * mask_BT).sum() / mask_BT.sum().clamp(min=1))}
+def masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
+    """Mean of ``values`` over masked positions, as a detached float (for metrics)."""
+    mask_BT = mask_BT.bool()
+    return float(values_BT.detach()[mask_BT].mean()) if mask_BT.any() else 0.0

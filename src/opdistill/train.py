@@ -166,29 +166,32 @@ def run(
 
 
 def train_step(config: Config, student, optimizer, rollout: Rollout, signal_: TeacherSignal | None) -> dict:
-    """Loss and backward over micro-batches (one global normaliser: the step's loss-token count), then clip and
-    AdamW. A non-finite loss or gradient skips the update and is reported through the returned metrics."""
+    """Loss and backward over micro-batches, normalised by the whole step's counts (so micro-batching does not
+    change the update), then clip and AdamW. A non-finite loss or gradient skips the update; the returned
+    metrics say so."""
     rows = rollout.tokens_BT.shape[0]
     micro = config.train.micro_batch_size or rows
-    normalizer = float(rollout.loss_mask_BT.sum().clamp(min=1))
-    totals: dict[str, float] = {}
+    tokens = float(rollout.loss_mask_BT.sum())
+    objective = config.objective
+    normalizer = losses.Normalizer(objective.aggregation, tokens, float(rows), objective.aggregation_constant)
+    totals: dict[str, float] = {"loss": 0.0}
     optimizer.zero_grad(set_to_none=True)
     for start in range(0, rows, micro):
         part = slice(start, start + micro)
         mb = rollout.select(part)
-        loss, metrics = objective_loss(
-            config, student, mb, None if signal_ is None else signal_.select(part), normalizer
-        )
+        signal_mb = None if signal_ is None else signal_.select(part)
+        per_token_BT, metrics = objective_loss(config, student, mb, signal_mb)
+        loss = normalizer(per_token_BT, mb.loss_mask_BT)
         loss.backward()
-        weight = float(mb.loss_mask_BT.sum()) / normalizer
-        metrics["loss"] = float(loss.detach()) / weight if weight else 0.0
+        totals["loss"] += float(loss.detach())
+        share = float(mb.loss_mask_BT.sum()) / max(tokens, 1.0)  # metrics are token-weighted means
         for key, value in metrics.items():
             if key.endswith("_min"):
                 totals[key] = min(totals.get(key, value), value)
             elif key.endswith("_max"):
                 totals[key] = max(totals.get(key, value), value)
             else:
-                totals[key] = totals.get(key, 0.0) + weight * value
+                totals[key] = totals.get(key, 0.0) + share * value
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
     grad_norm = float(total_norm)
@@ -200,37 +203,43 @@ def train_step(config: Config, student, optimizer, rollout: Rollout, signal_: Te
     return {
         **totals,
         "grad_norm": grad_norm,
-        "loss_tokens": int(normalizer),
+        "loss_tokens": int(tokens),
         "student_train_tokens": int(rollout.attention_mask.sum()),
     }
 
 
-def objective_loss(
-    config: Config, student, rollout: Rollout, signal_: TeacherSignal | None, normalizer: float
-):
-    """The configured objective on one micro-batch: the only place the loop touches the math core."""
+def objective_loss(config: Config, student, rollout: Rollout, signal_: TeacherSignal | None):
+    """(per-token loss [B, T], metrics) of the configured objective on one micro-batch: the only place the loop
+    touches the math core."""
     objective = config.objective
     mask_BT = rollout.loss_mask_BT
     logits_BTV = completion_logits(student, rollout)  # [B, T, V], with grad
-    if objective.type == "sft":
-        loss, metrics = losses.cross_entropy(logits_BTV, rollout.tokens_BT, mask_BT, normalizer)
-        return loss, {**metrics, "entropy": mean_entropy(logits_BTV, mask_BT)}
-    assert signal_ is not None
     logp_BT = losses.token_logprobs(logits_BTV, rollout.tokens_BT)
+    metrics = {"entropy": mean_entropy(logits_BTV, mask_BT)}
+    if objective.type == "sft":
+        return -logp_BT, {**metrics, "nll": losses.masked_mean(-logp_BT, mask_BT)}
+    assert signal_ is not None
+    teacher_logp_BT = signal_.token_logp_BT
+    metrics["teacher_kl"] = losses.masked_mean(
+        logp_BT - teacher_logp_BT, mask_BT
+    )  # sampled reverse-KL estimate
+    if objective.direct_beta is not None:
+        assert signal_.logp_BTV is not None
+        divergence_BT = losses.generalized_jsd(
+            logits_BTV, signal_.logp_BTV, objective.direct_beta, objective.temperature
+        )
+        return divergence_BT, {**metrics, "divergence": losses.masked_mean(divergence_BT, mask_BT)}
+    if objective.type == "k2":
+        return losses.k2_per_token(logp_BT, teacher_logp_BT), metrics
     # the reward uses the trainer's (detached) log-prob: equal to the sampler's at temperature 1, and still the
     # student's own policy when sampling is tempered; the importance ratio corrects for the sampler.
-    advantage_BT, metrics = losses.sampled_rkl_advantage(
-        logp_BT.detach(), signal_.token_logp_BT, mask_BT, objective.kl_coef, objective.discount
+    advantage_BT, _ = losses.sampled_rkl_advantage(
+        logp_BT.detach(), teacher_logp_BT, mask_BT, objective.kl_coef, objective.discount
     )
-    metrics["entropy"] = mean_entropy(logits_BTV, mask_BT)
-    if objective.direct_beta is None:
-        loss, extra = losses.pg_loss(logp_BT, rollout.sampler_logp_BT, advantage_BT, mask_BT, normalizer)
-    else:
-        assert signal_.logp_BTV is not None
-        loss, extra = losses.divergence_loss(
-            logits_BTV, signal_.logp_BTV, mask_BT, normalizer, objective.direct_beta, objective.temperature
-        )
-    return loss, {**metrics, **extra}
+    loss_BT, extra = losses.pg_per_token(
+        logp_BT, rollout.sampler_logp_BT, advantage_BT, mask_BT, objective.ppo_clip, objective.dual_clip
+    )
+    return loss_BT, {**metrics, **extra}
 
 
 def _out_of_time(config: Config, state: dict) -> bool:
