@@ -68,3 +68,12 @@ def test_help_lists_every_key_with_its_default_and_comment():
         len(getattr(Config(), name).__dataclass_fields__) for name in Config.__dataclass_fields__
     )
     assert all("  " in line.strip() for line in lines), [line for line in lines if "  " not in line.strip()]
+
+
+def test_sampled_estimators_refuse_off_policy_batches():
+    with pytest.raises(UserError, match="use a full-vocabulary objective"):
+        load_config(None, ["objective.type=sampled_rkl", "rollout.on_policy_fraction=0.5"])
+    assert (
+        load_config(None, ["objective.type=jsd", "rollout.on_policy_fraction=0.5"]).rollout.on_policy_fraction
+        == 0.5
+    )

@@ -43,6 +43,7 @@ def _params(run_dir):
         ("sampled_rkl", "teacher_kl"),
         ("sampled_rkl objective.pg_clip=0.2 objective.dual_clip=3", "teacher_kl"),
         ("k2", "teacher_kl"),
+        ("jsd rollout.on_policy_fraction=0.5", "divergence"),
     ],
 )
 def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_path, objective, target):
@@ -61,6 +62,7 @@ def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_pa
     ("objective.type=full_rkl",),
     ("objective.type=sampled_rkl", "objective.discount=0.9"),
     ("objective.type=sft", "data.completions=teacher_pool", "data.pool_size=24"),
+    ("objective.type=jsd", "rollout.on_policy_fraction=0.5"),
 ])  # fmt: skip
 def test_resume_is_exact(tmp_path, overrides):
     whole = _config(tmp_path / "a", "train.steps=4", *overrides)
@@ -73,6 +75,29 @@ def test_resume_is_exact(tmp_path, overrides):
     assert _metrics(tmp_path / "a" / "run") == _metrics(tmp_path / "b" / "run")
     a, b = _params(tmp_path / "a" / "run"), _params(tmp_path / "b" / "run")
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("completions,generated", [("dataset", False), ("teacher", True)])
+def test_gkd_mixing_draws_one_coin_per_step(tmp_path, completions, generated):
+    config = _config(tmp_path, "objective.type=jsd", "rollout.on_policy_fraction=0.5", "train.steps=12",
+                     f"data.completions={completions}")  # fmt: skip
+    train.run(config, show_progress=False)
+    rows = _metrics(tmp_path / "run")
+    coins = [r["on_policy"] for r in rows]
+    assert 0 < sum(coins) < 12  # both kinds of batch occur (the coins of seed 0 at λ = 0.5)
+    off = [r for r in rows if not r["on_policy"]]
+    assert all("response_length" not in r for r in off) and all(
+        "response_length" in r for r in rows if r["on_policy"]
+    )
+    made_by_teacher = [
+        b["teacher_generated_tokens"] - a["teacher_generated_tokens"] for a, b in zip(rows, rows[1:], strict=False)
+    ]
+    assert any(made_by_teacher) == generated
+    off_policy_only = _config(
+        tmp_path / "off", "objective.type=jsd", "rollout.on_policy_fraction=0", "train.steps=3"
+    )
+    train.run(off_policy_only, show_progress=False)
+    assert [r["on_policy"] for r in _metrics(tmp_path / "off" / "run")] == [0.0, 0.0, 0.0]
 
 
 def test_micro_batches_do_not_change_the_update(tmp_path):

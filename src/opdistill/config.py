@@ -74,12 +74,15 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature (the loss uses the untempered model)
     top_p: float = 1.0  # nucleus sampling threshold
     max_new_tokens: int = 64  # completions stop at EOS or here (then counted as truncated)
+    on_policy_fraction: float = 1.0  # GKD λ: share of steps on student samples (else data.completions)
 
     def __post_init__(self):
         if self.n_per_prompt < 1 or self.max_new_tokens < 1:
             raise UserError("rollout.n_per_prompt and rollout.max_new_tokens must be at least 1.")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError("rollout.temperature must be >= 0 and rollout.top_p in (0, 1].")
+        if not 0 <= self.on_policy_fraction <= 1:
+            raise UserError("rollout.on_policy_fraction must be in [0, 1].")
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,14 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        sampled_estimator = self.objective.type in ("sampled_rkl", "k2")
+        if sampled_estimator and self.rollout.on_policy_fraction < 1:
+            raise UserError(
+                f"objective.type={self.objective.type} estimates the reverse KL from the student's own samples; "
+                "with rollout.on_policy_fraction < 1 use a full-vocabulary objective (full_rkl, full_fkl, jsd)."
+            )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

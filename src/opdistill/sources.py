@@ -1,9 +1,11 @@
 """Where a step's completions come from: the student's own samples (OPD), the dataset, fresh teacher
-samples, or a cached pool of teacher samples. Each source is ``step -> (rollout, teacher signal or None,
+samples, or a cached pool of teacher samples — or, for GKD's data mixing, a per-step coin between the
+student's samples and one of the others. Each source is ``step -> (rollout, teacher signal or None,
 metrics)``; what a step sees depends only on (seed, step), which keeps resume exact."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,26 +48,20 @@ def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: P
         model.train(model_was_training)
         return rollout
 
-    def on_policy(step: int):
+    def on_policy(step: int) -> tuple[Rollout, dict[str, float]]:
         rollout = sampled(
             student, task.train.batch(step, prompts_per_step), roll.temperature, roll.n_per_prompt
         )
-        signal_ = teacher.score(rollout, level)
-        return (
-            rollout,
-            signal_,
-            {
-                "response_length": float(rollout.loss_mask_BT.sum(1).float().mean()),
-                "truncation_rate": float(rollout.truncated_B.float().mean()),
-                "student_sampled_tokens": int(rollout.loss_mask_BT.sum()),
-                "teacher_scored_tokens": int(rollout.attention_mask.sum()),
-            },
-        )
+        return rollout, {
+            "response_length": float(rollout.loss_mask_BT.sum(1).float().mean()),
+            "truncation_rate": float(rollout.truncated_B.float().mean()),
+            "student_sampled_tokens": int(rollout.loss_mask_BT.sum()),
+        }
 
     def from_text(examples: list[Example]) -> Rollout:
         missing = [ex.id or ex.prompt for ex in examples if not ex.completion]
         if missing:
-            raise UserError(f"SFT needs a 'completion' for every example; {missing[0]!r} has none.")
+            raise UserError(f"training on dataset completions needs a 'completion'; {missing[0]!r} has none.")
         ids_BP, mask_BP = left_pad(encode_prompts(tokenizer, examples), pad)
         tokens_BT, loss_mask_BT = right_pad(
             [encode_completion(tokenizer, ex.completion) for ex in examples], pad
@@ -75,20 +71,40 @@ def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: P
             ids_BP, mask_BP, tokens_BT, loss_mask_BT, zeros, torch.zeros(len(examples), dtype=torch.bool)
         )
 
-    def fresh_teacher(step: int):
+    def fresh_teacher(step: int) -> tuple[Rollout, dict[str, float]]:
         rollout = sampled(
             teacher.model, task.train.batch(step, prompts_per_step), data.teacher_temperature, 1
         )
-        return rollout, None, {"teacher_generated_tokens": int(rollout.attention_mask.sum())}
+        return rollout, {"teacher_generated_tokens": int(rollout.attention_mask.sum())}
 
-    if config.objective.type != "sft":
-        return on_policy
-    if data.completions == "teacher":
-        return fresh_teacher
+    # completions that are not the student's own: SFT targets, and GKD's off-policy batches (λ < 1)
     stream = task.train
     if data.completions == "teacher_pool":
         stream = teacher_pool(config, task, tokenizer, teacher, out, state)
-    return lambda step: (from_text(stream.batch(step, prompts_per_step)), None, {})
+
+    def off_policy(step: int) -> tuple[Rollout, dict[str, float]]:
+        if data.completions == "teacher":
+            return fresh_teacher(step)
+        return from_text(stream.batch(step, prompts_per_step)), {}
+
+    if config.objective.type == "sft":
+
+        def sft(step: int):
+            rollout, metrics = off_policy(step)
+            return rollout, None, metrics
+
+        return sft
+
+    def distill(step: int):
+        # GKD data mixing: one coin per step, a function of (seed, step) so resume replays it
+        coin = random.Random(f"gkd-{config.train.seed}-{step}").random()
+        on = roll.on_policy_fraction >= 1 or coin < roll.on_policy_fraction
+        rollout, metrics = on_policy(step) if on else off_policy(step)
+        metrics["on_policy"] = float(on)
+        metrics["teacher_scored_tokens"] = int(rollout.attention_mask.sum())
+        return rollout, teacher.score(rollout, level), metrics
+
+    return distill
 
 
 def teacher_pool(config: Config, task: Task, tokenizer, teacher, out: Path, state: dict) -> ExampleStream:
