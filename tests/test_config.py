@@ -77,3 +77,17 @@ def test_sampled_estimators_refuse_off_policy_batches():
         load_config(None, ["objective.type=jsd", "rollout.on_policy_fraction=0.5"]).rollout.on_policy_fraction
         == 0.5
     )
+
+
+@pytest.mark.parametrize(
+    "overrides,signal",
+    [
+        (["objective.type=sampled_rkl"], "sampled"),
+        (["objective.type=k2"], "sampled"),
+        (["objective.type=sampled_rkl", "objective.baseline=vopd"], "full"),
+        (["objective.type=full_rkl"], "full"),
+        (["objective.type=jsd"], "full"),
+    ],
+)
+def test_teacher_is_asked_only_for_the_signal_the_objective_needs(overrides, signal):
+    assert load_config(None, overrides).objective.teacher_signal == signal

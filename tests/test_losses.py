@@ -67,6 +67,36 @@ def test_i3_detached_advantage_pg_is_exact_in_expectation():
     torch.testing.assert_close(_expected_gradient(z, teacher_logp, pg), _rkl_gradient(z, teacher_logp))
 
 
+def test_i4_vopd_advantage_has_zero_mean_and_the_same_expected_gradient():
+    z, t = _dist(4)
+    teacher_logp = t.log_softmax(-1)
+    p, logp = z.softmax(-1), z.log_softmax(-1)
+    rkl = (p * (logp - teacher_logp)).sum()
+    baseline = rkl.expand(1, V)
+    advantage, _ = losses.sampled_rkl_advantage(
+        logp[None], teacher_logp[None], torch.ones(1, V), baseline_BT=baseline
+    )
+    assert float((p * advantage[0]).sum()) == pytest.approx(0.0, abs=1e-12)  # E_y[A] = 0 at the state
+
+    def vopd(logp_BT, teacher_BT):
+        advantage, _ = losses.sampled_rkl_advantage(
+            logp_BT.detach(), teacher_BT, torch.ones(1, 1), baseline_BT=rkl.detach().reshape(1, 1)
+        )
+        return SUM(
+            losses.pg_per_token(logp_BT, logp_BT.detach(), advantage, torch.ones(1, 1))[0], torch.ones(1, 1)
+        )
+
+    torch.testing.assert_close(_expected_gradient(z, teacher_logp, vopd), _rkl_gradient(z, teacher_logp))
+
+
+def test_vopd_baseline_refuses_gradient_and_discounting():
+    logp, teacher, mask = torch.randn(1, 3), torch.randn(1, 3), torch.ones(1, 3)
+    with pytest.raises(ValueError, match="must be detached"):
+        losses.sampled_rkl_advantage(logp, teacher, mask, baseline_BT=torch.zeros(1, 3, requires_grad=True))
+    with pytest.raises(ValueError, match="without discounting"):
+        losses.sampled_rkl_advantage(logp, teacher, mask, discount=0.9, baseline_BT=torch.zeros(1, 3))
+
+
 def test_i14b_k2_has_the_pg_gradient_per_sample_and_rkl_in_expectation():
     z, t = _dist(3)
     teacher_logp = t.log_softmax(-1)

@@ -61,3 +61,22 @@ def test_tokenizer_mismatch_is_a_clear_error(tokenizer):
 def test_missing_model_directory_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="does not exist or holds no config.json"):
         load_model(ModelSpec(path=str(tmp_path / "nope")))
+
+
+def test_local_teacher_sends_full_log_probs_only_when_asked(make_model, tokenizer):
+    from opdistill.teachers import LocalTeacher
+
+    teacher = LocalTeacher(make_model(seed=4))
+    ids_BP, mask_BP = left_pad([[1, 5, 6]], tokenizer.pad_token_id)
+    tokens_BT, loss_mask_BT = right_pad([[7, 8, tokenizer.eos_token_id]], tokenizer.pad_token_id)
+    rollout = Rollout(ids_BP, mask_BP, tokens_BT, loss_mask_BT, torch.zeros(1, 3), torch.zeros(1).bool())
+    sampled = teacher.score(rollout, "sampled")
+    full = teacher.score(rollout, "full")
+    assert (
+        sampled.logp_BTV is None
+        and full.logp_BTV is not None
+        and full.logp_BTV.shape == (1, 3, len(tokenizer))
+    )
+    torch.testing.assert_close(
+        full.logp_BTV.gather(-1, tokens_BT[..., None]).squeeze(-1), sampled.token_logp_BT
+    )

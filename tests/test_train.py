@@ -43,6 +43,7 @@ def _params(run_dir):
         ("sampled_rkl", "teacher_kl"),
         ("sampled_rkl objective.pg_clip=0.2 objective.dual_clip=3", "teacher_kl"),
         ("k2", "teacher_kl"),
+        ("sampled_rkl objective.baseline=vopd", "teacher_kl"),
         ("jsd rollout.on_policy_fraction=0.5", "divergence"),
     ],
 )
@@ -90,7 +91,8 @@ def test_gkd_mixing_draws_one_coin_per_step(tmp_path, completions, generated):
         "response_length" in r for r in rows if r["on_policy"]
     )
     made_by_teacher = [
-        b["teacher_generated_tokens"] - a["teacher_generated_tokens"] for a, b in zip(rows, rows[1:], strict=False)
+        b["teacher_generated_tokens"] - a["teacher_generated_tokens"]
+        for a, b in zip(rows, rows[1:], strict=False)
     ]
     assert any(made_by_teacher) == generated
     off_policy_only = _config(

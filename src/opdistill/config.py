@@ -98,6 +98,7 @@ class ObjectiveConfig:
     temperature: float = 1.0  # loss temperature τ on both student and teacher logits (full-vocabulary types)
     kl_coef: float = 1.0  # c_KL: scale of the sampled reverse-KL advantage
     discount: float = 0.0  # γ: 0 = per-token (myopic) advantage, 1 = full reward-to-go
+    baseline: Literal["none", "vopd"] = "none"  # sampled_rkl: vopd = subtract the exact per-state RKL (§10)
     pg_clip: float = 0.0  # sampled_rkl: PPO clip ε (0 = plain importance sampling), e.g. 0.2
     pg_clip_high: float = 0.0  # sampled_rkl: upper ε if different from pg_clip (0 = same)
     dual_clip: float = 0.0  # with pg_clip: cap negative-advantage token losses at c·|A| (0 = off), e.g. 3
@@ -115,6 +116,10 @@ class ObjectiveConfig:
             raise UserError(
                 "objective.dual_clip needs objective.pg_clip (dual clip bounds the PPO-clipped loss)."
             )
+        if self.baseline == "vopd" and (self.type != "sampled_rkl" or self.discount > 0):
+            raise UserError(
+                "objective.baseline=vopd applies to objective.type=sampled_rkl with objective.discount=0."
+            )
         if self.aggregation_constant <= 0:
             raise UserError("objective.aggregation_constant must be above 0.")
 
@@ -122,6 +127,11 @@ class ObjectiveConfig:
     def direct_beta(self) -> float | None:
         """β of the full-vocabulary divergence, or None for the sampled and SFT objectives."""
         return {"full_rkl": 1.0, "full_fkl": 0.0, "jsd": self.jsd_beta}.get(self.type)
+
+    @property
+    def teacher_signal(self) -> Literal["sampled", "full"]:
+        """What the teacher must send (ALGORITHMS §1.3): L0 sampled-token log-probs, or L2 full log-probs."""
+        return "full" if self.direct_beta is not None or self.baseline == "vopd" else "sampled"
 
     @property
     def ppo_clip(self) -> tuple[float, float] | None:

@@ -45,13 +45,20 @@ def sampled_rkl_advantage(
     mask_BT: torch.Tensor,
     kl_coef: float = 1.0,
     discount: float = 0.0,
+    baseline_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """OPD advantage A_t = -c_KL (log p_S(y_t) - log p_T(y_t)), optionally discounted (ALGORITHMS.md §2.3).
+    """OPD advantage A_t = -c_KL (log p_S(y_t) - log p_T(y_t) - b_t), optionally discounted (ALGORITHMS.md §2.3).
 
     The log-ratio is a per-token reward, never a loss: back-propagating it directly has zero expected
     gradient (I14a), so tensors that carry gradient are refused. Use the result in ``pg_per_token``.
+    ``baseline_BT``: vOPD's control variate b_t = RKL_t, the exact per-state reverse KL (Oh et al. 2026,
+    ALGORITHMS.md §10): action-independent, so the gradient stays unbiased (I4) while E_y[A_t] = 0.
     Shapes: all [B, T]; returns (advantage_BT, metrics) with ``teacher_kl`` = mean sampled reverse KL.
     """
+    if baseline_BT is not None and discount > 0:
+        raise ValueError("a per-state baseline is only action-independent without discounting (discount = 0)")
+    if baseline_BT is not None and baseline_BT.requires_grad:
+        raise ValueError("the vOPD baseline must be detached: no gradient may flow through b_t")
     if sampler_logp_BT.requires_grad or teacher_logp_BT.requires_grad:
         raise ValueError(
             "sampled_rkl_advantage got log-probs that require grad: the sampled log-ratio must be a detached "
@@ -59,7 +66,8 @@ def sampled_rkl_advantage(
         )
     mask_BT = mask_BT.float()
     log_ratio_BT = (sampler_logp_BT - teacher_logp_BT) * mask_BT
-    advantage_BT = discounted_future_sum(-kl_coef * log_ratio_BT, mask_BT, discount)
+    centred_BT = log_ratio_BT if baseline_BT is None else log_ratio_BT - baseline_BT * mask_BT
+    advantage_BT = discounted_future_sum(-kl_coef * centred_BT, mask_BT, discount)
     count = mask_BT.sum().clamp(min=1)
     return advantage_BT, {"teacher_kl": float(log_ratio_BT.sum() / count)}
 

@@ -34,7 +34,6 @@ def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: P
     """step -> (rollout, teacher signal or None, metrics): where this run's completions come from."""
     prompts_per_step, roll, data = config.train.prompts_per_step, config.rollout, config.data
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    level = "sampled" if config.objective.direct_beta is None else "full"
 
     def sampled(model, examples: list[Example], temperature: float, repeats: int) -> Rollout:
         prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(repeats)]
@@ -102,7 +101,7 @@ def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: P
         rollout, metrics = on_policy(step) if on else off_policy(step)
         metrics["on_policy"] = float(on)
         metrics["teacher_scored_tokens"] = int(rollout.attention_mask.sum())
-        return rollout, teacher.score(rollout, level), metrics
+        return rollout, teacher.score(rollout, config.objective.teacher_signal), metrics
 
     return distill
 

@@ -233,8 +233,12 @@ def objective_loss(config: Config, student, rollout: Rollout, signal_: TeacherSi
         return losses.k2_per_token(logp_BT, teacher_logp_BT), metrics
     # the reward uses the trainer's (detached) log-prob: equal to the sampler's at temperature 1, and still the
     # student's own policy when sampling is tempered; the importance ratio corrects for the sampler.
+    baseline_BT = None
+    if objective.baseline == "vopd":  # the state's exact reverse KL, under the same (untempered) policy
+        assert signal_.logp_BTV is not None
+        baseline_BT = losses.generalized_jsd(logits_BTV.detach(), signal_.logp_BTV, beta=1.0)
     advantage_BT, _ = losses.sampled_rkl_advantage(
-        logp_BT.detach(), teacher_logp_BT, mask_BT, objective.kl_coef, objective.discount
+        logp_BT.detach(), teacher_logp_BT, mask_BT, objective.kl_coef, objective.discount, baseline_BT
     )
     loss_BT, extra = losses.pg_per_token(
         logp_BT, rollout.sampler_logp_BT, advantage_BT, mask_BT, objective.ppo_clip, objective.dual_clip
