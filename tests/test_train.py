@@ -45,6 +45,7 @@ def _params(run_dir):
         ("k2", "teacher_kl"),
         ("sampled_rkl objective.baseline=vopd", "teacher_kl"),
         ("jsd rollout.on_policy_fraction=0.5", "divergence"),
+        ("full_rkl objective.sft_coef=0.3", "divergence"),
     ],
 )
 def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_path, objective, target):
@@ -141,3 +142,49 @@ def test_learning_rate_schedule():
     assert train.learning_rate(timed, 1, 10.0) == pytest.approx(
         0.1
     )  # the clock, not the step, ends the decay
+
+
+def test_sft_stabiliser_adds_coef_times_token_mean_cross_entropy(make_model, tokenizer):
+    """With teacher = student the distillation gradient is zero, so an SGD(lr=1) step moves the weights by
+    exactly -coef * ∇ CE(sft batch)."""
+    import copy
+
+    from opdistill.data import left_pad, right_pad
+    from opdistill.losses import token_logprobs
+    from opdistill.models import completion_logits
+    from opdistill.sources import StepBatch
+    from opdistill.teachers import LocalTeacher
+    from opdistill.types import Rollout
+
+    def rollout(prompts, completions):
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+        tokens, loss_mask = right_pad(completions, tokenizer.pad_token_id)
+        return Rollout(
+            ids, mask, tokens, loss_mask, torch.zeros(tokens.shape), torch.zeros(len(prompts)).bool()
+        )
+
+    student = make_model(seed=5, preset="d16l1").float().train()
+    on_policy = rollout([[1, 5, 6], [1, 7]], [[8, 9, 2], [10, 2]])
+    sft = rollout([[1, 5, 6], [1, 7]], [[11, 12, 13, 2], [14, 2]])
+    signal_ = LocalTeacher(copy.deepcopy(student)).score(on_policy, "full")
+    config = load_config(None, ["objective.type=full_rkl", "objective.sft_coef=0.5", "optim.grad_clip=0"])
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    reference = copy.deepcopy(student)
+    optimizer = torch.optim.SGD(student.parameters(), lr=1.0)
+    metrics = train.train_step(config, student, optimizer, StepBatch(on_policy, signal_, {}, sft_rollout=sft))
+    assert metrics["divergence"] == pytest.approx(0.0, abs=1e-6) and metrics["sft_nll"] > 0
+
+    nll = -token_logprobs(completion_logits(reference, sft), sft.tokens_BT)
+    (0.5 * nll[sft.loss_mask_BT].mean()).backward()
+    for name, param in student.named_parameters():
+        grad = dict(reference.named_parameters())[name].grad
+        torch.testing.assert_close(before[name] - param.detach(), grad, atol=1e-6, rtol=1e-4)
+
+
+def test_sft_stabiliser_in_a_run(tmp_path):
+    config = _config(tmp_path, "objective.type=sampled_rkl", "objective.sft_coef=0.5", "train.steps=3",
+                     "data.completions=teacher")  # fmt: skip
+    train.run(config, show_progress=False)
+    rows = _metrics(tmp_path / "run")
+    assert all(r["sft_nll"] > 0 for r in rows) and rows[-1]["teacher_generated_tokens"] > 0
+    assert all(r["student_train_tokens"] > r["student_sampled_tokens"] for r in rows[:1])

@@ -102,6 +102,7 @@ class ObjectiveConfig:
     pg_clip: float = 0.0  # sampled_rkl: PPO clip ε (0 = plain importance sampling), e.g. 0.2
     pg_clip_high: float = 0.0  # sampled_rkl: upper ε if different from pg_clip (0 = same)
     dual_clip: float = 0.0  # with pg_clip: cap negative-advantage token losses at c·|A| (0 = off), e.g. 3
+    sft_coef: float = 0.0  # SFT-stabiliser: add coef x CE on data.completions of the same prompts (§5.5)
     aggregation: Aggregation = "token-mean"  # per-token losses -> one number: see docs/objectives.md
     aggregation_constant: float = 1.0  # divisor of aggregation=constant
 
@@ -119,6 +120,10 @@ class ObjectiveConfig:
         if self.baseline == "vopd" and (self.type != "sampled_rkl" or self.discount > 0):
             raise UserError(
                 "objective.baseline=vopd applies to objective.type=sampled_rkl with objective.discount=0."
+            )
+        if self.sft_coef < 0 or (self.sft_coef and self.type == "sft"):
+            raise UserError(
+                "objective.sft_coef must be >= 0 and is a term added to a distillation objective."
             )
         if self.aggregation_constant <= 0:
             raise UserError("objective.aggregation_constant must be above 0.")

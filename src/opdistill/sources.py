@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,11 +28,21 @@ from opdistill.errors import UserError
 from opdistill.evaluate import sample_completions
 from opdistill.rollout import generate
 from opdistill.tasks import Task
-from opdistill.types import Rollout
+from opdistill.types import Rollout, TeacherSignal
+
+
+@dataclass
+class StepBatch:
+    rollout: Rollout  # what the objective trains on
+    signal: TeacherSignal | None  # the teacher's scores of it (None for SFT)
+    metrics: dict[str, float]  # lengths, token counters, the GKD coin
+    sft_rollout: Rollout | None = (
+        None  # off-policy completions for the SFT-stabiliser term (objective.sft_coef)
+    )
 
 
 def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: Path, state: dict) -> Callable:
-    """step -> (rollout, teacher signal or None, metrics): where this run's completions come from."""
+    """step -> StepBatch: where this run's completions come from."""
     prompts_per_step, roll, data = config.train.prompts_per_step, config.rollout, config.data
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
 
@@ -78,7 +89,10 @@ def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: P
 
     # completions that are not the student's own: SFT targets, and GKD's off-policy batches (λ < 1)
     stream = task.train
-    if data.completions == "teacher_pool":
+    uses_off_policy = (
+        config.objective.type == "sft" or roll.on_policy_fraction < 1 or config.objective.sft_coef > 0
+    )
+    if data.completions == "teacher_pool" and uses_off_policy:
         stream = teacher_pool(config, task, tokenizer, teacher, out, state)
 
     def off_policy(step: int) -> tuple[Rollout, dict[str, float]]:
@@ -88,20 +102,24 @@ def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: P
 
     if config.objective.type == "sft":
 
-        def sft(step: int):
+        def sft(step: int) -> StepBatch:
             rollout, metrics = off_policy(step)
-            return rollout, None, metrics
+            return StepBatch(rollout, None, metrics)
 
         return sft
 
-    def distill(step: int):
+    def distill(step: int) -> StepBatch:
         # GKD data mixing: one coin per step, a function of (seed, step) so resume replays it
         coin = random.Random(f"gkd-{config.train.seed}-{step}").random()
         on = roll.on_policy_fraction >= 1 or coin < roll.on_policy_fraction
         rollout, metrics = on_policy(step) if on else off_policy(step)
         metrics["on_policy"] = float(on)
         metrics["teacher_scored_tokens"] = int(rollout.attention_mask.sum())
-        return rollout, teacher.score(rollout, config.objective.teacher_signal), metrics
+        batch = StepBatch(rollout, teacher.score(rollout, config.objective.teacher_signal), metrics)
+        if config.objective.sft_coef > 0:  # the same prompts, with dataset or teacher completions
+            batch.sft_rollout, sft_metrics = off_policy(step)
+            metrics["teacher_generated_tokens"] = sft_metrics.get("teacher_generated_tokens", 0)
+        return batch
 
     return distill
 

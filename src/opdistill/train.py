@@ -123,8 +123,9 @@ def run(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                rollout, signal_, batch_metrics = make_batch(step)
-                metrics = train_step(config, student, optimizer, rollout, signal_)
+                batch = make_batch(step)
+                metrics = train_step(config, student, optimizer, batch)
+                batch_metrics = batch.metrics
                 finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
                 state["bad_steps"] = 0 if finite else state["bad_steps"] + 1  # a bad step was skipped
 
@@ -165,33 +166,33 @@ def run(
     return {"out": str(out), "complete": True, "steps": state["step"], "final_eval": last_eval, **state}
 
 
-def train_step(config: Config, student, optimizer, rollout: Rollout, signal_: TeacherSignal | None) -> dict:
-    """Loss and backward over micro-batches, normalised by the whole step's counts (so micro-batching does not
-    change the update), then clip and AdamW. A non-finite loss or gradient skips the update; the returned
-    metrics say so."""
-    rows = rollout.tokens_BT.shape[0]
-    micro = config.train.micro_batch_size or rows
-    tokens = float(rollout.loss_mask_BT.sum())
-    objective = config.objective
-    normalizer = losses.Normalizer(objective.aggregation, tokens, float(rows), objective.aggregation_constant)
-    totals: dict[str, float] = {"loss": 0.0}
+def train_step(config: Config, student, optimizer, batch: sources.StepBatch) -> dict:
+    """Backward over micro-batches, each loss normalised by the whole step's counts (so micro-batching does not
+    change the update), plus the optional SFT-stabiliser term; then clip and AdamW. A non-finite loss or
+    gradient skips the update; the returned metrics say so."""
+    objective, rollout, signal_ = config.objective, batch.rollout, batch.signal
     optimizer.zero_grad(set_to_none=True)
-    for start in range(0, rows, micro):
-        part = slice(start, start + micro)
-        mb = rollout.select(part)
-        signal_mb = None if signal_ is None else signal_.select(part)
-        per_token_BT, metrics = objective_loss(config, student, mb, signal_mb)
-        loss = normalizer(per_token_BT, mb.loss_mask_BT)
-        loss.backward()
-        totals["loss"] += float(loss.detach())
-        share = float(mb.loss_mask_BT.sum()) / max(tokens, 1.0)  # metrics are token-weighted means
-        for key, value in metrics.items():
-            if key.endswith("_min"):
-                totals[key] = min(totals.get(key, value), value)
-            elif key.endswith("_max"):
-                totals[key] = max(totals.get(key, value), value)
-            else:
-                totals[key] = totals.get(key, 0.0) + share * value
+    tokens, rows = float(rollout.loss_mask_BT.sum()), rollout.tokens_BT.shape[0]
+    normalizer = losses.Normalizer(objective.aggregation, tokens, float(rows), objective.aggregation_constant)
+    totals = _backward(
+        config, rollout, normalizer,
+        lambda mb, part: objective_loss(config, student, mb, None if signal_ is None else signal_.select(part)),
+    )  # fmt: skip
+    trained_tokens = int(rollout.attention_mask.sum())
+    if batch.sft_rollout is not None:  # the SFT-stabiliser (ALGORITHMS §5.5): token-mean CE on its own batch
+        sft = batch.sft_rollout
+        sft_normalizer = losses.Normalizer(
+            "token-mean", float(sft.loss_mask_BT.sum()), float(len(sft.tokens_BT))
+        )
+
+        def sft_loss(mb: Rollout, _part: slice):
+            nll_BT = -losses.token_logprobs(completion_logits(student, mb), mb.tokens_BT)
+            return objective.sft_coef * nll_BT, {"sft_nll": losses.masked_mean(nll_BT, mb.loss_mask_BT)}
+
+        sft_totals = _backward(config, sft, sft_normalizer, sft_loss)
+        totals["loss"] += sft_totals.pop("loss")
+        totals.update(sft_totals)
+        trained_tokens += int(sft.attention_mask.sum())
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
     grad_norm = float(total_norm)
@@ -204,11 +205,39 @@ def train_step(config: Config, student, optimizer, rollout: Rollout, signal_: Te
         **totals,
         "grad_norm": grad_norm,
         "loss_tokens": int(tokens),
-        "student_train_tokens": int(rollout.attention_mask.sum()),
+        "student_train_tokens": trained_tokens,
     }
 
 
-def objective_loss(config: Config, student, rollout: Rollout, signal_: TeacherSignal | None):
+def _backward(
+    config: Config, rollout: Rollout, normalizer: losses.Normalizer, per_token_loss
+) -> dict[str, float]:
+    """Accumulate gradients of ``normalizer(per_token_loss(micro_batch))`` over micro-batches; returns the summed
+    loss and token-weighted metrics (min/max for ``*_min``/``*_max``)."""
+    rows = rollout.tokens_BT.shape[0]
+    micro = config.train.micro_batch_size or rows
+    tokens = max(float(rollout.loss_mask_BT.sum()), 1.0)
+    totals: dict[str, float] = {"loss": 0.0}
+    for start in range(0, rows, micro):
+        part = slice(start, start + micro)
+        mb = rollout.select(part)
+        per_token_BT, metrics = per_token_loss(mb, part)
+        loss = normalizer(per_token_BT, mb.loss_mask_BT)
+        loss.backward()
+        totals["loss"] += float(loss.detach())
+        share = float(mb.loss_mask_BT.sum()) / tokens
+        for key, value in metrics.items():
+            if key.endswith(("_min", "_max")):
+                pick = min if key.endswith("_min") else max
+                totals[key] = pick(totals[key], value) if key in totals else value
+            else:
+                totals[key] = totals.get(key, 0.0) + share * value
+    return totals
+
+
+def objective_loss(
+    config: Config, student, rollout: Rollout, signal_: TeacherSignal | None
+) -> tuple[torch.Tensor, dict[str, float]]:
     """(per-token loss [B, T], metrics) of the configured objective on one micro-batch: the only place the loop
     touches the math core."""
     objective = config.objective
