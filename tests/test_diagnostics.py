@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from opdistill.diagnostics import mean_entropy, pass_at_k
+from opdistill.diagnostics import high_entropy_rate, log_ratio_stats, pass_at_k, token_entropy
 
 
 @pytest.mark.parametrize("n,c,k", [(10, 3, 1), (10, 3, 4), (16, 0, 4), (16, 16, 16), (20, 5, 16), (7, 2, 7)])
@@ -29,9 +29,22 @@ def test_pass_at_k_rejects_impossible_counts():
         pass_at_k(4, 1, 5)
 
 
-def test_mean_entropy_of_known_distributions():
+def test_token_entropy_and_high_entropy_rate_of_known_distributions():
     uniform = torch.zeros(1, 1, 8)
-    one_hot = torch.tensor([[[0.0, -1e9, -1e9]]])
-    logits = torch.cat([uniform, torch.nn.functional.pad(one_hot, (0, 5), value=-1e9)], dim=1)
-    assert mean_entropy(logits, torch.tensor([[1, 0]]).bool()) == pytest.approx(math.log(8))
-    assert mean_entropy(logits, torch.tensor([[1, 1]]).bool()) == pytest.approx(math.log(8) / 2)
+    one_hot = torch.nn.functional.pad(torch.tensor([[[0.0, -1e9, -1e9]]]), (0, 5), value=-1e9)
+    entropy = token_entropy(torch.cat([uniform, one_hot], dim=1))
+    torch.testing.assert_close(entropy, torch.tensor([[math.log(8), 0.0]]))
+    mask = torch.tensor([[1, 1]]).bool()
+    assert high_entropy_rate(entropy, mask) == 0.5  # log 8 = 2.08 nats > 0.8; the one-hot token is below
+    assert high_entropy_rate(entropy, mask, threshold=3.0) == 0.0
+    assert high_entropy_rate(entropy, torch.tensor([[1, 0]]).bool()) == 1.0
+
+
+def test_log_ratio_stats_by_hand():
+    log_ratio = torch.tensor([[0.5, -1.0, 2.0], [-0.5, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]]).bool()
+    stats = log_ratio_stats(log_ratio, mask)
+    assert stats["teacher_kl"] == pytest.approx((0.5 - 1.0 + 2.0 - 0.5) / 4)
+    assert stats["abs_log_ratio"] == pytest.approx((0.5 + 1.0 + 2.0 + 0.5) / 4)
+    assert stats["positive_log_ratio_frac"] == pytest.approx(0.5)
+    assert log_ratio_stats(log_ratio, torch.zeros(2, 3).bool())["teacher_kl"] == 0.0

@@ -52,8 +52,10 @@ def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_pa
     config = _config(tmp_path, *f"objective.type={objective}".split(), "train.steps=30", "train.prompts_per_step=16",
                      "optim.lr=1e-2", "optim.warmup_steps=3")  # fmt: skip
     result = train.run(config, show_progress=False)
-    values = [r[target] for r in _metrics(tmp_path / "run")]
+    rows = _metrics(tmp_path / "run")
+    values = [r[target] for r in rows]
     assert result["complete"] and len(values) == 30
+    assert {"abs_log_ratio", "positive_log_ratio_frac", "high_entropy_rate", "entropy", "grad_norm"} <= set(rows[0])
     assert sum(values[-5:]) / 5 < 0.85 * sum(values[:3]) / 3, values
     assert (tmp_path / "run" / "config.yaml").is_file() and (
         tmp_path / "run" / "final" / "model.safetensors"

@@ -1,4 +1,4 @@
-"""Pure diagnostics (ALGORITHMS.md §13): entropies, pass@k. Tensors and numbers in, numbers out."""
+"""Pure diagnostics (ALGORITHMS.md §13): entropies, log-ratio health, pass@k. Tensors in, numbers out."""
 
 from __future__ import annotations
 
@@ -9,12 +9,32 @@ import torch
 from opdistill.losses import at_least_fp32
 
 
-def mean_entropy(logits_BTV: torch.Tensor, mask_BT: torch.Tensor) -> float:
-    """Mean over masked positions of H(softmax(logits)) in nats."""
+def token_entropy(logits_BTV: torch.Tensor) -> torch.Tensor:
+    """H(softmax(logits)) in nats at every position, detached: [B, T]."""
     logp_BTV = torch.log_softmax(at_least_fp32(logits_BTV.detach()), dim=-1)
-    entropy_BT = -(logp_BTV.exp() * logp_BTV).nan_to_num().sum(-1)
-    mask_BT = mask_BT.float()
-    return float((entropy_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1))
+    return -(logp_BTV.exp() * logp_BTV).nan_to_num().sum(-1)
+
+
+def high_entropy_rate(entropy_BT: torch.Tensor, mask_BT: torch.Tensor, threshold: float = 0.8) -> float:
+    """Fraction of masked tokens whose entropy exceeds ``threshold`` nats (ALGORITHMS.md §13.1; 0.8 = EOPD's
+    gate). Vanilla OPD was reported to keep 6.8% such tokens against the teacher's 18.5%."""
+    mask_BT = mask_BT.bool()
+    return float((entropy_BT[mask_BT] > threshold).float().mean()) if mask_BT.any() else 0.0
+
+
+def log_ratio_stats(log_ratio_BT: torch.Tensor, mask_BT: torch.Tensor) -> dict[str, float]:
+    """Training-health numbers of the sampled log-ratio ℓ = log p_S(y) - log p_T(y) (ALGORITHMS.md §13.6):
+    ``teacher_kl`` = mean ℓ (the sampled reverse-KL estimate), ``abs_log_ratio`` = mean |ℓ|, and
+    ``positive_log_ratio_frac`` = share of tokens with ℓ > 0 (negative reward; Fu et al.'s sign imbalance)."""
+    mask_BT = mask_BT.bool()
+    if not mask_BT.any():
+        return {"teacher_kl": 0.0, "abs_log_ratio": 0.0, "positive_log_ratio_frac": 0.0}
+    values = log_ratio_BT.detach()[mask_BT].float()
+    return {
+        "teacher_kl": float(values.mean()),
+        "abs_log_ratio": float(values.abs().mean()),
+        "positive_log_ratio_frac": float((values > 0).float().mean()),
+    }
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from opdistill import losses, sources
+from opdistill import diagnostics, losses, sources
 from opdistill.checkpoint import latest_checkpoint, load_state, save_checkpoint, truncate_jsonl
 from opdistill.config import Config, ModelSpec, save_config
-from opdistill.diagnostics import mean_entropy
 from opdistill.errors import UserError
 from opdistill.evaluate import evaluate
 from opdistill.models import check_same_tokenizer, completion_logits, load_model, save_model
@@ -244,14 +243,17 @@ def objective_loss(
     mask_BT = rollout.loss_mask_BT
     logits_BTV = completion_logits(student, rollout)  # [B, T, V], with grad
     logp_BT = losses.token_logprobs(logits_BTV, rollout.tokens_BT)
-    metrics = {"entropy": mean_entropy(logits_BTV, mask_BT)}
+    entropy_BT = diagnostics.token_entropy(logits_BTV)
+    metrics = {
+        "entropy": losses.masked_mean(entropy_BT, mask_BT),
+        "high_entropy_rate": diagnostics.high_entropy_rate(entropy_BT, mask_BT),
+    }
     if objective.type == "sft":
         return -logp_BT, {**metrics, "nll": losses.masked_mean(-logp_BT, mask_BT)}
     assert signal_ is not None
     teacher_logp_BT = signal_.token_logp_BT
-    metrics["teacher_kl"] = losses.masked_mean(
-        logp_BT - teacher_logp_BT, mask_BT
-    )  # sampled reverse-KL estimate
+    # teacher_kl (the sampled reverse-KL estimate), mean |log-ratio|, share of negative-reward tokens
+    metrics.update(diagnostics.log_ratio_stats(logp_BT - teacher_logp_BT, mask_BT))
     if objective.direct_beta is not None:
         assert signal_.logp_BTV is not None
         divergence_BT = losses.generalized_jsd(
