@@ -55,7 +55,9 @@ def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_pa
     rows = _metrics(tmp_path / "run")
     values = [r[target] for r in rows]
     assert result["complete"] and len(values) == 30
-    assert {"abs_log_ratio", "positive_log_ratio_frac", "high_entropy_rate", "entropy", "grad_norm"} <= set(rows[0])
+    assert {"abs_log_ratio", "positive_log_ratio_frac", "high_entropy_rate", "entropy", "grad_norm"} <= set(
+        rows[0]
+    )
     assert sum(values[-5:]) / 5 < 0.85 * sum(values[:3]) / 3, values
     assert (tmp_path / "run" / "config.yaml").is_file() and (
         tmp_path / "run" / "final" / "model.safetensors"

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from opdistill.data import Example, encode_prompts, left_pad
+from opdistill.data import Example, encode_prompts
 from opdistill.diagnostics import pass_at_k
-from opdistill.rollout import generate
+from opdistill.rollout import sample_prompts
 from opdistill.tasks import Verifier
 
 
@@ -32,28 +32,16 @@ def sample_completions(
     batch_size: int = 512,
 ) -> list[str]:
     """``n`` completions per example (grouped per example), in batches of prompts."""
-    was_training = model.training
-    model.eval()
     generator = torch.Generator().manual_seed(seed)
-    prompts = encode_prompts(tokenizer, examples)
-    repeated = [p for p in prompts for _ in range(n)]
+    repeated = [p for p in encode_prompts(tokenizer, examples) for _ in range(n)]
     texts: list[str] = []
     for start in range(0, len(repeated), batch_size):
-        ids_BP, mask_BP = left_pad(repeated[start : start + batch_size], tokenizer.pad_token_id)
-        rollout = generate(
-            model,
-            ids_BP,
-            mask_BP,
-            max_new_tokens=max_new_tokens,
-            eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id,
-            temperature=temperature,
-            top_p=top_p,
-            generator=generator,
-        )
+        rollout = sample_prompts(
+            model, tokenizer, repeated[start : start + batch_size], max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, generator=generator,
+        )  # fmt: skip
         keep_BT = rollout.loss_mask_BT & (rollout.tokens_BT != tokenizer.eos_token_id)
         texts.extend(decode_completions(tokenizer, rollout.tokens_BT, keep_BT))
-    model.train(was_training)
     return texts
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from opdistill.data import left_pad
 from opdistill.types import Rollout
 
 
@@ -87,3 +88,26 @@ def generate(
         sampler_logp_BT=torch.stack(logps, dim=1).float(),
         truncated_B=~is_eos_BT.any(1),
     )
+
+
+def sample_prompts(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Left-pad token-id prompts and ``generate`` with the model in eval mode (its mode is restored after)."""
+    ids_BP, mask_BP = left_pad(prompt_ids, tokenizer.pad_token_id)
+    was_training = model.training
+    model.eval()
+    try:
+        return generate(
+            model, ids_BP, mask_BP, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, generator=generator,
+        )  # fmt: skip
+    finally:
+        model.train(was_training)

@@ -26,7 +26,7 @@ from opdistill.data import (
 )
 from opdistill.errors import UserError
 from opdistill.evaluate import sample_completions
-from opdistill.rollout import generate
+from opdistill.rollout import sample_prompts
 from opdistill.tasks import Task
 from opdistill.types import Rollout, TeacherSignal
 
@@ -44,19 +44,18 @@ class StepBatch:
 def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: Path, state: dict) -> Callable:
     """step -> StepBatch: where this run's completions come from."""
     prompts_per_step, roll, data = config.train.prompts_per_step, config.rollout, config.data
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
 
     def sampled(model, examples: list[Example], temperature: float, repeats: int) -> Rollout:
         prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(repeats)]
-        ids_BP, mask_BP = left_pad(prompts, pad)
-        model_was_training = model.training
-        model.eval()
-        rollout = generate(
-            model, ids_BP, mask_BP, max_new_tokens=roll.max_new_tokens, eos_id=eos, pad_id=pad,
-            temperature=temperature, top_p=roll.top_p,
-        )  # fmt: skip
-        model.train(model_was_training)
-        return rollout
+        return sample_prompts(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=roll.max_new_tokens,
+            temperature=temperature,
+            top_p=roll.top_p,
+        )
 
     def on_policy(step: int) -> tuple[Rollout, dict[str, float]]:
         rollout = sampled(
