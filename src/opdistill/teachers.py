@@ -6,7 +6,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from opdistill.losses import token_logprobs
+from opdistill.losses import at_least_fp32, token_logprobs
 from opdistill.models import completion_logits
 from opdistill.types import Rollout, TeacherSignal
 
@@ -25,7 +25,13 @@ class LocalTeacher:
 
     @torch.inference_mode()
     def score(self, rollout: Rollout, level: SignalLevel) -> TeacherSignal:
-        logits_BTV = completion_logits(self.model, rollout).float()
-        token_logp_BT = token_logprobs(logits_BTV, rollout.tokens_BT) * rollout.loss_mask_BT
-        full = torch.log_softmax(logits_BTV, dim=-1) if level == "full" else None
-        return TeacherSignal(token_logp_BT=token_logp_BT, logp_BTV=full)
+        logits_BTV = completion_logits(self.model, rollout)
+        if level == "sampled":  # L0: never keep a [B, T, V] tensor
+            return TeacherSignal(
+                token_logp_BT=token_logprobs(logits_BTV, rollout.tokens_BT) * rollout.loss_mask_BT
+            )
+        logp_BTV = torch.log_softmax(at_least_fp32(logits_BTV), dim=-1)
+        token_logp_BT = (
+            logp_BTV.gather(-1, rollout.tokens_BT.unsqueeze(-1)).squeeze(-1) * rollout.loss_mask_BT
+        )
+        return TeacherSignal(token_logp_BT=token_logp_BT, logp_BTV=logp_BTV)

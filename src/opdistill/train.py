@@ -60,7 +60,6 @@ def run(
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     task = task_from_config(config.data, config.train.seed)
-    corpus = corpus_text(task)
     state = {"step": 0, "elapsed_s": 0.0, "bad_steps": 0, **dict.fromkeys(COUNTERS, 0)}
     student_spec = config.student
     if resume:
@@ -76,13 +75,15 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
 
+    # a fresh model gets a character tokenizer over the task's text (read only when one is built)
+    corpus = () if student_spec.path else corpus_text(task)
     student, tokenizer = load_model(student_spec, corpus, config.train.seed)
     student.train()
     teacher = None
     if distill or config.data.completions != "dataset":
         if not config.teacher.path:
             raise UserError("this run needs a trained teacher: set teacher.path to its model directory.")
-        teacher_model, teacher_tokenizer = load_model(config.teacher, corpus, config.train.seed + 1)
+        teacher_model, teacher_tokenizer = load_model(config.teacher)
         check_same_tokenizer(tokenizer, teacher_tokenizer)
         teacher = LocalTeacher(teacher_model)
     make_batch = sources.batch_source(config, task, tokenizer, student, teacher, out, state)
