@@ -91,3 +91,9 @@ def test_sampled_estimators_refuse_off_policy_batches():
 )
 def test_teacher_is_asked_only_for_the_signal_the_objective_needs(overrides, signal):
     assert load_config(None, overrides).objective.teacher_signal == signal
+
+
+def test_token_clip_applies_to_full_vocabulary_objectives_only():
+    with pytest.raises(UserError, match="token_clip must be >= 0 and applies to full_rkl"):
+        load_config(None, ["objective.type=sampled_rkl", "objective.token_clip=0.1"])
+    assert load_config(None, ["objective.type=jsd", "objective.token_clip=0.1"]).objective.token_clip == 0.1

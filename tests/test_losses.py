@@ -242,3 +242,21 @@ def test_full_reverse_kl_handles_teacher_zeros_where_student_is_zero():
     loss = SUM(losses.generalized_jsd(logits, teacher, beta=1.0), torch.ones(1, 1))
     loss.backward()
     assert float(loss.detach()) == 0.0 and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_token_clip(soft):
+    divergence = torch.tensor([[0.01, 0.05, 0.5, 2.0]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0]]).bool()
+    clipped, metrics = losses.clip_divergence(divergence, mask, 0.1, soft=soft)
+    clipped.sum().backward()
+    assert divergence.grad is not None
+    assert metrics["token_clip_frac"] == pytest.approx(1 / 3)  # only masked tokens count
+    if soft:  # bounded by c, with a gradient everywhere, and close to D where D << c
+        assert bool((clipped <= 0.1).all()) and bool((divergence.grad[0, :3] > 0).all())
+        assert float(clipped.detach()[0, 0]) == pytest.approx(0.01, rel=1e-2)
+    else:  # D <= c unchanged (gradient 1), D > c clamped (gradient 0)
+        torch.testing.assert_close(
+            clipped.detach(), torch.tensor([[0.01, 0.05, 0.1, 0.1]], dtype=torch.float64)
+        )
+        torch.testing.assert_close(divergence.grad, torch.tensor([[1.0, 1.0, 0.0, 0.0]], dtype=torch.float64))

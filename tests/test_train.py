@@ -46,6 +46,7 @@ def _params(run_dir):
         ("sampled_rkl objective.baseline=vopd", "teacher_kl"),
         ("jsd rollout.on_policy_fraction=0.5", "divergence"),
         ("full_rkl objective.sft_coef=0.3", "divergence"),
+        ("full_fkl objective.token_clip=3 objective.token_clip_soft=true", "divergence"),
     ],
 )
 def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_path, objective, target):

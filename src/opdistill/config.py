@@ -96,6 +96,8 @@ class ObjectiveConfig:
     type: Objective = "full_rkl"  # full_rkl | full_fkl | jsd | sampled_rkl | k2 | sft
     jsd_beta: float = 0.5  # β of type=jsd: 0 = forward KL, 1 = reverse KL (TRL convention)
     temperature: float = 1.0  # loss temperature τ on both student and teacher logits (full-vocabulary types)
+    token_clip: float = 0.0  # full-vocabulary types: clip each token's divergence at c (0 = off), e.g. 0.1
+    token_clip_soft: bool = False  # c·tanh(D/c) instead of min(D, c): bounded, but keeps a gradient
     kl_coef: float = 1.0  # c_KL: scale of the sampled reverse-KL advantage
     discount: float = 0.0  # γ: 0 = per-token (myopic) advantage, 1 = full reward-to-go
     baseline: Literal["none", "vopd"] = "none"  # sampled_rkl: vopd = subtract the exact per-state RKL (§10)
@@ -121,6 +123,8 @@ class ObjectiveConfig:
             raise UserError(
                 "objective.baseline=vopd applies to objective.type=sampled_rkl with objective.discount=0."
             )
+        if self.token_clip < 0 or (self.token_clip and self.direct_beta is None):
+            raise UserError("objective.token_clip must be >= 0 and applies to full_rkl, full_fkl and jsd.")
         if self.sft_coef < 0 or (self.sft_coef and self.type == "sft"):
             raise UserError(
                 "objective.sft_coef must be >= 0 and is a term added to a distillation objective."

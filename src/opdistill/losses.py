@@ -145,6 +145,18 @@ def generalized_jsd(
     return beta * kl_terms(teacher_BTV, mixture_BTV) + (1 - beta) * kl_terms(student_BTV, mixture_BTV)
 
 
+def clip_divergence(
+    divergence_BT: torch.Tensor, mask_BT: torch.Tensor, limit: float, soft: bool = False
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-token clipped divergence (OPSD launchers, Open-OPD; ALGORITHMS.md §6.2): min(D_t, c), so a few
+    high-divergence tokens cannot dominate the gradient; clipped tokens get zero gradient. ``soft``: the [D]
+    variant c·tanh(D/c), bounded by c but with gradient everywhere. Logs ``token_clip_frac`` = share of
+    masked tokens with D_t > c."""
+    clipped_BT = limit * torch.tanh(divergence_BT / limit) if soft else divergence_BT.clamp(max=limit)
+    over = divergence_BT.detach()[mask_BT.bool()] > limit
+    return clipped_BT, {"token_clip_frac": float(over.float().mean()) if over.numel() else 0.0}
+
+
 @dataclass(frozen=True)
 class Normalizer:
     """How a step's per-token losses become one number (ALGORITHMS.md §1.5), from the step's global counts

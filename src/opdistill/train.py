@@ -260,7 +260,13 @@ def objective_loss(
         divergence_BT = losses.generalized_jsd(
             logits_BTV, signal_.logp_BTV, objective.direct_beta, objective.temperature
         )
-        return divergence_BT, {**metrics, "divergence": losses.masked_mean(divergence_BT, mask_BT)}
+        metrics["divergence"] = losses.masked_mean(divergence_BT, mask_BT)  # before any clipping
+        if objective.token_clip:
+            divergence_BT, clip_metrics = losses.clip_divergence(
+                divergence_BT, mask_BT, objective.token_clip, objective.token_clip_soft
+            )
+            metrics.update(clip_metrics)
+        return divergence_BT, metrics
     if objective.type == "k2":
         return losses.k2_per_token(logp_BT, teacher_logp_BT), metrics
     # the reward uses the trainer's (detached) log-prob: equal to the sampler's at temperature 1, and still the
