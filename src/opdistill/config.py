@@ -288,11 +288,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 
 def describe() -> str:
     """Every config key with its default and the comment beside its declaration (for ``--help``)."""
-    lines = []
+    lines, defaults, hints = [], Config(), typing.get_type_hints(Config)
     for section in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[section.name]
+        cls = hints[section.name]
         comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M))
-        default = getattr(Config(), section.name)
+        default = getattr(defaults, section.name)
         for f in dataclasses.fields(cls):
             value = getattr(default, f.name)
             lines.append(f"  {section.name}.{f.name}={value!r}  {comments.get(f.name, '')}".rstrip())

@@ -116,8 +116,10 @@ def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: P
         metrics["teacher_scored_tokens"] = int(rollout.attention_mask.sum())
         batch = StepBatch(rollout, teacher.score(rollout, config.objective.teacher_signal), metrics)
         if config.objective.sft_coef > 0:  # the same prompts, with dataset or teacher completions
-            batch.sft_rollout, sft_metrics = off_policy(step)
-            metrics["teacher_generated_tokens"] = sft_metrics.get("teacher_generated_tokens", 0)
+            # an off-policy step already holds them: reuse rather than generate a second time
+            batch.sft_rollout, sft_metrics = off_policy(step) if on else (rollout, {})
+            for key, value in sft_metrics.items():
+                metrics[key] = metrics.get(key, 0) + value
         return batch
 
     return distill

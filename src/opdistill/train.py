@@ -11,6 +11,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -209,8 +210,11 @@ def train_step(config: Config, student, optimizer, batch: sources.StepBatch) -> 
     }
 
 
+PerTokenLoss = Callable[[Rollout, slice], tuple[torch.Tensor, dict[str, float]]]
+
+
 def _backward(
-    config: Config, rollout: Rollout, normalizer: losses.Normalizer, per_token_loss
+    config: Config, rollout: Rollout, normalizer: losses.Normalizer, per_token_loss: PerTokenLoss
 ) -> dict[str, float]:
     """Accumulate gradients of ``normalizer(per_token_loss(micro_batch))`` over micro-batches; returns the summed
     loss and token-weighted metrics (min/max for ``*_min``/``*_max``)."""
