@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from opdistill.diagnostics import high_entropy_rate, log_ratio_stats, pass_at_k, token_entropy
+from opdistill.diagnostics import high_entropy_rate, log_ratio_stats, pass_at_k, token_entropy, topk_overlap
 
 
 @pytest.mark.parametrize("n,c,k", [(10, 3, 1), (10, 3, 4), (16, 0, 4), (16, 16, 16), (20, 5, 16), (7, 2, 7)])
@@ -48,3 +48,12 @@ def test_log_ratio_stats_by_hand():
     assert stats["abs_log_ratio"] == pytest.approx((0.5 + 1.0 + 2.0 + 0.5) / 4)
     assert stats["positive_log_ratio_frac"] == pytest.approx(0.5)
     assert log_ratio_stats(log_ratio, torch.zeros(2, 3).bool())["teacher_kl"] == 0.0
+
+
+def test_topk_overlap_against_hand_counted_sets():
+    student = torch.tensor([[[1, 2, 3, 4], [5, 6, 7, 8], [0, 1, 2, 3]]])
+    teacher = torch.tensor([[[4, 3, 9, 10], [8, 7, 6, 5], [4, 5, 6, 7]]])
+    overlap = topk_overlap(student, teacher)  # {3, 4} shared; all shared in another order; none shared
+    torch.testing.assert_close(overlap, torch.tensor([[0.5, 1.0, 0.0]]))
+    with pytest.raises(ValueError):
+        topk_overlap(student, teacher[..., :2])

@@ -1,4 +1,7 @@
-"""Pure diagnostics (ALGORITHMS.md §13): entropies, log-ratio health, pass@k. Tensors in, numbers out."""
+"""Pure diagnostics (ALGORITHMS.md §13): entropies, log-ratio health, top-k overlap, pass@k.
+
+Tensors in, numbers (or detached per-token tensors) out.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,17 @@ import math
 
 import torch
 
-from opdistill.losses import at_least_fp32
+from opdistill.losses import at_least_fp32, per_position
+
+
+def _entropy(logits_BTV: torch.Tensor) -> torch.Tensor:
+    logp_BTV = torch.log_softmax(at_least_fp32(logits_BTV), dim=-1)
+    return -(logp_BTV.exp() * logp_BTV).nan_to_num().sum(-1)
 
 
 def token_entropy(logits_BTV: torch.Tensor) -> torch.Tensor:
-    """H(softmax(logits)) in nats at every position, detached: [B, T]."""
-    logp_BTV = torch.log_softmax(at_least_fp32(logits_BTV.detach()), dim=-1)
-    return -(logp_BTV.exp() * logp_BTV).nan_to_num().sum(-1)
+    """H(softmax(logits)) in nats at every position, detached, in chunks of positions: [B, T]."""
+    return per_position(_entropy, logits_BTV.detach())
 
 
 def high_entropy_rate(entropy_BT: torch.Tensor, mask_BT: torch.Tensor, threshold: float = 0.8) -> float:
@@ -45,3 +52,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def topk_overlap(student_ids_BTK: torch.Tensor, teacher_ids_BTK: torch.Tensor) -> torch.Tensor:
+    """overlap@K = |TopK_S ∩ TopK_T| / K at every position (ALGORITHMS.md §8.2, §13.3; Prune-OPD's local
+    compatibility signal, Yang et al. 2026): the share of the student's top-K ids that are also the teacher's.
+    Both id sets are assumed duplicate-free; K is the last dim. Shapes: [B, T, K] int ×2 → [B, T] float."""
+    if student_ids_BTK.shape != teacher_ids_BTK.shape:
+        raise ValueError(
+            f"top-k id shapes differ: {tuple(student_ids_BTK.shape)} vs {tuple(teacher_ids_BTK.shape)}"
+        )
+    shared_BTKK = student_ids_BTK.unsqueeze(-1) == teacher_ids_BTK.unsqueeze(-2)
+    return shared_BTKK.any(-1).sum(-1) / student_ids_BTK.shape[-1]
