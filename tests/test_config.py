@@ -6,6 +6,7 @@ import pytest
 
 from opdistill.config import Config, describe, load_config, save_config
 from opdistill.errors import UserError
+from opdistill.types import SignalRequest
 
 
 def test_defaults_yaml_and_overrides_compose(tmp_path):
@@ -82,15 +83,21 @@ def test_sampled_estimators_refuse_off_policy_batches():
 @pytest.mark.parametrize(
     "overrides,signal",
     [
-        (["objective.type=sampled_rkl"], "sampled"),
-        (["objective.type=k2"], "sampled"),
-        (["objective.type=sampled_rkl", "objective.baseline=vopd"], "full"),
-        (["objective.type=full_rkl"], "full"),
-        (["objective.type=jsd"], "full"),
+        (["objective.type=sampled_rkl"], SignalRequest()),
+        (["objective.type=k2"], SignalRequest()),
+        (["objective.type=sampled_rkl", "objective.baseline=vopd"], SignalRequest(full=True)),
+        (["objective.type=sampled_rkl", "objective.baseline=vopd", "objective.baseline_topk=8"],
+         SignalRequest(at_ids=True)),
+        (["objective.type=full_rkl"], SignalRequest(full=True)),
+        (["objective.type=jsd"], SignalRequest(full=True)),
+        (["objective.type=topk_rkl", "objective.topk=4"], SignalRequest(at_ids=True)),
+        (["objective.type=topk_rkl", "objective.topk_support=teacher"], SignalRequest(topk=16)),
+        (["objective.type=topk_rkl", "objective.topk_support=intersect"], SignalRequest(topk=16)),
+        (["objective.type=topk_rkl", "objective.topk_support=union"], SignalRequest(topk=16, at_ids=True)),
     ],
-)
+)  # fmt: skip
 def test_teacher_is_asked_only_for_the_signal_the_objective_needs(overrides, signal):
-    assert load_config(None, overrides).objective.teacher_signal == signal
+    assert load_config(None, overrides).objective.teacher_request == signal
 
 
 def test_token_clip_applies_to_full_vocabulary_objectives_only():

@@ -10,7 +10,7 @@ from opdistill.data import Example, encode_completion, encode_prompts, left_pad,
 from opdistill.errors import UserError
 from opdistill.losses import token_logprobs
 from opdistill.models import char_tokenizer, check_same_tokenizer, completion_logits, load_model, save_model
-from opdistill.types import Rollout
+from opdistill.types import Rollout, SignalRequest
 
 
 def test_char_tokenizer_round_trip_and_chat_template(tokenizer):
@@ -63,20 +63,26 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
         load_model(ModelSpec(path=str(tmp_path / "nope")))
 
 
-def test_local_teacher_sends_full_log_probs_only_when_asked(make_model, tokenizer):
+def test_local_teacher_sends_each_signal_level_only_when_asked(make_model, tokenizer):
     from opdistill.teachers import LocalTeacher
 
     teacher = LocalTeacher(make_model(seed=4))
     ids_BP, mask_BP = left_pad([[1, 5, 6]], tokenizer.pad_token_id)
     tokens_BT, loss_mask_BT = right_pad([[7, 8, tokenizer.eos_token_id]], tokenizer.pad_token_id)
     rollout = Rollout(ids_BP, mask_BP, tokens_BT, loss_mask_BT, torch.zeros(1, 3), torch.zeros(1).bool())
-    sampled = teacher.score(rollout, "sampled")
-    full = teacher.score(rollout, "full")
-    assert (
-        sampled.logp_BTV is None
-        and full.logp_BTV is not None
-        and full.logp_BTV.shape == (1, 3, len(tokenizer))
+    sampled = teacher.score(rollout, SignalRequest())
+    assert all(getattr(sampled, name) is None for name in ("topk_ids_BTK", "given_ids_BTK", "logits_BTV"))
+    asked_ids_BTK = torch.tensor([[[3, 4], [5, 6], [7, 8]]])
+    signal = teacher.score(
+        rollout, SignalRequest(topk=4, at_ids=True, full=True, entropy=True), asked_ids_BTK
     )
-    torch.testing.assert_close(
-        full.logp_BTV.gather(-1, tokens_BT[..., None]).squeeze(-1), sampled.token_logp_BT
-    )
+    assert signal.logits_BTV is not None and signal.logits_BTV.shape == (1, 3, len(tokenizer))
+    logp_BTV = signal.logits_BTV.log_softmax(-1)
+    torch.testing.assert_close(logp_BTV.gather(-1, tokens_BT[..., None]).squeeze(-1), sampled.token_logp_BT)
+    top_BTK = logp_BTV.topk(4, dim=-1)  # L1: the teacher's own top-K, most likely first
+    assert signal.topk_ids_BTK is not None and signal.topk_logp_BTK is not None
+    assert torch.equal(signal.topk_ids_BTK, top_BTK.indices)
+    torch.testing.assert_close(signal.topk_logp_BTK, top_BTK.values)
+    assert signal.given_logp_BTK is not None and signal.entropy_BT is not None  # L1s and the entropy
+    torch.testing.assert_close(signal.given_logp_BTK, logp_BTV.gather(-1, asked_ids_BTK))
+    torch.testing.assert_close(signal.entropy_BT, -(logp_BTV.exp() * logp_BTV).sum(-1))

@@ -47,6 +47,17 @@ def _params(run_dir):
         ("jsd rollout.on_policy_fraction=0.5", "divergence"),
         ("full_rkl objective.sft_coef=0.3", "divergence"),
         ("full_fkl objective.token_clip=3 objective.token_clip_soft=true", "divergence"),
+        ("topk_rkl objective.topk=4", "divergence"),
+        (
+            "topk_rkl objective.topk=4 objective.topk_variant=renorm objective.topk_support=teacher",
+            "divergence",
+        ),
+        ("topk_rkl objective.topk=3 objective.topk_variant=tail objective.topk_support=union", "divergence"),
+        (
+            "topk_rkl objective.topk=4 objective.topk_variant=pg objective.topk_support=intersect",
+            "divergence",
+        ),
+        ("sampled_rkl objective.baseline=vopd objective.baseline_topk=4", "teacher_kl"),
     ],
 )
 def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_path, objective, target):
@@ -159,7 +170,7 @@ def test_sft_stabiliser_adds_coef_times_token_mean_cross_entropy(make_model, tok
     from opdistill.models import completion_logits
     from opdistill.sources import StepBatch
     from opdistill.teachers import LocalTeacher
-    from opdistill.types import Rollout
+    from opdistill.types import Rollout, SignalRequest
 
     def rollout(prompts, completions):
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
@@ -171,7 +182,7 @@ def test_sft_stabiliser_adds_coef_times_token_mean_cross_entropy(make_model, tok
     student = make_model(seed=5, preset="d16l1").float().train()
     on_policy = rollout([[1, 5, 6], [1, 7]], [[8, 9, 2], [10, 2]])
     sft = rollout([[1, 5, 6], [1, 7]], [[11, 12, 13, 2], [14, 2]])
-    signal_ = LocalTeacher(copy.deepcopy(student)).score(on_policy, "full")
+    signal_ = LocalTeacher(copy.deepcopy(student)).score(on_policy, SignalRequest(full=True))
     config = load_config(None, ["objective.type=full_rkl", "objective.sft_coef=0.5", "optim.grad_clip=0"])
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     reference = copy.deepcopy(student)

@@ -12,6 +12,7 @@ import inspect
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from typing import Any, Literal
 import yaml
 
 from opdistill.errors import UserError
+from opdistill.losses import TopKVariant
+from opdistill.types import SignalRequest
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ def parse_preset(preset: str) -> tuple[int, int] | None:
 
 
 SftTargets = Literal["dataset", "teacher", "teacher_pool"]
-Objective = Literal["full_rkl", "full_fkl", "jsd", "sampled_rkl", "k2", "sft"]
+Objective = Literal["full_rkl", "full_fkl", "jsd", "topk_rkl", "sampled_rkl", "k2", "sft"]
+TopKSupport = Literal["student", "teacher", "union", "intersect"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "sum", "constant"]
 
 
@@ -89,18 +93,24 @@ class RolloutConfig:
 class ObjectiveConfig:
     # Direct branch, exact over the vocabulary at each sampled state (teacher sends full log-probs):
     #   full_rkl = KL(p_S ‖ p_T) (GKD β = 1), full_fkl = KL(p_T ‖ p_S) (β = 0), jsd = JSD_β (ALGORITHMS §3)
+    # Direct branch on a support of K ids per position (teacher sends top-K or log-probs at the student's ids):
+    #   topk_rkl = reverse KL on the support, variant and support below (§5)
     # Sampled-token, teacher sends only log p_T(y_t) (§2, §1.4):
     #   sampled_rkl = detached advantage -(log p_S - log p_T), importance-sampled or PPO-clipped policy gradient
     #   k2 = ½ (log p_S - log p_T)² back-propagated directly (same per-sample gradient as sampled_rkl)
     # sft = cross-entropy on completions (what `opd sft` runs)
-    type: Objective = "full_rkl"  # full_rkl | full_fkl | jsd | sampled_rkl | k2 | sft
+    type: Objective = "full_rkl"  # full_rkl | full_fkl | jsd | topk_rkl | sampled_rkl | k2 | sft
     jsd_beta: float = 0.5  # β of type=jsd: 0 = forward KL, 1 = reverse KL (TRL convention)
+    topk: int = 16  # K of topk_rkl and of the top-K baseline (ids per position)
+    topk_variant: TopKVariant = "sg"  # topk_rkl: raw (T1, biased) | sg | renorm | tail | pg | fkl, see docs
+    topk_support: TopKSupport = "student"  # topk_rkl ids: student's top-K | teacher's | union | intersect
     temperature: float = 1.0  # loss temperature τ on both student and teacher logits (full-vocabulary types)
     token_clip: float = 0.0  # full-vocabulary types: clip each token's divergence at c (0 = off), e.g. 0.1
     token_clip_soft: bool = False  # c·tanh(D/c) instead of min(D, c): bounded, but keeps a gradient
     kl_coef: float = 1.0  # c_KL: scale of the sampled reverse-KL advantage
     discount: float = 0.0  # γ: 0 = per-token (myopic) advantage, 1 = full reward-to-go
     baseline: Literal["none", "vopd"] = "none"  # sampled_rkl: vopd = subtract the exact per-state RKL (§10)
+    baseline_topk: int = 0  # vopd baseline over the student's top-K, renormalised (0 = full vocabulary)
     pg_clip: float = 0.0  # sampled_rkl: PPO clip ε (0 = plain importance sampling), e.g. 0.2
     pg_clip_high: float = 0.0  # sampled_rkl: upper ε if different from pg_clip (0 = same)
     dual_clip: float = 0.0  # with pg_clip: cap negative-advantage token losses at c·|A| (0 = off), e.g. 3
@@ -123,8 +133,24 @@ class ObjectiveConfig:
             raise UserError(
                 "objective.baseline=vopd applies to objective.type=sampled_rkl with objective.discount=0."
             )
-        if self.token_clip < 0 or (self.token_clip and self.direct_beta is None):
-            raise UserError("objective.token_clip must be >= 0 and applies to full_rkl, full_fkl and jsd.")
+        if self.token_clip < 0 or (self.token_clip and self.direct_beta is None and self.type != "topk_rkl"):
+            raise UserError(
+                "objective.token_clip must be >= 0 and applies to full_rkl, full_fkl, jsd and topk_rkl."
+            )
+        if self.topk < 1 or self.baseline_topk < 0:
+            raise UserError("objective.topk must be at least 1 and objective.baseline_topk at least 0.")
+        if self.type == "topk_rkl" and self.temperature != 1:
+            raise UserError(
+                "objective.temperature applies to full-vocabulary objectives: a top-K teacher signal cannot be "
+                "re-normalised at another temperature. Use full_rkl/jsd, or temperature=1."
+            )
+        single_id = self.topk == 1 and self.topk_support in ("student", "teacher")
+        if self.type == "topk_rkl" and self.topk_variant == "renorm" and single_id:
+            warnings.warn(
+                "objective.topk=1 with topk_variant=renorm: both sides renormalise to 1 on a single id, "
+                "so the loss and its gradient are identically 0. Use K >= 4 (Rethinking OPD §6.3).",
+                stacklevel=2,
+            )
         if self.sft_coef < 0 or (self.sft_coef and self.type == "sft"):
             raise UserError(
                 "objective.sft_coef must be >= 0 and is a term added to a distillation objective."
@@ -138,9 +164,23 @@ class ObjectiveConfig:
         return {"full_rkl": 1.0, "full_fkl": 0.0, "jsd": self.jsd_beta}.get(self.type)
 
     @property
-    def teacher_signal(self) -> Literal["sampled", "full"]:
-        """What the teacher must send (ALGORITHMS §1.3): L0 sampled-token log-probs, or L2 full log-probs."""
-        return "full" if self.direct_beta is not None or self.baseline == "vopd" else "sampled"
+    def teacher_request(self) -> SignalRequest:
+        """What the teacher must send (ALGORITHMS §1.3): L0 always; L2 for full-vocabulary objectives and the
+        exact vOPD baseline; L1 (its top-K) or L1s (at the student's top-K ids) for the top-K ones."""
+        topk = self.type == "topk_rkl"
+        return SignalRequest(
+            topk=self.topk if topk and self.topk_support in ("teacher", "union", "intersect") else 0,
+            at_ids=(topk and self.topk_support in ("student", "union"))
+            or (self.baseline == "vopd" and self.baseline_topk > 0),
+            full=self.direct_beta is not None or (self.baseline == "vopd" and not self.baseline_topk),
+        )
+
+    @property
+    def student_topk(self) -> int:
+        """How many of the student's top ids per position the teacher must score (L1s), 0 for none."""
+        if self.baseline == "vopd" and self.baseline_topk:
+            return self.baseline_topk
+        return self.topk if self.teacher_request.at_ids else 0
 
     @property
     def ppo_clip(self) -> tuple[float, float] | None:

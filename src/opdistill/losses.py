@@ -8,9 +8,19 @@ boolean tensors, log-softmax runs in fp32, and metrics are detached Python float
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Literal
 
 import torch
+
+# Positions per chunk are chosen so a [B, chunk, V] fp32 temporary holds about this many elements (32 MB):
+# at V = 151,936 and B = 1 that is 55 positions, so no [B, T, V] temporary is ever built (DESIGN.md speed rules).
+CHUNK_ELEMENTS = 1 << 23
+TAIL_FLOOR = 1e-12  # [D] tail mass floor: keeps log(tail) finite when K covers (numerically) all the mass
+MASKED = -1e30  # log-prob given to ids outside a support: exp() is 0, yet sums and gradients stay finite
+TopKVariant = Literal["raw", "sg", "renorm", "tail", "pg", "fkl"]
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -18,11 +28,88 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] in fp32 without materialising the [B, T, V] log-softmax."""
+class _PositionChunks(torch.autograd.Function):
+    """Autograd for ``per_position``: the forward keeps no graph; the backward recomputes one chunk at a time
+    and writes its gradient into the logits' gradient, so only one chunk's temporaries are ever alive."""
+
+    @staticmethod
+    def forward(ctx, fn, chunk, logits_BTV, *aux):
+        # aux are constants (possibly inference-mode teacher tensors, which save_for_backward refuses)
+        ctx.fn, ctx.chunk, ctx.aux = fn, chunk, aux
+        ctx.save_for_backward(logits_BTV)
+        return _chunked(fn, chunk, logits_BTV, aux)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (logits_BTV,), aux = ctx.saved_tensors, ctx.aux
+        grad_BTV = torch.zeros_like(logits_BTV)
+        for start in range(0, logits_BTV.shape[1], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            piece = logits_BTV[:, part].detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = ctx.fn(piece, *(a[:, part] for a in aux))
+            if out.requires_grad:
+                grad_BTV[:, part] = torch.autograd.grad(out, piece, grads[0][:, part])[0]
+        return None, None, grad_BTV, *(None for _ in aux)
+
+
+def _chunked(fn, chunk: int, logits_BTV: torch.Tensor, aux) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat(
+            [
+                fn(logits_BTV[:, start : start + chunk], *(a[:, start : start + chunk] for a in aux))
+                for start in range(0, logits_BTV.shape[1], chunk)
+            ],
+            dim=1,
+        )
+
+
+def per_position(
+    fn: Callable[..., torch.Tensor],
+    logits_BTV: torch.Tensor,
+    *aux: torch.Tensor,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """``fn(logits[:, chunk], *aux[:, chunk]) -> [B, chunk]`` over chunks of positions, concatenated to [B, T].
+
+    Value and gradient equal those of ``fn`` on the whole tensor (each position's result depends on that
+    position only), but the [B, chunk, V] temporaries of one chunk are all that is ever alive: the gradient
+    is recomputed chunk by chunk in the backward (DESIGN.md: log-softmax over V in chunks over T). Gradient
+    flows into ``logits_BTV`` only; ``aux`` tensors (teacher logits, ids, masks) are constants.
+    """
+    batch, positions, vocab = logits_BTV.shape
+    chunk = max(1, chunk_elements // max(1, batch * vocab))
+    if chunk >= positions:
+        return fn(logits_BTV, *aux)
+    if not (torch.is_grad_enabled() and logits_BTV.requires_grad):
+        return _chunked(fn, chunk, logits_BTV, aux)
+    return _PositionChunks.apply(fn, chunk, logits_BTV, *aux)  # type: ignore[no-untyped-call]
+
+
+def _token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
     logits_BTV = at_least_fp32(logits_BTV)
     picked_BT = logits_BTV.gather(-1, tokens_BT.unsqueeze(-1)).squeeze(-1)
     return picked_BT - torch.logsumexp(logits_BTV, dim=-1)
+
+
+def token_logprobs(
+    logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """log softmax(logits)[token] in fp32 without materialising the [B, T, V] log-softmax."""
+    return per_position(_token_logprobs, logits_BTV, tokens_BT, chunk_elements=chunk_elements)
+
+
+def topk_logprobs(logits_BTV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K most likely ids per position and their log-probs (fp32), most likely first: [B, T, K] each."""
+    values_BTK, ids_BTK = logits_BTV.topk(k, dim=-1)
+    lse_BT1 = per_position(lambda x: torch.logsumexp(at_least_fp32(x), -1), logits_BTV)[..., None]
+    return ids_BTK, at_least_fp32(values_BTK) - lse_BT1
+
+
+def logprobs_at(logits_BTV: torch.Tensor, ids_BTK: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) at the given ids (ALGORITHMS.md §1.3, L1s): [B, T, K] fp32."""
+    lse_BT1 = per_position(lambda x: torch.logsumexp(at_least_fp32(x), -1), logits_BTV)[..., None]
+    return at_least_fp32(logits_BTV.gather(-1, ids_BTK)) - lse_BT1
 
 
 def discounted_future_sum(values_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -120,21 +207,11 @@ def kl_terms(logp_a_BTV: torch.Tensor, logp_b_BTV: torch.Tensor) -> torch.Tensor
     return (logp_a_BTV.exp() * log_ratio_BTV).sum(-1)
 
 
-def generalized_jsd(
-    student_logits_BTV: torch.Tensor, teacher_logp_BTV: torch.Tensor, beta: float, temperature: float = 1.0
+def _jsd_positions(
+    student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, beta: float, temperature: float
 ) -> torch.Tensor:
-    """Per-position generalized JSD between teacher q and student p over the full vocabulary (GKD, Agarwal
-    et al. 2023; ALGORITHMS.md §3). JSD_β = β KL(q ‖ m) + (1-β) KL(p ‖ m), m = β q + (1-β) p, with TRL's
-    endpoints: β = 0 is exactly the forward KL(q ‖ p), β = 1 exactly the reverse KL(p ‖ q).
-
-    Both sides are divided by the loss temperature τ before the softmax; the teacher may be given as
-    log-probs at τ = 1 (re-normalising logp/τ equals softmax(logits/τ)). Gradient flows into the student
-    only, at fixed states (direct branch). Returns [B, T]. Materialises a few [B, T, V] fp32 temporaries.
-    """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"generalized_jsd needs 0 <= beta <= 1, got {beta}")
     student_BTV = torch.log_softmax(at_least_fp32(student_logits_BTV) / temperature, dim=-1)
-    teacher_BTV = torch.log_softmax(at_least_fp32(teacher_logp_BTV) / temperature, dim=-1)
+    teacher_BTV = torch.log_softmax(at_least_fp32(teacher_logits_BTV) / temperature, dim=-1)
     if beta == 0.0:
         return kl_terms(teacher_BTV, student_BTV)
     if beta == 1.0:
@@ -143,6 +220,144 @@ def generalized_jsd(
         torch.stack([student_BTV + math.log1p(-beta), teacher_BTV + math.log(beta)]), dim=0
     )
     return beta * kl_terms(teacher_BTV, mixture_BTV) + (1 - beta) * kl_terms(student_BTV, mixture_BTV)
+
+
+def generalized_jsd(
+    student_logits_BTV: torch.Tensor,
+    teacher_logits_BTV: torch.Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Per-position generalized JSD between teacher q and student p over the full vocabulary (GKD, Agarwal
+    et al. 2023; ALGORITHMS.md §3). JSD_β = β KL(q ‖ m) + (1-β) KL(p ‖ m), m = β q + (1-β) p, with TRL's
+    endpoints: β = 0 is exactly the forward KL(q ‖ p), β = 1 exactly the reverse KL(p ‖ q).
+
+    Both sides are divided by the loss temperature τ before the softmax; the teacher may be given as logits
+    or as log-probs at τ = 1 (re-normalising logp/τ equals softmax(logits/τ)). Gradient flows into the
+    student only, at fixed states (direct branch). Returns [B, T], computed in chunks of positions.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized_jsd needs 0 <= beta <= 1, got {beta}")
+    return per_position(
+        partial(_jsd_positions, beta=beta, temperature=temperature),
+        student_logits_BTV,
+        teacher_logits_BTV,
+        chunk_elements=chunk_elements,
+    )
+
+
+def support_contains(ids_BTK: torch.Tensor, other_BTJ: torch.Tensor) -> torch.Tensor:
+    """[B, T, K] bool: whether each id of ``ids`` is among ``other``'s ids at the same position."""
+    return (ids_BTK[..., :, None] == other_BTJ[..., None, :]).any(-1)
+
+
+Pair = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
+def topk_support(
+    support: str,
+    teacher_topk: Pair = (None, None),
+    at_student_ids: Pair = (None, None),
+    student_ids_BTK: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, teacher log-probs, valid) of a top-K support (ALGORITHMS.md §5.1-5.2), each [B, T, K'].
+
+    ``teacher_topk``: the teacher's own top-K ids and log-probs (L1); ``at_student_ids``: the student's
+    top-K ids and the teacher's log-probs there (L1s). student = the latter; teacher = the former;
+    union = the teacher's ids then the student's, the duplicates invalid (K' = 2K); intersect = the
+    teacher's ids that are among ``student_ids_BTK`` (T5; the student's side is local, so L1 suffices).
+    """
+    if support in ("teacher", "union", "intersect"):
+        ids_BTK, logp_BTK = teacher_topk
+        if ids_BTK is None or logp_BTK is None:
+            raise ValueError(f"a {support!r} support needs the teacher's top-K (L1)")
+    if support in ("student", "union"):
+        student_ids, student_logp = at_student_ids
+        if student_ids is None or student_logp is None:
+            raise ValueError(f"a {support!r} support needs teacher log-probs at the student's ids (L1s)")
+        if support == "student":
+            return student_ids, student_logp, torch.ones_like(student_ids, dtype=torch.bool)
+        fresh_BTK = ~support_contains(student_ids, ids_BTK)
+        valid_BTK = torch.cat([torch.ones_like(ids_BTK, dtype=torch.bool), fresh_BTK], dim=-1)
+        return torch.cat([ids_BTK, student_ids], -1), torch.cat([logp_BTK, student_logp], -1), valid_BTK
+    if support == "intersect":
+        if student_ids_BTK is None:
+            raise ValueError("an 'intersect' support needs the student's top-K ids")
+        return ids_BTK, logp_BTK, support_contains(ids_BTK, student_ids_BTK)
+    if support == "teacher":
+        return ids_BTK, logp_BTK, torch.ones_like(ids_BTK, dtype=torch.bool)
+    raise ValueError(f"unknown top-K support {support!r}")
+
+
+def _topk_positions(
+    logits_BTV: torch.Tensor,
+    ids_BTK: torch.Tensor,
+    teacher_logp_BTK: torch.Tensor,
+    valid_BTK: torch.Tensor,
+    variant: TopKVariant,
+) -> torch.Tensor:
+    logits_BTV = at_least_fp32(logits_BTV)
+    student_BTK = (logits_BTV.gather(-1, ids_BTK) - logits_BTV.logsumexp(-1, keepdim=True)).masked_fill(
+        ~valid_BTK, MASKED
+    )
+    teacher_BTK = at_least_fp32(teacher_logp_BTK).masked_fill(~valid_BTK, MASKED)
+    p_BTK, log_ratio_BTK = student_BTK.exp(), (student_BTK - teacher_BTK).masked_fill(~valid_BTK, 0.0)
+    if variant == "raw":
+        return (p_BTK * log_ratio_BTK).sum(-1)
+    if variant == "sg":
+        return (p_BTK * log_ratio_BTK.detach()).sum(-1)
+    if variant == "fkl":
+        return (teacher_BTK.exp() * -log_ratio_BTK).sum(-1)
+    if variant == "renorm":
+        s_hat_BTK = student_BTK - student_BTK.logsumexp(-1, keepdim=True)
+        t_hat_BTK = teacher_BTK - teacher_BTK.logsumexp(-1, keepdim=True)
+        return (s_hat_BTK.exp() * (s_hat_BTK - t_hat_BTK).masked_fill(~valid_BTK, 0.0)).sum(-1)
+    if variant == "tail":
+        tail_p_BT = (1 - p_BTK.sum(-1)).clamp(min=TAIL_FLOOR)
+        tail_q_BT = (1 - teacher_BTK.exp().sum(-1)).clamp(min=TAIL_FLOOR)
+        return (p_BTK * log_ratio_BTK).sum(-1) + tail_p_BT * (tail_p_BT.log() - tail_q_BT.log())
+    if variant == "pg":
+        weight_BTK = torch.softmax(student_BTK.detach(), dim=-1)
+        ratio_BTK = torch.exp(student_BTK - student_BTK.detach())
+        return (weight_BTK * log_ratio_BTK.detach() * ratio_BTK).sum(-1)
+    raise ValueError(f"unknown top-K variant {variant!r}")
+
+
+def topk_divergence(
+    student_logits_BTV: torch.Tensor,
+    ids_BTK: torch.Tensor,
+    teacher_logp_BTK: torch.Tensor,
+    variant: TopKVariant,
+    valid_BTK: torch.Tensor | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Reverse KL restricted to a support S of K ids per position (ALGORITHMS.md §5.1), [B, T].
+
+    ``ids`` and the teacher's log-probs at them come from the teacher (L1, its own top-K), from the caller
+    (L1s, e.g. the student's top-K), or both (union); ``valid`` drops slots (duplicates of a union, ids
+    outside an intersection). The student side is computed here from its logits. Variants:
+    raw  T1  Σ_S p ℓ: biased, its gradient adds ∇m_S and pushes mass out of S (I5b; Many Faces);
+    sg   T2  Σ_S p sg(ℓ): the exact reverse-KL gradient restricted to S (I5a), Many Faces' fix;
+    renorm T3/T5  KL(p̂ ‖ q̂) with both renormalised on S (LSM, Fu et al.; I16a); on the intersection of
+             the two top-K sets it is T5 (sg on log p̂ changes nothing: Σ_S p̂ ∇log p̂ = 0) [D];
+    tail T4  KL over S plus one tail bucket (TRL DistillationTrainer): a lower bound on the full KL (I16b);
+    pg   T6  Σ_S w sg(ℓ) ρ with w = softmax_S(log p) detached and ρ = p/sg(p): thunlp's student-weighted
+             top-K policy gradient; at S = V its gradient is the exact one (I13);
+    fkl      Σ_S q (log q - log p), the un-renormalised forward KL on the teacher's top-K (EOPD's term, §7.2);
+             like raw it is not stationary at q = p: its gradient there is -∇m_S, pulling mass into S.
+    At S = V every variant but fkl is the full reverse KL (I5c); fkl is then the full forward KL.
+    """
+    if valid_BTK is None:
+        valid_BTK = torch.ones_like(ids_BTK, dtype=torch.bool)
+    return per_position(
+        partial(_topk_positions, variant=variant),
+        student_logits_BTV,
+        ids_BTK,
+        teacher_logp_BTK,
+        valid_BTK,
+        chunk_elements=chunk_elements,
+    )
 
 
 def clip_divergence(

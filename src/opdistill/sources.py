@@ -26,6 +26,7 @@ from opdistill.data import (
 )
 from opdistill.errors import UserError
 from opdistill.evaluate import sample_completions
+from opdistill.models import completion_logits
 from opdistill.rollout import sample_prompts
 from opdistill.tasks import Task
 from opdistill.types import Rollout, TeacherSignal
@@ -107,6 +108,14 @@ def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: P
 
         return sft
 
+    def score(rollout: Rollout) -> TeacherSignal:
+        """The teacher's signal; for L1s it scores the student's own top-K ids at each visited state."""
+        k, ids_BTK = config.objective.student_topk, None
+        if k:
+            with torch.no_grad():
+                ids_BTK = completion_logits(student, rollout).topk(k, dim=-1).indices
+        return teacher.score(rollout, config.objective.teacher_request, ids_BTK)
+
     def distill(step: int) -> StepBatch:
         # GKD data mixing: one coin per step, a function of (seed, step) so resume replays it
         coin = random.Random(f"gkd-{config.train.seed}-{step}").random()
@@ -114,7 +123,7 @@ def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: P
         rollout, metrics = on_policy(step) if on else off_policy(step)
         metrics["on_policy"] = float(on)
         metrics["teacher_scored_tokens"] = int(rollout.attention_mask.sum())
-        batch = StepBatch(rollout, teacher.score(rollout, config.objective.teacher_signal), metrics)
+        batch = StepBatch(rollout, score(rollout), metrics)
         if config.objective.sft_coef > 0:  # the same prompts, with dataset or teacher completions
             # an off-policy step already holds them: reuse rather than generate a second time
             batch.sft_rollout, sft_metrics = off_policy(step) if on else (rollout, {})

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 
-from opdistill.losses import at_least_fp32, token_logprobs
+from opdistill.diagnostics import token_entropy
+from opdistill.losses import logprobs_at, token_logprobs, topk_logprobs
 from opdistill.models import completion_logits
-from opdistill.types import Rollout, TeacherSignal
-
-SignalLevel = Literal["sampled", "full"]  # L0 and L2 of ALGORITHMS.md §1.3
+from opdistill.types import Rollout, SignalRequest, TeacherSignal
 
 
 class Teacher(Protocol):
-    def score(self, rollout: Rollout, level: SignalLevel) -> TeacherSignal: ...
+    def score(
+        self, rollout: Rollout, request: SignalRequest, ids_BTK: torch.Tensor | None = None
+    ) -> TeacherSignal: ...
 
 
 class LocalTeacher:
@@ -23,15 +24,25 @@ class LocalTeacher:
     def __init__(self, model):
         self.model = model.eval().requires_grad_(False)
 
-    @torch.inference_mode()
-    def score(self, rollout: Rollout, level: SignalLevel) -> TeacherSignal:
-        logits_BTV = completion_logits(self.model, rollout)
-        if level == "sampled":  # L0: never keep a [B, T, V] tensor
-            return TeacherSignal(
-                token_logp_BT=token_logprobs(logits_BTV, rollout.tokens_BT) * rollout.loss_mask_BT
-            )
-        logp_BTV = torch.log_softmax(at_least_fp32(logits_BTV), dim=-1)
-        token_logp_BT = (
-            logp_BTV.gather(-1, rollout.tokens_BT.unsqueeze(-1)).squeeze(-1) * rollout.loss_mask_BT
-        )
-        return TeacherSignal(token_logp_BT=token_logp_BT, logp_BTV=logp_BTV)
+    @torch.no_grad()
+    def score(
+        self, rollout: Rollout, request: SignalRequest, ids_BTK: torch.Tensor | None = None
+    ) -> TeacherSignal:
+        """L0 always; L1 top-K, L1s log-probs at ``ids_BTK``, L2 logits and the entropy when ``request`` asks.
+        Nothing of size [B, T, V] is kept unless L2 is asked for. The forward runs in inference mode; what is
+        derived from it is computed outside, so the loss may save it for its backward."""
+        with torch.inference_mode():
+            logits_BTV = completion_logits(self.model, rollout)
+        mask_BT = rollout.loss_mask_BT
+        signal = TeacherSignal(token_logp_BT=token_logprobs(logits_BTV, rollout.tokens_BT) * mask_BT)
+        if request.topk:
+            signal.topk_ids_BTK, signal.topk_logp_BTK = topk_logprobs(logits_BTV, request.topk)
+        if request.at_ids:
+            if ids_BTK is None:
+                raise ValueError("the request asks for log-probs at given ids (L1s) but no ids were given")
+            signal.given_ids_BTK, signal.given_logp_BTK = ids_BTK, logprobs_at(logits_BTV, ids_BTK)
+        if request.entropy:
+            signal.entropy_BT = token_entropy(logits_BTV) * mask_BT
+        if request.full:
+            signal.logits_BTV = logits_BTV
+        return signal

@@ -18,7 +18,7 @@ import torch
 
 from opdistill import diagnostics, losses, sources
 from opdistill.checkpoint import latest_checkpoint, load_state, save_checkpoint, truncate_jsonl
-from opdistill.config import Config, ModelSpec, save_config
+from opdistill.config import Config, ModelSpec, ObjectiveConfig, save_config
 from opdistill.errors import UserError
 from opdistill.evaluate import evaluate
 from opdistill.models import check_same_tokenizer, completion_logits, load_model, save_model
@@ -259,11 +259,8 @@ def objective_loss(
     teacher_logp_BT = signal_.token_logp_BT
     # teacher_kl (the sampled reverse-KL estimate), mean |log-ratio|, share of negative-reward tokens
     metrics.update(diagnostics.log_ratio_stats(logp_BT - teacher_logp_BT, mask_BT))
-    if objective.direct_beta is not None:
-        assert signal_.logp_BTV is not None
-        divergence_BT = losses.generalized_jsd(
-            logits_BTV, signal_.logp_BTV, objective.direct_beta, objective.temperature
-        )
+    if objective.direct_beta is not None or objective.type == "topk_rkl":
+        divergence_BT = _divergence(objective, logits_BTV, signal_, mask_BT, metrics)
         metrics["divergence"] = losses.masked_mean(divergence_BT, mask_BT)  # before any clipping
         if objective.token_clip:
             divergence_BT, clip_metrics = losses.clip_divergence(
@@ -276,9 +273,15 @@ def objective_loss(
     # the reward uses the trainer's (detached) log-prob: equal to the sampler's at temperature 1, and still the
     # student's own policy when sampling is tempered; the importance ratio corrects for the sampler.
     baseline_BT = None
-    if objective.baseline == "vopd":  # the state's exact reverse KL, under the same (untempered) policy
-        assert signal_.logp_BTV is not None
-        baseline_BT = losses.generalized_jsd(logits_BTV.detach(), signal_.logp_BTV, beta=1.0)
+    if objective.baseline == "vopd":  # the state's reverse KL, under the same (untempered) policy
+        if objective.baseline_topk:  # on the student's top-K, both sides renormalised (vOPD's kl_top_k)
+            assert signal_.given_ids_BTK is not None and signal_.given_logp_BTK is not None
+            baseline_BT = losses.topk_divergence(
+                logits_BTV.detach(), signal_.given_ids_BTK, signal_.given_logp_BTK, "renorm"
+            )
+        else:
+            assert signal_.logits_BTV is not None
+            baseline_BT = losses.generalized_jsd(logits_BTV.detach(), signal_.logits_BTV, beta=1.0)
     advantage_BT, _ = losses.sampled_rkl_advantage(
         logp_BT.detach(), teacher_logp_BT, mask_BT, objective.kl_coef, objective.discount, baseline_BT
     )
@@ -286,6 +289,35 @@ def objective_loss(
         logp_BT, rollout.sampler_logp_BT, advantage_BT, mask_BT, objective.ppo_clip, objective.dual_clip
     )
     return loss_BT, {**metrics, **extra}
+
+
+def _divergence(
+    objective: ObjectiveConfig,
+    logits_BTV: torch.Tensor,
+    signal_: TeacherSignal,
+    mask_BT: torch.Tensor,
+    metrics: dict,
+) -> torch.Tensor:
+    """The direct-branch divergence at each position: full-vocabulary JSD_β, or reverse KL on a top-K support."""
+    if objective.direct_beta is not None:
+        assert signal_.logits_BTV is not None
+        return losses.generalized_jsd(
+            logits_BTV, signal_.logits_BTV, objective.direct_beta, objective.temperature
+        )
+    student_ids_BTK = None
+    if objective.topk_support == "intersect":
+        student_ids_BTK = logits_BTV.detach().topk(objective.topk, dim=-1).indices
+    ids_BTK, teacher_BTK, valid_BTK = losses.topk_support(
+        objective.topk_support,
+        teacher_topk=(signal_.topk_ids_BTK, signal_.topk_logp_BTK),
+        at_student_ids=(signal_.given_ids_BTK, signal_.given_logp_BTK),
+        student_ids_BTK=student_ids_BTK,
+    )
+    # the mass each side puts on the support (Many Faces: logging it is mandatory for top-K objectives)
+    student_lp_BTK = losses.logprobs_at(logits_BTV.detach(), ids_BTK)
+    metrics["student_mass"] = losses.masked_mean((student_lp_BTK.exp() * valid_BTK).sum(-1), mask_BT)
+    metrics["teacher_mass"] = losses.masked_mean((teacher_BTK.exp() * valid_BTK).sum(-1), mask_BT)
+    return losses.topk_divergence(logits_BTV, ids_BTK, teacher_BTK, objective.topk_variant, valid_BTK)
 
 
 def _out_of_time(config: Config, state: dict) -> bool:

@@ -7,6 +7,7 @@ a valid batch whose position ``P - 1 + t`` predicts completion token ``t``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +34,31 @@ class Rollout:
         return Rollout(*(getattr(self, name)[rows] for name in self.__dataclass_fields__))
 
 
+@dataclass(frozen=True)
+class SignalRequest:
+    """What the objective needs from the teacher (ALGORITHMS.md §1.3); the sampled-token log-prob (L0) always."""
+
+    topk: int = 0  # L1: the teacher's own top-K ids and log-probs per position
+    at_ids: bool = False  # L1s: log-probs at caller-chosen ids (the student's top-K)
+    full: bool = False  # L2: full logits over the vocabulary
+    entropy: bool = (
+        False  # the teacher's exact entropy per position (a [B, T] scalar, not a [B, T, V] tensor)
+    )
+
+
 @dataclass
 class TeacherSignal:
-    """What the teacher sends back: only the level the objective asked for (ALGORITHMS.md §1.3)."""
+    """What the teacher sends back: L0 always, the other levels only when asked (ALGORITHMS.md §1.3)."""
 
     token_logp_BT: torch.Tensor  # L0: teacher log-prob of each sampled token (0 on pad)
-    logp_BTV: torch.Tensor | None = None  # L2: full teacher log-probs, only for full-vocabulary objectives
+    topk_ids_BTK: torch.Tensor | None = None  # L1: the teacher's top-K ids, most likely first
+    topk_logp_BTK: torch.Tensor | None = None  # L1: their log-probs (tail mass = 1 - Σ exp)
+    given_ids_BTK: torch.Tensor | None = None  # L1s: the ids the caller asked about
+    given_logp_BTK: torch.Tensor | None = None  # L1s: teacher log-probs at those ids
+    logits_BTV: torch.Tensor | None = None  # L2: full teacher logits (loss log-softmaxes them chunk by chunk)
+    entropy_BT: torch.Tensor | None = None  # exact teacher entropy in nats
 
     def select(self, rows: slice) -> TeacherSignal:
-        return TeacherSignal(self.token_logp_BT[rows], None if self.logp_BTV is None else self.logp_BTV[rows])
+        return dataclasses.replace(
+            self, **{name: value[rows] for name, value in vars(self).items() if value is not None}
+        )
