@@ -97,7 +97,7 @@ def test_sampled_estimators_refuse_off_policy_batches():
     ],
 )  # fmt: skip
 def test_teacher_is_asked_only_for_the_signal_the_objective_needs(overrides, signal):
-    assert load_config(None, overrides).objective.teacher_request == signal
+    assert load_config(None, overrides).teacher_request == signal
 
 
 def test_token_clip_applies_to_full_vocabulary_objectives_only():

@@ -58,10 +58,35 @@ def _params(run_dir):
             "divergence",
         ),
         ("sampled_rkl objective.baseline=vopd objective.baseline_topk=4", "teacher_kl"),
+        ("minillm objective.discount=0.5", "divergence"),
+        ("sead", "teacher_kl"),
+        ("scope rollout.n_per_prompt=4 train.prompts_per_step=4", "teacher_kl"),
+        ("dasd rollout.n_per_prompt=4 train.prompts_per_step=4 objective.dasd_rho=0.01", "teacher_kl"),
+        (
+            "sampled_rkl objective.grpo_coef=1 objective.route_opd=failed_only rollout.n_per_prompt=4 "
+            "train.prompts_per_step=4",
+            "teacher_kl",
+        ),
+        (
+            "sampled_rkl objective.ref_kl_coef=1e-3 weighting.position_decay=2 weighting.iw_opd_gamma=0.5",
+            "teacher_kl",
+        ),
+        (
+            "full_rkl weighting.loss_window=20 weighting.loss_window_from=random weighting.prune=true",
+            "divergence",
+        ),
+        (
+            "sampled_rkl weighting.tip_ratio=0.5 weighting.eopd_coef=1 weighting.eopd_threshold=0.3",
+            "teacher_kl",
+        ),
+        (
+            "jsd weighting.kat=true weighting.kat_window=4 weighting.kat_min_position=8 weighting.kat_patience=2",
+            "divergence",
+        ),
     ],
 )
 def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_path, objective, target):
-    config = _config(tmp_path, *f"objective.type={objective}".split(), "train.steps=30", "train.prompts_per_step=16",
+    config = _config(tmp_path, "train.prompts_per_step=16", *f"objective.type={objective}".split(), "train.steps=30",
                      "optim.lr=1e-2", "optim.warmup_steps=3")  # fmt: skip
     result = train.run(config, show_progress=False)
     rows = _metrics(tmp_path / "run")

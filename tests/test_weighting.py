@@ -175,15 +175,17 @@ def test_dasd_advantage_by_hand():
     def expected(a_g, d_bar, h, tau, sigma):
         return a_g + 2.0 * math.tanh((tau - h) / sigma) * (1 / (1 + math.exp(1 - abs(d_bar)))) * d_bar
 
-    # row 0: mean δ 0, MAD 1.2; entropies: 0.2-quantile 0.1 + 0.8·0.1 = 0.18, MAD 0.12
+    # row 0: mean δ 0, MAD 1.2; entropies: top-20% threshold = 0.8-quantile 0.4 + 0.2·0.1 = 0.42, MAD 0.12
     row0 = [
-        expected(0.5, d / 1.2, h, 0.18, 0.12)
+        expected(0.5, d / 1.2, h, 0.42, 0.12)
         for d, h in zip([1, -1, 2, 0, -2], [0.1, 0.2, 0.3, 0.4, 0.5], strict=True)
     ]
-    # row 1: mean δ 0, MAD 3; entropies 1, 2: 0.2-quantile 1.2, MAD 0.5
-    row1 = [expected(-1.0, 1.0, 1.0, 1.2, 0.5), expected(-1.0, -1.0, 2.0, 1.2, 0.5), 0.0, 0.0, 0.0]
+    # row 1: mean δ 0, MAD 3; entropies 1, 2: 0.8-quantile 1.8, MAD 0.5
+    row1 = [expected(-1.0, 1.0, 1.0, 1.8, 0.5), expected(-1.0, -1.0, 2.0, 1.8, 0.5), 0.0, 0.0, 0.0]
     _close(adv, [row0, row1])
-    assert metrics["dasd_pull_frac"] == pytest.approx(2 / 7)  # only H below τ_ρ: one token per row
+    assert metrics["dasd_pull_frac"] == pytest.approx(
+        5 / 7
+    )  # H below τ_ρ: four tokens of row 0, one of row 1
 
 
 def test_dasd_constant_entropy_leaves_the_group_advantage():

@@ -47,7 +47,11 @@ def parse_preset(preset: str) -> tuple[int, int] | None:
 
 
 SftTargets = Literal["dataset", "teacher", "teacher_pool"]
-Objective = Literal["full_rkl", "full_fkl", "jsd", "topk_rkl", "sampled_rkl", "k2", "sft"]
+Objective = Literal[
+    "full_rkl", "full_fkl", "jsd", "topk_rkl", "sead", "sampled_rkl", "k2", "minillm", "scope", "dasd", "sft"
+]
+Route = Literal["all", "failed_only", "correct_only"]
+Window = Literal["first", "last", "random"]
 TopKSupport = Literal["student", "teacher", "union", "intersect"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "sum", "constant"]
 
@@ -98,8 +102,13 @@ class ObjectiveConfig:
     # Sampled-token, teacher sends only log p_T(y_t) (§2, §1.4):
     #   sampled_rkl = detached advantage -(log p_S - log p_T), importance-sampled or PPO-clipped policy gradient
     #   k2 = ½ (log p_S - log p_T)² back-propagated directly (same per-sample gradient as sampled_rkl)
+    # Mixed and verifier-driven (§4, §7.3, §7.4, §7.7; verifier outcomes need a task with answers):
+    #   minillm = full reverse KL (single-step term) + policy gradient on the length-normalised future reward
+    #   scope = correct samples: importance-sampled MLE; failed ones: sampled_rkl; PPL-weighted per prompt
+    #   dasd = GRPO advantage + β·ω·δ̄ (entropy-routed, direction-adaptive teacher signal)
+    #   sead = per-token zones skip / reverse KL / forward KL from entropies, annealed toward forward KL
     # sft = cross-entropy on completions (what `opd sft` runs)
-    type: Objective = "full_rkl"  # full_rkl | full_fkl | jsd | topk_rkl | sampled_rkl | k2 | sft
+    type: Objective = "full_rkl"  # full_rkl|full_fkl|jsd|topk_rkl|sead|sampled_rkl|k2|minillm|scope|dasd|sft
     jsd_beta: float = 0.5  # β of type=jsd: 0 = forward KL, 1 = reverse KL (TRL convention)
     topk: int = 16  # K of topk_rkl and of the top-K baseline (ids per position)
     topk_variant: TopKVariant = "sg"  # topk_rkl: raw (T1, biased) | sg | renorm | tail | pg | fkl, see docs
@@ -114,6 +123,13 @@ class ObjectiveConfig:
     pg_clip: float = 0.0  # sampled_rkl: PPO clip ε (0 = plain importance sampling), e.g. 0.2
     pg_clip_high: float = 0.0  # sampled_rkl: upper ε if different from pg_clip (0 = same)
     dual_clip: float = 0.0  # with pg_clip: cap negative-advantage token losses at c·|A| (0 = off), e.g. 3
+    grpo_coef: float = 0.0  # RLVR hybrid c_R: add c_R x GRPO advantage of the verifier reward (§12), e.g. 1
+    route_opd: Route = "all"  # which samples get the teacher term: all | failed_only | correct_only
+    route_rl: Route = "all"  # which samples get the GRPO term
+    scope_tau: float = 1.0  # scope: temperature of the perplexity weights
+    dasd_beta: float = 1.0  # dasd: β, scale of the direction-adaptive teacher term
+    dasd_rho: float = 0.2  # dasd: share of highest-entropy (forking) tokens pushed away from the teacher
+    ref_kl_coef: float = 0.0  # StableOPD β: k3 KL to the initial student on sampled tokens, e.g. 1e-3
     sft_coef: float = 0.0  # SFT-stabiliser: add coef x CE on data.completions of the same prompts (§5.5)
     aggregation: Aggregation = "token-mean"  # per-token losses -> one number: see docs/objectives.md
     aggregation_constant: float = 1.0  # divisor of aggregation=constant
@@ -157,6 +173,19 @@ class ObjectiveConfig:
             )
         if self.aggregation_constant <= 0:
             raise UserError("objective.aggregation_constant must be above 0.")
+        pg_branch = self.type in ("sampled_rkl", "minillm", "scope", "dasd")
+        if self.grpo_coef < 0 or (self.grpo_coef and self.type != "sampled_rkl"):
+            raise UserError("objective.grpo_coef must be >= 0 and applies to objective.type=sampled_rkl.")
+        if (self.route_opd != "all" or self.route_rl != "all") and self.type != "sampled_rkl":
+            raise UserError("objective.route_opd and route_rl apply to objective.type=sampled_rkl.")
+        if (self.pg_clip or self.dual_clip) and not pg_branch:
+            raise UserError(
+                "objective.pg_clip applies to the policy-gradient types: sampled_rkl, minillm, scope, dasd."
+            )
+        if self.scope_tau <= 0 or self.dasd_beta < 0 or not 0 < self.dasd_rho < 1 or self.ref_kl_coef < 0:
+            raise UserError(
+                "objective.scope_tau must be > 0, dasd_beta >= 0, dasd_rho in (0, 1) and ref_kl_coef >= 0."
+            )
 
     @property
     def direct_beta(self) -> float | None:
@@ -164,27 +193,63 @@ class ObjectiveConfig:
         return {"full_rkl": 1.0, "full_fkl": 0.0, "jsd": self.jsd_beta}.get(self.type)
 
     @property
-    def teacher_request(self) -> SignalRequest:
-        """What the teacher must send (ALGORITHMS §1.3): L0 always; L2 for full-vocabulary objectives and the
-        exact vOPD baseline; L1 (its top-K) or L1s (at the student's top-K ids) for the top-K ones."""
-        topk = self.type == "topk_rkl"
-        return SignalRequest(
-            topk=self.topk if topk and self.topk_support in ("teacher", "union", "intersect") else 0,
-            at_ids=(topk and self.topk_support in ("student", "union"))
-            or (self.baseline == "vopd" and self.baseline_topk > 0),
-            full=self.direct_beta is not None or (self.baseline == "vopd" and not self.baseline_topk),
-        )
+    def needs_reward(self) -> bool:
+        """Whether each sample needs its verifier outcome (RLVR hybrids, SCOPE, DASD)."""
+        return bool(self.grpo_coef) or self.route_opd != "all" or self.type in ("scope", "dasd")
 
     @property
     def student_topk(self) -> int:
         """How many of the student's top ids per position the teacher must score (L1s), 0 for none."""
         if self.baseline == "vopd" and self.baseline_topk:
             return self.baseline_topk
-        return self.topk if self.teacher_request.at_ids else 0
+        return self.topk if self.type == "topk_rkl" and self.topk_support in ("student", "union") else 0
 
     @property
     def ppo_clip(self) -> tuple[float, float] | None:
         return (self.pg_clip, self.pg_clip_high or self.pg_clip) if self.pg_clip else None
+
+
+@dataclass(frozen=True)
+class WeightingConfig:
+    # Detached per-token weights and masks on any distillation objective (ALGORITHMS §7-§8): a weight scales the
+    # teacher term (the advantage, or the divergence); a mask also leaves the token out of the token count.
+    position_decay: float = 0.0  # α of w_t = exp(-α t / rollout.max_new_tokens), Open-OPD (0 = off), e.g. 3
+    position_limit: int = 0  # no loss on response positions >= N (0 = off)
+    loss_window: int = 0  # loss on N tokens per response only (0 = all); see loss_window_from
+    loss_window_from: Window = "first"  # first = prefix-only OPD; last / random: the controls
+    iw_opd_gamma: float = 0.0  # IW-OPD γ: weight 1+γ, falling to 1 as |log-ratio| accumulates, e.g. 0.5
+    tip_ratio: float = 0.0  # TIP ρ: keep the top ρ of tokens by entropy-or-divergence (0 = all), e.g. 0.5
+    eopd_coef: float = 0.0  # EOPD α: add α x teacher top-K forward KL where teacher entropy > τ (0 = off)
+    eopd_threshold: float = 0.8  # EOPD τ in nats (teacher entropy gate)
+    prune: bool = False  # Prune-OPD: w = ζ^(drift events); a drift event is top-K overlap < η
+    prune_eta: float = 0.5  # Prune-OPD η: overlap below it is a drift event
+    prune_zeta: float = 0.9  # Prune-OPD ζ: decay per drift event
+    prune_max_events: int = 32  # Prune-OPD: weight 0 after this many drift events
+    kat: bool = False  # KAT: mask the rest of a response once the KL stays low (the KL agreement trap)
+    kat_window: int = 64  # KAT window width W in tokens
+    kat_patience: int = 3  # KAT: consecutive low windows P that make a trap
+    kat_min_position: int = 256  # KAT: no trap before this response position
+    kat_kappa: float = 0.25  # KAT threshold = κ x running median of the per-token KL
+
+    def __post_init__(self):
+        if (
+            min(self.position_decay, self.position_limit, self.loss_window, self.iw_opd_gamma, self.eopd_coef)
+            < 0
+        ):
+            raise UserError(
+                "weighting.position_decay, position_limit, loss_window, iw_opd_gamma, eopd_coef must be >= 0."
+            )
+        if not 0 <= self.tip_ratio <= 1 or not 0 < self.prune_zeta <= 1 or not 0 <= self.prune_eta <= 1:
+            raise UserError("weighting.tip_ratio and prune_eta must be in [0, 1] and prune_zeta in (0, 1].")
+        if min(self.kat_window, self.kat_patience, self.prune_max_events) < 1 or self.kat_kappa <= 0:
+            raise UserError(
+                "weighting.kat_window, kat_patience, prune_max_events must be >= 1, kat_kappa > 0."
+            )
+
+    @property
+    def needs_student_pass(self) -> bool:
+        """Whether the weights need batch-wide student statistics (one extra forward without gradient)."""
+        return bool(self.tip_ratio) or self.prune
 
 
 @dataclass(frozen=True)
@@ -226,6 +291,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -236,6 +302,43 @@ class Config:
                 f"objective.type={self.objective.type} estimates the reverse KL from the student's own samples; "
                 "with rollout.on_policy_fraction < 1 use a full-vocabulary objective (full_rkl, full_fkl, jsd)."
             )
+        objective, weighting = self.objective, self.weighting
+        if objective.needs_reward and self.rollout.on_policy_fraction < 1:
+            raise UserError(
+                "verifier rewards (grpo_coef, route_opd, scope, dasd) are computed on the student's own samples: "
+                "keep rollout.on_policy_fraction=1."
+            )
+        if objective.needs_reward and objective.type != "scope" and self.rollout.n_per_prompt < 2:
+            raise UserError(
+                "a GRPO advantage is 0 with one sample per prompt: set rollout.n_per_prompt to 4 or more."
+            )
+        direct = objective.direct_beta is not None or objective.type in ("topk_rkl", "sead")
+        if weighting != WeightingConfig() and objective.type == "sft":
+            raise UserError("weighting.* applies to distillation objectives, not objective.type=sft.")
+        if weighting.iw_opd_gamma and objective.type not in ("sampled_rkl", "minillm") and not direct:
+            raise UserError(
+                "weighting.iw_opd_gamma applies to sampled_rkl, minillm and the direct objectives."
+            )
+
+    @property
+    def teacher_request(self) -> SignalRequest:
+        """What the teacher must send (ALGORITHMS §1.3): L0 always; L2 for full-vocabulary objectives, the exact
+        vOPD baseline and TIP; L1 (its top-K) or L1s (at the student's top-K) for the top-K objectives, EOPD
+        and Prune-OPD; its entropy for EOPD and SEAD."""
+        objective, weighting = self.objective, self.weighting
+        topk_rkl = objective.type == "topk_rkl"
+        teacher_topk = (
+            (topk_rkl and objective.topk_support != "student") or weighting.eopd_coef or weighting.prune
+        )
+        return SignalRequest(
+            topk=objective.topk if teacher_topk else 0,
+            at_ids=objective.student_topk > 0,
+            full=objective.direct_beta is not None
+            or objective.type in ("minillm", "sead")
+            or (objective.baseline == "vopd" and not objective.baseline_topk)
+            or bool(weighting.tip_ratio),
+            entropy=bool(weighting.eopd_coef) or objective.type == "sead",
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

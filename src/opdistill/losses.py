@@ -1,4 +1,4 @@
-"""Pure objective math (ALGORITHMS.md §1-§3): tensors in, ``(loss, metrics)`` out.
+"""Pure objective math (ALGORITHMS.md §1-§5, §8.1, §10): tensors in, ``(loss, metrics)`` out.
 
 Nothing here sees a model, tokenizer, config or process group. Losses are per token ([B, T]); a
 ``Normalizer`` built from the step's global counts turns them into one number. Masks are explicit
@@ -15,9 +15,11 @@ from typing import Literal
 
 import torch
 
-# Positions per chunk are chosen so a [B, chunk, V] fp32 temporary holds about this many elements (32 MB):
-# at V = 151,936 and B = 1 that is 55 positions, so no [B, T, V] temporary is ever built (DESIGN.md speed rules).
-CHUNK_ELEMENTS = 1 << 23
+# Positions per chunk are chosen so a [B, chunk, V] fp32 temporary holds about this many elements (40 MiB):
+# at V = 151,936 and B = 1 that is 69 positions, so no [B, T, V] temporary is ever built (DESIGN.md speed rules).
+# Above glibc's 32 MiB cap on its dynamic mmap threshold, each temporary is mmapped and handed back on free;
+# at 32 MiB or less, freed chunk temporaries pile up in the heap (benchmarks/loss_memory.py measured 2.3 GB).
+CHUNK_ELEMENTS = 10 << 20
 TAIL_FLOOR = 1e-12  # [D] tail mass floor: keeps log(tail) finite when K covers (numerically) all the mass
 MASKED = -1e30  # log-prob given to ids outside a support: exp() is 0, yet sums and gradients stay finite
 TopKVariant = Literal["raw", "sg", "renorm", "tail", "pg", "fkl"]
@@ -200,6 +202,33 @@ def k2_per_token(logp_BT: torch.Tensor, teacher_logp_BT: torch.Tensor) -> torch.
     return 0.5 * (logp_BT - teacher_logp_BT.detach()) ** 2
 
 
+def k3_per_token(logp_BT: torch.Tensor, reference_logp_BT: torch.Tensor) -> torch.Tensor:
+    """k3 = e^{-ℓ} - 1 + ℓ with ℓ = log p_θ(y_t) - log p_ref(y_t), back-propagated directly: the sampled KL
+    penalty of GRPO implementations, used by StableOPD toward the initial student (ALGORITHMS.md §8.1). Its
+    expected gradient is that of the forward KL(p_ref ‖ p_θ) (I14c), a regulariser, not an OPD objective."""
+    log_ratio_BT = logp_BT - reference_logp_BT.detach()
+    return torch.exp(-log_ratio_BT) - 1 + log_ratio_BT
+
+
+def minillm_long_advantage(
+    sampler_logp_BT: torch.Tensor, teacher_logp_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """MiniLLM's long-term advantage (Gu et al. 2023; ALGORITHMS.md §4): the length-normalised discounted
+    future reward R^norm_{t+1} = (1/(L-t-1)) Σ_{t'>t} γ^{t'-t-1} r_{t'}, r = -(log p_S - log p_T), with L
+    the row's length; 0 at the last token. The current token's own term is the single-step full reverse KL,
+    so together they are MiniLLM's gradient without teacher-mixed sampling. [D] Centred by its batch mean (a
+    constant baseline: the gradient stays unbiased up to O(1/N)) but not scaled: LMOps whitens, yet dividing
+    a dense reward by its spread changes its meaning, and uncentred it is an offset of about -KL on every
+    token whose variance drowns the single-step term. Detached; [B, T] → [B, T]."""
+    mask_BT = mask_BT.float()
+    reward_BT = -(sampler_logp_BT.detach() - teacher_logp_BT.detach()) * mask_BT
+    future_BT = discounted_future_sum(reward_BT, mask_BT, gamma)
+    remaining_BT = mask_BT.flip(1).cumsum(1).flip(1)  # masked tokens from t to the end of the row
+    normalised_BT = future_BT / remaining_BT.clamp(min=1)
+    next_BT = torch.cat([normalised_BT[:, 1:], torch.zeros_like(normalised_BT[:, :1])], dim=1)
+    return (next_BT - (next_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)) * mask_BT
+
+
 def kl_terms(logp_a_BTV: torch.Tensor, logp_b_BTV: torch.Tensor) -> torch.Tensor:
     """KL(a ‖ b) per position = Σ_v a_v (log a_v - log b_v), with 0 log 0 = 0: where a has no mass the term
     vanishes whatever b says there (masked before the product, so neither value nor gradient sees -inf)."""
@@ -216,9 +245,7 @@ def _jsd_positions(
         return kl_terms(teacher_BTV, student_BTV)
     if beta == 1.0:
         return kl_terms(student_BTV, teacher_BTV)
-    mixture_BTV = torch.logsumexp(
-        torch.stack([student_BTV + math.log1p(-beta), teacher_BTV + math.log(beta)]), dim=0
-    )
+    mixture_BTV = torch.logaddexp(student_BTV + math.log1p(-beta), teacher_BTV + math.log(beta))
     return beta * kl_terms(teacher_BTV, mixture_BTV) + (1 - beta) * kl_terms(student_BTV, mixture_BTV)
 
 

@@ -25,11 +25,11 @@ from opdistill.data import (
     write_jsonl,
 )
 from opdistill.errors import UserError
-from opdistill.evaluate import sample_completions
+from opdistill.evaluate import decode_completions, sample_completions
 from opdistill.models import completion_logits
 from opdistill.rollout import sample_prompts
 from opdistill.tasks import Task
-from opdistill.types import Rollout, TeacherSignal
+from opdistill.types import Rollout, Shaping, SignalRequest, TeacherSignal
 
 
 @dataclass
@@ -37,13 +37,33 @@ class StepBatch:
     rollout: Rollout  # what the objective trains on
     signal: TeacherSignal | None  # the teacher's scores of it (None for SFT)
     metrics: dict[str, float]  # lengths, token counters, the GKD coin
-    sft_rollout: Rollout | None = (
-        None  # off-policy completions for the SFT-stabiliser term (objective.sft_coef)
+    sft_rollout: Rollout | None = None  # off-policy completions for the SFT-stabiliser (objective.sft_coef)
+    reward_B: torch.Tensor | None = (
+        None  # verifier outcome (1.0 = correct) per sample, when the objective uses it
     )
+    reference_logp_BT: torch.Tensor | None = (
+        None  # the initial student's log-prob of each token (ref-KL term)
+    )
+    shaping: Shaping | None = None  # per-token weights and masks (shaping.py), set by the loop
+
+    def select(self, rows: slice) -> StepBatch:
+        """The micro-batch of ``rows`` (the SFT-stabiliser's batch is separate and stays whole)."""
+        return StepBatch(
+            self.rollout.select(rows),
+            None if self.signal is None else self.signal.select(rows),
+            self.metrics,
+            self.sft_rollout,
+            None if self.reward_B is None else self.reward_B[rows],
+            None if self.reference_logp_BT is None else self.reference_logp_BT[rows],
+            None if self.shaping is None else self.shaping.select(rows),
+        )
 
 
-def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: Path, state: dict) -> Callable:
-    """step -> StepBatch: where this run's completions come from."""
+def batch_source(
+    config: Config, task: Task, tokenizer, student, teacher, out: Path, state: dict, reference=None
+) -> Callable:
+    """step -> StepBatch: where this run's completions come from. ``reference`` (a frozen copy of the initial
+    student, as a teacher) scores the tokens for the reference-KL term."""
     prompts_per_step, roll, data = config.train.prompts_per_step, config.rollout, config.data
     pad = tokenizer.pad_token_id
 
@@ -58,10 +78,8 @@ def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: P
             top_p=roll.top_p,
         )
 
-    def on_policy(step: int) -> tuple[Rollout, dict[str, float]]:
-        rollout = sampled(
-            student, task.train.batch(step, prompts_per_step), roll.temperature, roll.n_per_prompt
-        )
+    def on_policy(examples: list[Example]) -> tuple[Rollout, dict[str, float]]:
+        rollout = sampled(student, examples, roll.temperature, roll.n_per_prompt)
         return rollout, {
             "response_length": float(rollout.loss_mask_BT.sum(1).float().mean()),
             "truncation_rate": float(rollout.truncated_B.float().mean()),
@@ -108,22 +126,44 @@ def batch_source(config: Config, task: Task, tokenizer, student, teacher, out: P
 
         return sft
 
+    def verify(rollout: Rollout, examples: list[Example]) -> torch.Tensor:
+        """1.0 where the task's verifier accepts a sample (G consecutive samples per example), else 0.0."""
+        unanswered = [ex.id or ex.prompt for ex in examples if not ex.answer]
+        if unanswered and not data.verifier:
+            raise UserError(
+                f"verifier rewards need an 'answer' for every prompt; {unanswered[0]!r} has none."
+            )
+        keep_BT = rollout.loss_mask_BT & (rollout.tokens_BT != tokenizer.eos_token_id)
+        texts = decode_completions(tokenizer, rollout.tokens_BT, keep_BT)
+        rows = [ex for ex in examples for _ in range(roll.n_per_prompt)]
+        return torch.tensor([float(task.verify(t, ex)) for t, ex in zip(texts, rows, strict=True)])
+
     def score(rollout: Rollout) -> TeacherSignal:
         """The teacher's signal; for L1s it scores the student's own top-K ids at each visited state."""
         k, ids_BTK = config.objective.student_topk, None
         if k:
             with torch.no_grad():
                 ids_BTK = completion_logits(student, rollout).topk(k, dim=-1).indices
-        return teacher.score(rollout, config.objective.teacher_request, ids_BTK)
+        return teacher.score(rollout, config.teacher_request, ids_BTK)
 
     def distill(step: int) -> StepBatch:
         # GKD data mixing: one coin per step, a function of (seed, step) so resume replays it
         coin = random.Random(f"gkd-{config.train.seed}-{step}").random()
         on = roll.on_policy_fraction >= 1 or coin < roll.on_policy_fraction
-        rollout, metrics = on_policy(step) if on else off_policy(step)
+        reward_B = None
+        if on:
+            examples = task.train.batch(step, prompts_per_step)
+            rollout, metrics = on_policy(examples)
+            if config.objective.needs_reward:
+                reward_B = verify(rollout, examples)
+                metrics["reward"] = float(reward_B.mean())
+        else:
+            rollout, metrics = off_policy(step)
         metrics["on_policy"] = float(on)
         metrics["teacher_scored_tokens"] = int(rollout.attention_mask.sum())
-        batch = StepBatch(rollout, score(rollout), metrics)
+        batch = StepBatch(rollout, score(rollout), metrics, reward_B=reward_B)
+        if reference is not None:
+            batch.reference_logp_BT = reference.score(rollout, SignalRequest()).token_logp_BT
         if config.objective.sft_coef > 0:  # the same prompts, with dataset or teacher completions
             # an off-policy step already holds them: reuse rather than generate a second time
             batch.sft_rollout, sft_metrics = off_policy(step) if on else (rollout, {})

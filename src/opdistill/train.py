@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from opdistill import diagnostics, losses, sources
+from opdistill import losses, shaping, sources
 from opdistill.checkpoint import latest_checkpoint, load_state, save_checkpoint, truncate_jsonl
-from opdistill.config import Config, ModelSpec, ObjectiveConfig, save_config
+from opdistill.config import Config, ModelSpec, save_config
 from opdistill.errors import UserError
 from opdistill.evaluate import evaluate
 from opdistill.models import check_same_tokenizer, completion_logits, load_model, save_model
+from opdistill.objectives import objective_loss
 from opdistill.progress import NullProgress, ProgressBar
 from opdistill.tasks import Task, corpus_text, task_from_config
 from opdistill.teachers import LocalTeacher
-from opdistill.types import Rollout, TeacherSignal
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 COUNTERS = (
@@ -87,7 +87,13 @@ def run(
         teacher_model, teacher_tokenizer = load_model(config.teacher)
         check_same_tokenizer(tokenizer, teacher_tokenizer)
         teacher = LocalTeacher(teacher_model)
-    make_batch = sources.batch_source(config, task, tokenizer, student, teacher, out, state)
+    reference = None
+    if config.objective.ref_kl_coef:  # StableOPD's reference: the student as the run started, frozen
+        reference_model, _ = load_model(
+            config.student, () if config.student.path else corpus_text(task), config.train.seed
+        )
+        reference = LocalTeacher(reference_model)
+    make_batch = sources.batch_source(config, task, tokenizer, student, teacher, out, state, reference)
     optimizer = torch.optim.AdamW(
         student.parameters(),
         lr=config.optim.lr,
@@ -125,6 +131,8 @@ def run(
                     group["lr"] = lr
 
                 batch = make_batch(step)
+                if distill:
+                    batch.shaping = shaping.shape(config, student, batch, step, state)
                 metrics = train_step(config, student, optimizer, batch)
                 batch_metrics = batch.metrics
                 finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
@@ -171,14 +179,14 @@ def train_step(config: Config, student, optimizer, batch: sources.StepBatch) -> 
     """Backward over micro-batches, each loss normalised by the whole step's counts (so micro-batching does not
     change the update), plus the optional SFT-stabiliser term; then clip and AdamW. A non-finite loss or
     gradient skips the update; the returned metrics say so."""
-    objective, rollout, signal_ = config.objective, batch.rollout, batch.signal
+    objective, rollout = config.objective, batch.rollout
     optimizer.zero_grad(set_to_none=True)
-    tokens, rows = float(rollout.loss_mask_BT.sum()), rollout.tokens_BT.shape[0]
+    loss_mask_BT = rollout.loss_mask_BT if batch.shaping is None else batch.shaping.mask_BT
+    tokens, rows = float(loss_mask_BT.sum()), rollout.tokens_BT.shape[0]
     normalizer = losses.Normalizer(objective.aggregation, tokens, float(rows), objective.aggregation_constant)
     totals = _backward(
-        config, rollout, normalizer,
-        lambda mb, part: objective_loss(config, student, mb, None if signal_ is None else signal_.select(part)),
-    )  # fmt: skip
+        config, loss_mask_BT, normalizer, lambda part: objective_loss(config, student, batch.select(part))
+    )
     trained_tokens = int(rollout.attention_mask.sum())
     if batch.sft_rollout is not None:  # the SFT-stabiliser (ALGORITHMS §5.5): token-mean CE on its own batch
         sft = batch.sft_rollout
@@ -186,11 +194,12 @@ def train_step(config: Config, student, optimizer, batch: sources.StepBatch) -> 
             "token-mean", float(sft.loss_mask_BT.sum()), float(len(sft.tokens_BT))
         )
 
-        def sft_loss(mb: Rollout, _part: slice):
+        def sft_loss(part: slice):
+            mb = sft.select(part)
             nll_BT = -losses.token_logprobs(completion_logits(student, mb), mb.tokens_BT)
             return objective.sft_coef * nll_BT, {"sft_nll": losses.masked_mean(nll_BT, mb.loss_mask_BT)}
 
-        sft_totals = _backward(config, sft, sft_normalizer, sft_loss)
+        sft_totals = _backward(config, sft.loss_mask_BT, sft_normalizer, sft_loss)
         totals["loss"] += sft_totals.pop("loss")
         totals.update(sft_totals)
         trained_tokens += int(sft.attention_mask.sum())
@@ -210,26 +219,25 @@ def train_step(config: Config, student, optimizer, batch: sources.StepBatch) -> 
     }
 
 
-PerTokenLoss = Callable[[Rollout, slice], tuple[torch.Tensor, dict[str, float]]]
+PerTokenLoss = Callable[[slice], tuple[torch.Tensor, dict[str, float]]]
 
 
 def _backward(
-    config: Config, rollout: Rollout, normalizer: losses.Normalizer, per_token_loss: PerTokenLoss
+    config: Config, loss_mask_BT: torch.Tensor, normalizer: losses.Normalizer, per_token_loss: PerTokenLoss
 ) -> dict[str, float]:
-    """Accumulate gradients of ``normalizer(per_token_loss(micro_batch))`` over micro-batches; returns the summed
+    """Accumulate gradients of ``normalizer(per_token_loss(rows))`` over micro-batches of rows; returns the summed
     loss and token-weighted metrics (min/max for ``*_min``/``*_max``)."""
-    rows = rollout.tokens_BT.shape[0]
+    rows = loss_mask_BT.shape[0]
     micro = config.train.micro_batch_size or rows
-    tokens = max(float(rollout.loss_mask_BT.sum()), 1.0)
+    tokens = max(float(loss_mask_BT.sum()), 1.0)
     totals: dict[str, float] = {"loss": 0.0}
     for start in range(0, rows, micro):
         part = slice(start, start + micro)
-        mb = rollout.select(part)
-        per_token_BT, metrics = per_token_loss(mb, part)
-        loss = normalizer(per_token_BT, mb.loss_mask_BT)
+        per_token_BT, metrics = per_token_loss(part)
+        loss = normalizer(per_token_BT, loss_mask_BT[part])
         loss.backward()
         totals["loss"] += float(loss.detach())
-        share = float(mb.loss_mask_BT.sum()) / tokens
+        share = float(loss_mask_BT[part].sum()) / tokens
         for key, value in metrics.items():
             if key.endswith(("_min", "_max")):
                 pick = min if key.endswith("_min") else max
@@ -237,87 +245,6 @@ def _backward(
             else:
                 totals[key] = totals.get(key, 0.0) + share * value
     return totals
-
-
-def objective_loss(
-    config: Config, student, rollout: Rollout, signal_: TeacherSignal | None
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """(per-token loss [B, T], metrics) of the configured objective on one micro-batch: the only place the loop
-    touches the math core."""
-    objective = config.objective
-    mask_BT = rollout.loss_mask_BT
-    logits_BTV = completion_logits(student, rollout)  # [B, T, V], with grad
-    logp_BT = losses.token_logprobs(logits_BTV, rollout.tokens_BT)
-    entropy_BT = diagnostics.token_entropy(logits_BTV)
-    metrics = {
-        "entropy": losses.masked_mean(entropy_BT, mask_BT),
-        "high_entropy_rate": diagnostics.high_entropy_rate(entropy_BT, mask_BT),
-    }
-    if objective.type == "sft":
-        return -logp_BT, {**metrics, "nll": losses.masked_mean(-logp_BT, mask_BT)}
-    assert signal_ is not None
-    teacher_logp_BT = signal_.token_logp_BT
-    # teacher_kl (the sampled reverse-KL estimate), mean |log-ratio|, share of negative-reward tokens
-    metrics.update(diagnostics.log_ratio_stats(logp_BT - teacher_logp_BT, mask_BT))
-    if objective.direct_beta is not None or objective.type == "topk_rkl":
-        divergence_BT = _divergence(objective, logits_BTV, signal_, mask_BT, metrics)
-        metrics["divergence"] = losses.masked_mean(divergence_BT, mask_BT)  # before any clipping
-        if objective.token_clip:
-            divergence_BT, clip_metrics = losses.clip_divergence(
-                divergence_BT, mask_BT, objective.token_clip, objective.token_clip_soft
-            )
-            metrics.update(clip_metrics)
-        return divergence_BT, metrics
-    if objective.type == "k2":
-        return losses.k2_per_token(logp_BT, teacher_logp_BT), metrics
-    # the reward uses the trainer's (detached) log-prob: equal to the sampler's at temperature 1, and still the
-    # student's own policy when sampling is tempered; the importance ratio corrects for the sampler.
-    baseline_BT = None
-    if objective.baseline == "vopd":  # the state's reverse KL, under the same (untempered) policy
-        if objective.baseline_topk:  # on the student's top-K, both sides renormalised (vOPD's kl_top_k)
-            assert signal_.given_ids_BTK is not None and signal_.given_logp_BTK is not None
-            baseline_BT = losses.topk_divergence(
-                logits_BTV.detach(), signal_.given_ids_BTK, signal_.given_logp_BTK, "renorm"
-            )
-        else:
-            assert signal_.logits_BTV is not None
-            baseline_BT = losses.generalized_jsd(logits_BTV.detach(), signal_.logits_BTV, beta=1.0)
-    advantage_BT, _ = losses.sampled_rkl_advantage(
-        logp_BT.detach(), teacher_logp_BT, mask_BT, objective.kl_coef, objective.discount, baseline_BT
-    )
-    loss_BT, extra = losses.pg_per_token(
-        logp_BT, rollout.sampler_logp_BT, advantage_BT, mask_BT, objective.ppo_clip, objective.dual_clip
-    )
-    return loss_BT, {**metrics, **extra}
-
-
-def _divergence(
-    objective: ObjectiveConfig,
-    logits_BTV: torch.Tensor,
-    signal_: TeacherSignal,
-    mask_BT: torch.Tensor,
-    metrics: dict,
-) -> torch.Tensor:
-    """The direct-branch divergence at each position: full-vocabulary JSD_β, or reverse KL on a top-K support."""
-    if objective.direct_beta is not None:
-        assert signal_.logits_BTV is not None
-        return losses.generalized_jsd(
-            logits_BTV, signal_.logits_BTV, objective.direct_beta, objective.temperature
-        )
-    student_ids_BTK = None
-    if objective.topk_support == "intersect":
-        student_ids_BTK = logits_BTV.detach().topk(objective.topk, dim=-1).indices
-    ids_BTK, teacher_BTK, valid_BTK = losses.topk_support(
-        objective.topk_support,
-        teacher_topk=(signal_.topk_ids_BTK, signal_.topk_logp_BTK),
-        at_student_ids=(signal_.given_ids_BTK, signal_.given_logp_BTK),
-        student_ids_BTK=student_ids_BTK,
-    )
-    # the mass each side puts on the support (Many Faces: logging it is mandatory for top-K objectives)
-    student_lp_BTK = losses.logprobs_at(logits_BTV.detach(), ids_BTK)
-    metrics["student_mass"] = losses.masked_mean((student_lp_BTK.exp() * valid_BTK).sum(-1), mask_BT)
-    metrics["teacher_mass"] = losses.masked_mean((teacher_BTK.exp() * valid_BTK).sum(-1), mask_BT)
-    return losses.topk_divergence(logits_BTV, ids_BTK, teacher_BTK, objective.topk_variant, valid_BTK)
 
 
 def _out_of_time(config: Config, state: dict) -> bool:

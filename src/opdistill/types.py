@@ -62,3 +62,22 @@ class TeacherSignal:
         return dataclasses.replace(
             self, **{name: value[rows] for name, value in vars(self).items() if value is not None}
         )
+
+
+@dataclass
+class Shaping:
+    """Per-token weights and masks of one step (shaping.py from weighting.py), applied on top of the objective's
+    own math; all detached. The rollout's own mask still says which tokens are real; this one which get loss."""
+
+    mask_BT: torch.Tensor  # bool, tokens that receive loss (and count in the normaliser)
+    weight_BT: torch.Tensor  # multiplies the teacher term (the advantage or the divergence)
+    bonus_B: torch.Tensor | None = None  # verifier advantage per sample: c_R · route · A_GRPO, or DASD's A_G
+    correct_B: torch.Tensor | None = None  # SCOPE's branch per sample
+    zone_BT: torch.Tensor | None = None  # SEAD's zone per token (weighting.SKIP / RKL / FKL)
+    sead_lambda: float = 0.0  # SEAD's annealed forward-KL share
+
+    def select(self, rows: slice) -> Shaping:
+        return dataclasses.replace(
+            self,
+            **{name: value[rows] for name, value in vars(self).items() if isinstance(value, torch.Tensor)},
+        )

@@ -224,22 +224,30 @@ def dasd_advantage(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DASD direction-adaptive advantage (Zhang et al. 2026, arXiv 2605.22263; ALGORITHMS.md §7.4, [S*]
     formula): with δ_t = log p_T(y_t) - log p_S(y_t), δ̄ = δ / (MAD(δ) + ε) ([D] per-trajectory
-    mean-absolute-deviation scale), τ_ρ the ρ-quantile (linear interpolation) and σ_H the mean absolute
-    deviation (≥ ε) of the row's student entropies, ω = tanh((τ_ρ - H_S)/σ_H) · sigmoid(|δ̄| - 1) and
-    Â_t = A_G + β ω δ̄. Low-entropy scaffolding tokens (ω > 0) are pulled to the teacher, high-entropy forking
-    tokens pushed away. Shapes: [B, T], A_G [B] → (Â_BT, metrics), 0 on unmasked positions;
-    ``dasd_pull_frac`` = share of masked tokens with ω > 0."""
+    mean-absolute-deviation scale), τ_ρ the entropy above which the row's top-ρ share of tokens lies (its
+    (1-ρ)-quantile, linear interpolation) and σ_H the mean absolute deviation (≥ ε) of the row's student
+    entropies, ω = tanh((τ_ρ - H_S)/σ_H) · sigmoid(|δ̄| - 1) and Â_t = A_G + β ω δ̄. Low-entropy scaffolding
+    tokens (ω > 0) are pulled to the teacher, the high-entropy forking minority pushed away. [D] reading of
+    "ρ-quantile, ρ = 0.2": ρ is the forking share (the 20% high-entropy minority of Wang et al. 2025), not
+    the 0.2-quantile, which would push 80% of tokens away from the teacher. Shapes: [B, T], A_G [B] →
+    (Â_BT, metrics), 0 on unmasked positions; ``dasd_pull_frac`` = share of masked tokens with ω > 0,
+    ``dasd_scaffold_kl`` = mean -δ over them (the divergence DASD lowers; it raises it on forking tokens)."""
     mask_BT = mask_BT.bool()
     delta_BT = torch.where(mask_BT, at_least_fp32(delta_BT.detach()), 0.0)
     entropy_BT = torch.where(mask_BT, at_least_fp32(student_entropy_BT.detach()), 0.0)
     delta_bar_BT = delta_BT / (_mean_abs_deviation(delta_BT, mask_BT)[:, None] + eps)
-    tau_B1 = _masked_quantile(entropy_BT, mask_BT, rho)[:, None]
+    tau_B1 = _masked_quantile(entropy_BT, mask_BT, 1 - rho)[:, None]
     sigma_B1 = _mean_abs_deviation(entropy_BT, mask_BT).clamp(min=eps)[:, None]
     omega_BT = torch.tanh((tau_B1 - entropy_BT) / sigma_B1) * torch.sigmoid(delta_bar_BT.abs() - 1)
     advantage_BT = group_advantage_B.detach()[:, None] + beta * omega_BT * delta_bar_BT
     advantage_BT = torch.where(mask_BT, advantage_BT, 0.0)
     pulled = omega_BT[mask_BT] > 0
-    return advantage_BT, {"dasd_pull_frac": float(pulled.float().mean()) if pulled.numel() else 0.0}
+    if not pulled.any():
+        return advantage_BT, {"dasd_pull_frac": 0.0, "dasd_scaffold_kl": 0.0}
+    return advantage_BT, {  # the sampled reverse-KL estimate on the tokens pulled toward the teacher
+        "dasd_pull_frac": float(pulled.float().mean()),
+        "dasd_scaffold_kl": float(-delta_BT[mask_BT][pulled].mean()),
+    }
 
 
 def kat_trap_mask(

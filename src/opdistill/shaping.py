@@ -1,0 +1,109 @@
+"""Per-token weights and masks of one step, from the ``weighting`` and verifier settings of the config.
+
+Orchestration only: it gathers what ``weighting.py``'s pure functions need (the teacher's signal, the
+student's statistics over the whole batch, verifier rewards, the run's state) and hands the loop a shaped
+loss mask plus a ``Shaping``. Batch-wide statistics (TIP's selection, SEAD's percentiles, SCOPE's groups)
+are computed here over the whole step, never per micro-batch, so micro-batching cannot change the update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from opdistill import diagnostics, losses, weighting
+from opdistill.config import Config
+from opdistill.models import completion_logits
+from opdistill.sources import StepBatch
+from opdistill.types import Shaping
+
+
+def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> Shaping:
+    """The step's ``Shaping``: the loss mask narrowed (loss windows, TIP, KAT, SEAD's skip zone) and the
+    per-token weights; weighting metrics go into ``batch.metrics``. ``state`` carries KAT's running threshold."""
+    wcfg, objective, rollout, signal_ = config.weighting, config.objective, batch.rollout, batch.signal
+    assert signal_ is not None
+    mask_BT = rollout.loss_mask_BT
+    weight_BT = mask_BT.float()
+    metrics = batch.metrics
+    student_logits_BTV = None
+    if wcfg.needs_student_pass or objective.type == "sead":
+        with torch.no_grad():
+            student_logits_BTV = completion_logits(student, rollout)
+
+    if wcfg.position_decay or wcfg.position_limit:
+        weight_BT = weight_BT * weighting.position_decay(
+            mask_BT, wcfg.position_decay, config.rollout.max_new_tokens, wcfg.position_limit
+        )
+    if wcfg.loss_window:
+        generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + step)
+        mask_BT = weighting.window_mask(mask_BT, wcfg.loss_window, wcfg.loss_window_from, generator)
+    if wcfg.iw_opd_gamma:
+        iw_BT, iw_metrics = weighting.iw_opd_weights(
+            signal_.token_logp_BT, rollout.sampler_logp_BT, mask_BT, wcfg.iw_opd_gamma
+        )
+        weight_BT = weight_BT * iw_BT
+        metrics.update(iw_metrics)
+    if wcfg.prune:
+        assert student_logits_BTV is not None and signal_.topk_ids_BTK is not None
+        student_ids_BTK = student_logits_BTV.topk(objective.topk, dim=-1).indices
+        overlap_BT = diagnostics.topk_overlap(student_ids_BTK, signal_.topk_ids_BTK)
+        prune_BT, prune_metrics = weighting.prune_weights(
+            overlap_BT, mask_BT, wcfg.prune_eta, wcfg.prune_zeta, wcfg.prune_max_events
+        )
+        weight_BT = weight_BT * prune_BT
+        metrics.update(prune_metrics)
+    if wcfg.tip_ratio:  # student entropy × JSD_0.5 / ln 2 against the teacher, over the whole batch
+        assert student_logits_BTV is not None and signal_.logits_BTV is not None
+        entropy_BT = diagnostics.token_entropy(student_logits_BTV)
+        jsd_BT = losses.generalized_jsd(student_logits_BTV, signal_.logits_BTV, 0.5) / math.log(2)
+        mask_BT, tip_metrics = weighting.tip_keep_mask(entropy_BT, jsd_BT, mask_BT, wcfg.tip_ratio)
+        metrics.update(tip_metrics)
+    if wcfg.kat:  # k_t = max(ℓ_t, 0) on the sampled tokens [D]; the threshold follows the run's median
+        kl_BT = (rollout.sampler_logp_BT - signal_.token_logp_BT).clamp(min=0)
+        threshold, state["kat_ema"] = weighting.kat_threshold(
+            kl_BT, mask_BT, state.get("kat_ema"), wcfg.kat_kappa
+        )
+        mask_BT, trapped_B = weighting.kat_trap_mask(
+            kl_BT, mask_BT, threshold, wcfg.kat_window, wcfg.kat_patience, wcfg.kat_min_position
+        )
+        metrics["kat_trap_rate"] = float(trapped_B.float().mean())
+
+    shaping = Shaping(mask_BT=mask_BT, weight_BT=weight_BT)
+    if batch.reward_B is not None:
+        correct_B = batch.reward_B > 0.5
+        group = config.rollout.n_per_prompt
+        if objective.grpo_coef:
+            shaping.bonus_B = (
+                objective.grpo_coef
+                * weighting.route_weights(correct_B, objective.route_rl)
+                * weighting.grpo_advantage(batch.reward_B, group)
+            )
+        if objective.type == "dasd":
+            shaping.bonus_B = weighting.grpo_advantage(batch.reward_B, group)
+        if objective.route_opd != "all":
+            shaping.weight_BT = (
+                shaping.weight_BT * weighting.route_weights(correct_B, objective.route_opd)[:, None]
+            )
+        if objective.type == "scope":
+            student_ppl_B = weighting.sequence_perplexity(rollout.sampler_logp_BT, mask_BT)
+            teacher_ppl_B = weighting.sequence_perplexity(signal_.token_logp_BT, mask_BT)
+            scope_B, scope_metrics = weighting.scope_weights(
+                student_ppl_B, teacher_ppl_B, correct_B, group, objective.scope_tau
+            )
+            shaping.weight_BT, shaping.correct_B = shaping.weight_BT * scope_B[:, None], correct_B
+            metrics.update(scope_metrics)
+    if objective.type == "sead":
+        assert student_logits_BTV is not None and signal_.entropy_BT is not None
+        student_entropy_BT = diagnostics.token_entropy(student_logits_BTV)
+        shaping.zone_BT = weighting.sead_zones(signal_.entropy_BT, student_entropy_BT, mask_BT)
+        shaping.sead_lambda = weighting.sead_anneal(step, config.train.steps)
+        mask_BT = mask_BT & (shaping.zone_BT != weighting.SKIP)
+        metrics["sead_lambda"] = shaping.sead_lambda
+
+    kept = float(mask_BT.sum()) / max(float(rollout.loss_mask_BT.sum()), 1.0)
+    if kept < 1:
+        metrics["kept_token_frac"] = kept
+    shaping.mask_BT = mask_BT
+    return shaping

@@ -1,0 +1,136 @@
+"""How the configured objective combines its parts: routing, SCOPE's branches, EOPD's gate, the reference KL,
+and batch-wide shaping that micro-batching must not change (ALGORITHMS.md §7, §8.1, §12)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from opdistill import shaping, train
+from opdistill.config import ModelSpec, load_config
+from opdistill.data import left_pad, right_pad
+from opdistill.demo import asset_dir
+from opdistill.losses import token_logprobs
+from opdistill.models import completion_logits, load_model
+from opdistill.objectives import objective_loss
+from opdistill.sources import StepBatch
+from opdistill.teachers import LocalTeacher
+from opdistill.types import Rollout
+
+G = 2  # samples per prompt
+
+
+@pytest.fixture
+def setup(make_model):
+    """A student, a different teacher, and a hand-made on-policy-shaped batch of 2 prompts x G samples."""
+    student, teacher = make_model(seed=1).train(), make_model(seed=2)
+    prompts = [[1, 5, 6], [1, 5, 6], [1, 7], [1, 7]]
+    completions = [[8, 9, 10, 2], [8, 11, 2], [12, 2], [9, 9, 9, 9, 2]]
+    ids_BP, mask_BP = left_pad(prompts, 0)
+    tokens_BT, mask_BT = right_pad(completions, 0)
+    with torch.no_grad():
+        probe = Rollout(
+            ids_BP, mask_BP, tokens_BT, mask_BT, torch.zeros(tokens_BT.shape), torch.zeros(4).bool()
+        )
+        sampler_BT = token_logprobs(completion_logits(student, probe), tokens_BT) * mask_BT
+    rollout = Rollout(ids_BP, mask_BP, tokens_BT, mask_BT, sampler_BT, torch.zeros(4).bool())
+    return student, LocalTeacher(teacher), rollout
+
+
+def _loss(config, student, teacher, rollout, reward=None, reference=None):
+    """The normalised loss and metrics of one step's batch, as the loop builds them."""
+    signal_ = teacher.score(rollout, config.teacher_request)
+    batch = StepBatch(rollout, signal_, {}, reward_B=reward)
+    if reference is not None:
+        batch.reference_logp_BT = reference.score(rollout, config.teacher_request).token_logp_BT
+    batch.shaping = shaping.shape(config, student, batch, 0, {})
+    per_token_BT, metrics = objective_loss(config, student, batch)
+    mask_BT = batch.shaping.mask_BT
+    return (per_token_BT * mask_BT).sum() / mask_BT.sum(), metrics
+
+
+def _config(*overrides):
+    return load_config(None, ["objective.type=sampled_rkl", f"rollout.n_per_prompt={G}", *overrides])
+
+
+def test_route_opd_removes_the_teacher_term_from_the_samples_it_excludes(setup):
+    student, teacher, rollout = setup
+    failed = torch.zeros(4)  # no sample is correct: correct_only routing leaves only the GRPO term
+    routed, _ = _loss(_config("objective.grpo_coef=1", "objective.route_opd=correct_only"), student, teacher,
+                      rollout, failed)  # fmt: skip
+    grpo_only, _ = _loss(
+        _config("objective.grpo_coef=1", "objective.kl_coef=0"), student, teacher, rollout, failed
+    )
+    torch.testing.assert_close(routed, grpo_only)
+    mixed = torch.tensor([1.0, 0.0, 0.0, 1.0])  # one correct sample per prompt: GRPO advantage ±0.707
+    _, metrics = _loss(_config("objective.grpo_coef=1"), student, teacher, rollout, mixed)
+    assert metrics["reward_advantage_abs"] == pytest.approx(0.5**0.5, rel=1e-4)
+    assert metrics["teacher_advantage_abs"] > 0
+
+
+def test_scope_trains_correct_samples_by_likelihood_and_failed_ones_by_reverse_kl(setup):
+    student, teacher, rollout = setup
+    config = _config("objective.type=scope")
+    correct = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    per_token_BT, _ = objective_loss(config, student, _batch(config, student, teacher, rollout, correct))
+    signal_ = teacher.score(rollout, config.teacher_request)
+    # at the sampler's parameters ρ = 1: a correct row's token loss is -w (prompt 0 has one correct row: w = 1)
+    mask_BT = rollout.loss_mask_BT
+    torch.testing.assert_close(per_token_BT[0][mask_BT[0]], -torch.ones(int(mask_BT[0].sum())))
+    # the failed row of prompt 0 (w = 1) carries the sampled reverse KL advantage -ℓ = log p_T - log p_S
+    expected_BT = -(signal_.token_logp_BT[1] - rollout.sampler_logp_BT[1])
+    torch.testing.assert_close(per_token_BT[1][mask_BT[1]], expected_BT[mask_BT[1]], atol=1e-5, rtol=1e-4)
+    # prompt 1 has two correct rows: their weights (PPL_S softmax) sum to 1
+    totals = [-float(per_token_BT[row][mask_BT[row]].detach().mean()) for row in (2, 3)]
+    assert sum(totals) == pytest.approx(1.0, abs=1e-5) and min(totals) > 0
+
+
+def _batch(config, student, teacher, rollout, reward=None):
+    batch = StepBatch(rollout, teacher.score(rollout, config.teacher_request), {}, reward_B=reward)
+    batch.shaping = shaping.shape(config, student, batch, 0, {})
+    return batch
+
+
+def test_eopd_adds_forward_kl_only_where_the_teacher_is_uncertain(setup):
+    student, teacher, rollout = setup
+    base, _ = _loss(_config(), student, teacher, rollout)
+    closed, metrics = _loss(_config("weighting.eopd_coef=1", "weighting.eopd_threshold=100"), student, teacher,
+                            rollout)  # fmt: skip
+    torch.testing.assert_close(closed, base)  # gate shut: only the policy-gradient term
+    assert metrics["eopd_gate_frac"] == 0
+    opened, metrics = _loss(_config("weighting.eopd_coef=1", "weighting.eopd_threshold=0"), student, teacher,
+                            rollout)  # fmt: skip
+    assert metrics["eopd_gate_frac"] == 1 and opened > base  # the forward KL on the teacher's top-16 adds on
+
+
+def test_reference_kl_is_zero_at_the_reference_and_positive_away_from_it(setup, make_model):
+    student, teacher, rollout = setup
+    config = _config("objective.ref_kl_coef=0.5")
+    base, _ = _loss(_config(), student, teacher, rollout)
+    same, metrics = _loss(config, student, teacher, rollout, reference=LocalTeacher(copy.deepcopy(student)))
+    torch.testing.assert_close(same, base)
+    assert metrics["reference_kl"] == pytest.approx(0.0, abs=1e-6)
+    _, metrics = _loss(config, student, teacher, rollout, reference=LocalTeacher(make_model(seed=3)))
+    assert metrics["reference_kl"] > 0
+
+
+@pytest.mark.parametrize("overrides", [
+    ("objective.type=sampled_rkl", "weighting.tip_ratio=0.5"),
+    ("objective.type=sead",),
+])  # fmt: skip
+def test_batch_wide_shaping_is_the_same_for_any_micro_batch_size(tmp_path, overrides):
+
+    finals = []
+    for micro in (0, 3):
+        config = load_config(None, [
+            f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1", "train.prompts_per_step=8",
+            "rollout.max_new_tokens=52", "train.eval_every=0", "train.eval_size=4", "train.steps=3",
+            f"train.micro_batch_size={micro}", f"train.out_dir={tmp_path / str(micro)}", *overrides,
+        ])  # fmt: skip
+        train.run(config, show_progress=False)
+        model, _ = load_model(ModelSpec(path=str(tmp_path / str(micro) / "final")))
+        finals.append(dict(model.named_parameters()))
+    for name, param in finals[0].items():
+        torch.testing.assert_close(param, finals[1][name], atol=2e-5, rtol=1e-4)
