@@ -153,3 +153,15 @@ def test_interrupted_run_checkpoints_and_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 61))
+
+
+def test_objectives_lists_every_objective_with_its_teacher_signal():
+    from opdistill.config import OBJECTIVES
+
+    listing = opd("objectives")
+    assert listing.returncode == 0, listing.stderr
+    rows = {
+        line.split()[0]: line.split()[1:] for line in listing.stdout.splitlines()[1 : 1 + len(OBJECTIVES)]
+    }
+    assert set(rows) == set(OBJECTIVES)
+    assert rows["sampled_rkl"][:2] == ["PG", "L0"] and rows["full_rkl"][:3] == ["direct", "L0", "L2"]

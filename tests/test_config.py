@@ -104,3 +104,18 @@ def test_token_clip_applies_to_full_vocabulary_objectives_only():
     with pytest.raises(UserError, match="token_clip must be >= 0 and applies to full_rkl"):
         load_config(None, ["objective.type=sampled_rkl", "objective.token_clip=0.1"])
     assert load_config(None, ["objective.type=jsd", "objective.token_clip=0.1"]).objective.token_clip == 0.1
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["objective.type=sampled_rkl", "objective.grpo_coef=1"], "GRPO advantage is 0 with one sample"),
+    (["objective.type=jsd", "objective.grpo_coef=1", "rollout.n_per_prompt=4"], "grpo_coef must be >= 0 and applies"),
+    (["objective.type=scope", "rollout.on_policy_fraction=0.5"], "sampled_rkl estimates|student's own samples"),
+    (["objective.type=sft", "weighting.tip_ratio=0.5"], "weighting.\\* applies to distillation"),
+    (["objective.type=jsd", "weighting.kat=true", "rollout.on_policy_fraction=0.5"], "sampler's log-probs"),
+    (["objective.type=topk_rkl", "objective.temperature=2"], "cannot be re-normalised"),
+    (["objective.type=jsd", "objective.pg_clip=0.2"], "pg_clip applies to the policy-gradient types"),
+    (["weighting.tip_ratio=2"], "tip_ratio and prune_eta must be in"),
+])  # fmt: skip
+def test_objective_and_weighting_pairings_are_clear_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)

@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_argument("--n", type=int, default=20, help="examples to export (default 20)")
     tasks.add_argument("--out", help="output file (default stdout)")
 
+    commands.add_parser(
+        "objectives", help="list the objectives, their teacher signal, and the weighting keys"
+    )
+
     report = commands.add_parser("report", help="HTML report (PNG plots) of one or several runs")
     report.add_argument("runs", nargs="+", help="run directories")
     report.add_argument("--out", default="", help="output directory (default: the first run)")
@@ -166,6 +170,26 @@ def _tasks(args) -> int:
     return 0
 
 
+def _objectives(_args) -> int:
+    from opdistill.config import OBJECTIVES, load_config
+
+    print("objective.type   branch  teacher sends  what (ALGORITHMS.md section)")
+    for name, (branch, what) in OBJECTIVES.items():
+        extra = ["rollout.n_per_prompt=4"] if name == "dasd" else []
+        request = load_config(None, [f"objective.type={name}", *extra]).teacher_request
+        levels = ["L0"] * (name != "sft") + ["L1"] * bool(request.topk) + ["L1s"] * request.at_ids
+        levels += ["L2"] * request.full + ["H"] * request.entropy
+        print(f"{name:16s} {branch:7s} {' '.join(levels):14s} {what}")
+    print(
+        "\nL0 = log p_T of each sampled token; L1 = the teacher's top-K ids and log-probs; L1s = its log-probs at"
+        "\nthe student's top-K ids; L2 = full logits; H = its entropy. For topk_rkl the levels depend on"
+        "\nobjective.topk_support (shown: student). Token weights and masks (weighting.*) and the RLVR hybrid"
+        "\nkeys (objective.grpo_coef, route_opd, route_rl) combine with these: `opd distill --help` lists every"
+        "\nkey, docs/objectives.md gives formulas, sources and when to use each."
+    )
+    return 0
+
+
 def _report(args) -> int:
     from opdistill.report import write_report
 
@@ -187,6 +211,7 @@ COMMANDS = {
     "eval": _eval,
     "tasks": _tasks,
     "report": _report,
+    "objectives": _objectives,
 }
 
 if __name__ == "__main__":

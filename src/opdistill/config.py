@@ -50,6 +50,20 @@ SftTargets = Literal["dataset", "teacher", "teacher_pool"]
 Objective = Literal[
     "full_rkl", "full_fkl", "jsd", "topk_rkl", "sead", "sampled_rkl", "k2", "minillm", "scope", "dasd", "sft"
 ]
+# objective.type -> (optimizer branch, what it is); `opd objectives` prints this with the teacher signal
+OBJECTIVES = {
+    "full_rkl": ("direct", "KL(p_S ‖ p_T) over the vocabulary at each visited state (GKD β = 1), §3"),
+    "full_fkl": ("direct", "KL(p_T ‖ p_S) over the vocabulary (GKD β = 0), §3"),
+    "jsd": ("direct", "generalized JSD_β over the vocabulary (GKD; objective.jsd_beta), §3"),
+    "topk_rkl": ("direct", "reverse KL on K ids per position: topk_variant, topk_support, §5"),
+    "sead": ("direct", "entropy zones skip / reverse KL / forward KL, annealed toward forward KL, §7.7"),
+    "sampled_rkl": ("PG", "advantage -(log p_S - log p_T) of the sampled token, IS or PPO-clipped, §2"),
+    "k2": ("direct", "½ (log p_S - log p_T)² of the sampled token, back-propagated (KDRL), §1.4"),
+    "minillm": ("both", "full reverse KL + PG on the length-normalised future reward (MiniLLM), §4"),
+    "scope": ("PG", "verifier: correct samples by likelihood, failed by sampled_rkl, PPL-weighted, §7.3"),
+    "dasd": ("PG", "verifier: GRPO advantage + entropy-routed, direction-adaptive teacher term, §7.4"),
+    "sft": ("-", "cross-entropy on dataset or teacher completions (what `opd sft` runs)"),
+}
 Route = Literal["all", "failed_only", "correct_only"]
 Window = Literal["first", "last", "random"]
 TopKSupport = Literal["student", "teacher", "union", "intersect"]
@@ -95,20 +109,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    # Direct branch, exact over the vocabulary at each sampled state (teacher sends full log-probs):
-    #   full_rkl = KL(p_S ‖ p_T) (GKD β = 1), full_fkl = KL(p_T ‖ p_S) (β = 0), jsd = JSD_β (ALGORITHMS §3)
-    # Direct branch on a support of K ids per position (teacher sends top-K or log-probs at the student's ids):
-    #   topk_rkl = reverse KL on the support, variant and support below (§5)
-    # Sampled-token, teacher sends only log p_T(y_t) (§2, §1.4):
-    #   sampled_rkl = detached advantage -(log p_S - log p_T), importance-sampled or PPO-clipped policy gradient
-    #   k2 = ½ (log p_S - log p_T)² back-propagated directly (same per-sample gradient as sampled_rkl)
-    # Mixed and verifier-driven (§4, §7.3, §7.4, §7.7; verifier outcomes need a task with answers):
-    #   minillm = full reverse KL (single-step term) + policy gradient on the length-normalised future reward
-    #   scope = correct samples: importance-sampled MLE; failed ones: sampled_rkl; PPL-weighted per prompt
-    #   dasd = GRPO advantage + β·ω·δ̄ (entropy-routed, direction-adaptive teacher signal)
-    #   sead = per-token zones skip / reverse KL / forward KL from entropies, annealed toward forward KL
-    # sft = cross-entropy on completions (what `opd sft` runs)
-    type: Objective = "full_rkl"  # full_rkl|full_fkl|jsd|topk_rkl|sead|sampled_rkl|k2|minillm|scope|dasd|sft
+    type: Objective = "full_rkl"  # what the student minimises: `opd objectives` lists them all
     jsd_beta: float = 0.5  # β of type=jsd: 0 = forward KL, 1 = reverse KL (TRL convention)
     topk: int = 16  # K of topk_rkl and of the top-K baseline (ids per position)
     topk_variant: TopKVariant = "sg"  # topk_rkl: raw (T1, biased) | sg | renorm | tail | pg | fkl, see docs
@@ -312,12 +313,12 @@ class Config:
             raise UserError(
                 "a GRPO advantage is 0 with one sample per prompt: set rollout.n_per_prompt to 4 or more."
             )
-        direct = objective.direct_beta is not None or objective.type in ("topk_rkl", "sead")
         if weighting != WeightingConfig() and objective.type == "sft":
             raise UserError("weighting.* applies to distillation objectives, not objective.type=sft.")
-        if weighting.iw_opd_gamma and objective.type not in ("sampled_rkl", "minillm") and not direct:
+        if (weighting.iw_opd_gamma or weighting.kat) and self.rollout.on_policy_fraction < 1:
             raise UserError(
-                "weighting.iw_opd_gamma applies to sampled_rkl, minillm and the direct objectives."
+                "weighting.iw_opd_gamma and weighting.kat read the sampler's log-probs, which off-policy "
+                "completions do not have: keep rollout.on_policy_fraction=1."
             )
 
     @property
