@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from opdistill import shaping, train
+from opdistill import shaping, sources, train
 from opdistill.config import ModelSpec, load_config
 from opdistill.data import left_pad, right_pad
 from opdistill.demo import asset_dir
@@ -39,13 +39,19 @@ def setup(make_model):
     return student, LocalTeacher(teacher), rollout
 
 
-def _loss(config, student, teacher, rollout, reward=None, reference=None):
-    """The normalised loss and metrics of one step's batch, as the loop builds them."""
-    signal_ = teacher.score(rollout, config.teacher_request)
-    batch = StepBatch(rollout, signal_, {}, reward_B=reward)
+def _batch(config, student, teacher, rollout, reward=None, reference=None):
+    """One step's batch, scored and shaped as the loop builds it."""
+    batch = StepBatch(rollout, sources.score(config, student, teacher, rollout), {}, reward_B=reward)
     if reference is not None:
         batch.reference_logp_BT = reference.score(rollout, config.teacher_request).token_logp_BT
     batch.shaping = shaping.shape(config, student, batch, 0, {})
+    return batch
+
+
+def _loss(config, student, teacher, rollout, reward=None, reference=None):
+    """The normalised loss and metrics of one step's batch."""
+    batch = _batch(config, student, teacher, rollout, reward, reference)
+    assert batch.shaping is not None
     per_token_BT, metrics = objective_loss(config, student, batch)
     mask_BT = batch.shaping.mask_BT
     return (per_token_BT * mask_BT).sum() / mask_BT.sum(), metrics
@@ -85,12 +91,6 @@ def test_scope_trains_correct_samples_by_likelihood_and_failed_ones_by_reverse_k
     # prompt 1 has two correct rows: their weights (PPL_S softmax) sum to 1
     totals = [-float(per_token_BT[row][mask_BT[row]].detach().mean()) for row in (2, 3)]
     assert sum(totals) == pytest.approx(1.0, abs=1e-5) and min(totals) > 0
-
-
-def _batch(config, student, teacher, rollout, reward=None):
-    batch = StepBatch(rollout, teacher.score(rollout, config.teacher_request), {}, reward_B=reward)
-    batch.shaping = shaping.shape(config, student, batch, 0, {})
-    return batch
 
 
 def test_eopd_adds_forward_kl_only_where_the_teacher_is_uncertain(setup):
@@ -134,3 +134,20 @@ def test_batch_wide_shaping_is_the_same_for_any_micro_batch_size(tmp_path, overr
         finals.append(dict(model.named_parameters()))
     for name, param in finals[0].items():
         torch.testing.assert_close(param, finals[1][name], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [
+    ("objective.type=minillm", "objective.discount=0.5"),
+    ("objective.type=sead",),
+    ("objective.type=topk_rkl", "objective.topk=4", "objective.topk_support=union"),
+    ("objective.type=topk_rkl", "objective.topk=4", "objective.topk_variant=tail", "objective.topk_support=teacher"),
+    ("objective.type=sampled_rkl", "weighting.iw_opd_gamma=0.5", "weighting.position_decay=2"),
+])  # fmt: skip
+def test_teacher_equal_to_student_gives_zero_loss_and_zero_gradient(setup, overrides):
+    student, _, rollout = setup
+    config = _config(*overrides)
+    loss, _ = _loss(config, student, LocalTeacher(copy.deepcopy(student)), rollout)
+    student.zero_grad()
+    loss.backward()
+    assert abs(float(loss.detach())) < 1e-6
+    assert all(p.grad is None or p.grad.abs().max() < 1e-6 for p in student.parameters())

@@ -138,14 +138,6 @@ def batch_source(
         rows = [ex for ex in examples for _ in range(roll.n_per_prompt)]
         return torch.tensor([float(task.verify(t, ex)) for t, ex in zip(texts, rows, strict=True)])
 
-    def score(rollout: Rollout) -> TeacherSignal:
-        """The teacher's signal; for L1s it scores the student's own top-K ids at each visited state."""
-        k, ids_BTK = config.objective.student_topk, None
-        if k:
-            with torch.no_grad():
-                ids_BTK = completion_logits(student, rollout).topk(k, dim=-1).indices
-        return teacher.score(rollout, config.teacher_request, ids_BTK)
-
     def distill(step: int) -> StepBatch:
         # GKD data mixing: one coin per step, a function of (seed, step) so resume replays it
         coin = random.Random(f"gkd-{config.train.seed}-{step}").random()
@@ -161,7 +153,7 @@ def batch_source(
             rollout, metrics = off_policy(step)
         metrics["on_policy"] = float(on)
         metrics["teacher_scored_tokens"] = int(rollout.attention_mask.sum())
-        batch = StepBatch(rollout, score(rollout), metrics, reward_B=reward_B)
+        batch = StepBatch(rollout, score(config, student, teacher, rollout), metrics, reward_B=reward_B)
         if reference is not None:
             batch.reference_logp_BT = reference.score(rollout, SignalRequest()).token_logp_BT
         if config.objective.sft_coef > 0:  # the same prompts, with dataset or teacher completions
@@ -172,6 +164,16 @@ def batch_source(
         return batch
 
     return distill
+
+
+def score(config: Config, student, teacher, rollout: Rollout) -> TeacherSignal:
+    """The teacher's signal for ``rollout``; for L1s it scores the student's own top-K ids at each visited state
+    (one student forward without gradient)."""
+    k, ids_BTK = config.objective.student_topk, None
+    if k:
+        with torch.no_grad():
+            ids_BTK = completion_logits(student, rollout).topk(k, dim=-1).indices
+    return teacher.score(rollout, config.teacher_request, ids_BTK)
 
 
 def teacher_pool(config: Config, task: Task, tokenizer, teacher, out: Path, state: dict) -> ExampleStream:
