@@ -1,5 +1,6 @@
 """Sequence-level identities on a tabular autoregressive model, enumerating every sequence (ALGORITHMS.md
-I9a-c), and the remaining single-state identities (I7, I8, I14c) and MiniLLM's long-term advantage."""
+I9a-c), the weighted-KL optima (I15a,b), the remaining single-state identities (I7, I8, I14c) and MiniLLM's
+long-term advantage."""
 
 from __future__ import annotations
 
@@ -121,3 +122,36 @@ def test_minillm_long_advantage_by_hand():
     mean = sum(raw) / 3
     advantage = losses.minillm_long_advantage(student, teacher, mask, gamma)
     torch.testing.assert_close(advantage, torch.tensor([[raw[0] - mean, raw[1] - mean, raw[2] - mean, 0.0]]))
+
+
+def _stationary(objective, r_logits):
+    """d objective / d logits at r (zero at the optimum over the simplex, which the logits parametrise)."""
+    r_logits = r_logits.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective(r_logits), r_logits)
+    return grad
+
+
+def test_i15a_i15b_weighted_kl_optima_are_the_geometric_and_arithmetic_mixtures():
+    g = torch.Generator().manual_seed(5)
+    components = torch.randn(3, 1, 1, 6, generator=g, dtype=torch.float64).log_softmax(-1)  # log p_c
+    weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+
+    def reverse(r):  # Σ_c w_c KL(r ‖ p_c)
+        return sum(
+            w * losses.generalized_jsd(r, p, beta=1.0).sum() for w, p in zip(weights, components, strict=True)
+        )
+
+    def forward(r):  # Σ_c w_c KL(p_c ‖ r)
+        return sum(
+            w * losses.generalized_jsd(r, p, beta=0.0).sum() for w, p in zip(weights, components, strict=True)
+        )
+
+    geometric = (weights[:, None, None, None] * components).sum(
+        0
+    )  # log of normalize(exp Σ w log p), up to a constant
+    arithmetic = (weights[:, None, None, None] * components.exp()).sum(0).log()
+    zero = torch.zeros(1, 1, 6, dtype=torch.float64)
+    torch.testing.assert_close(_stationary(reverse, geometric), zero)
+    torch.testing.assert_close(_stationary(forward, arithmetic), zero)
+    assert _stationary(reverse, arithmetic).abs().max() > 1e-3  # the two optima differ
+    assert _stationary(forward, geometric).abs().max() > 1e-3

@@ -60,6 +60,7 @@ def _params(run_dir):
         ("sampled_rkl objective.baseline=vopd objective.baseline_topk=4", "teacher_kl"),
         ("minillm objective.discount=0.5", "divergence"),
         ("sead", "teacher_kl"),
+        ("sead data.curriculum=true data.pool_size=64 data.curriculum_samples=2", "teacher_kl"),
         ("scope rollout.n_per_prompt=4 train.prompts_per_step=4", "teacher_kl"),
         ("dasd rollout.n_per_prompt=4 train.prompts_per_step=4 objective.dasd_rho=0.01", "teacher_kl"),
         (
@@ -106,6 +107,8 @@ def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_pa
     ("objective.type=sampled_rkl", "objective.discount=0.9"),
     ("objective.type=sft", "data.completions=teacher_pool", "data.pool_size=24"),
     ("objective.type=jsd", "rollout.on_policy_fraction=0.5"),
+    ("objective.type=sead", "data.curriculum=true", "data.pool_size=32", "data.curriculum_samples=2",
+     "weighting.kat=true", "weighting.kat_window=4", "weighting.kat_min_position=8"),
 ])  # fmt: skip
 def test_resume_is_exact(tmp_path, overrides):
     whole = _config(tmp_path / "a", "train.steps=4", *overrides)

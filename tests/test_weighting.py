@@ -275,3 +275,26 @@ def test_prune_weights_are_monotone():
     overlap = torch.rand(4, 50, generator=torch.Generator().manual_seed(0))
     w, _ = weighting.prune_weights(overlap, torch.ones(4, 50, dtype=torch.bool), max_events=10)
     assert (w[:, 1:] <= w[:, :-1]).all() and (w <= 1).all() and (w[:, -1] == 0).all()
+
+
+def test_sead_competence_rises_from_its_start_to_one_at_70_percent():
+    values = [weighting.sead_competence(step, 100, start=0.3) for step in range(0, 101, 10)]
+    assert values[0] == pytest.approx(0.3) and values[7] == pytest.approx(1.0) and values[-1] == 1.0
+    assert all(a <= b for a, b in zip(values, values[1:], strict=False))
+    assert weighting.sead_competence(35, 100, start=0.3) == pytest.approx(0.3 + 0.7 * 0.5)
+
+
+def test_curriculum_stream_draws_only_prompts_within_the_competence():
+    from opdistill.config import load_config
+    from opdistill.data import Example
+    from opdistill.sources import CurriculumStream
+
+    examples = [Example(prompt=f"p{i}", answer=str(i)) for i in range(3)]
+    config = load_config(None, ["train.steps=10", "data.curriculum_start=0.3"])
+    stream = CurriculumStream(examples, [0.0, 0.5, 1.0], config)
+    assert {ex.prompt for ex in stream.batch(0, 50)} == {"p0"}  # c(0) = 0.3
+    assert {ex.prompt for ex in stream.batch(3, 50)} == {"p0", "p1"}  # c(3) = 0.6
+    assert {ex.prompt for ex in stream.batch(7, 200)} == {"p0", "p1", "p2"}  # c = 1 from 70% of the steps
+    assert stream.batch(5, 20) == stream.batch(5, 20)  # a function of (seed, step): resume replays it
+    hard = CurriculumStream(examples, [0.9, 0.5, 1.0], config)
+    assert {ex.prompt for ex in hard.batch(0, 20)} == {"p1"}  # nothing within c(0): the easiest ones

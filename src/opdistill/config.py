@@ -82,8 +82,13 @@ class DataConfig:
     completions: SftTargets = "dataset"  # SFT on: dataset | teacher (fresh each step) | teacher_pool (reused)
     pool_size: int = 4096  # teacher_pool: prompts in the cached pool (teacher = fresh samples every step)
     teacher_temperature: float = 0.0  # teacher / teacher_pool completions: 0 = greedy
+    curriculum: bool = False  # SEAD's competence gate: train on prompts no harder than c(step) (§7.7)
+    curriculum_samples: int = 8  # curriculum: samples of the initial student per pool prompt (difficulty)
+    curriculum_start: float = 0.3  # curriculum: c(0); c rises linearly to 1 at 70% of train.steps
 
     def __post_init__(self):
+        if self.curriculum_samples < 1 or not 0 <= self.curriculum_start <= 1:
+            raise UserError("data.curriculum_samples must be >= 1 and data.curriculum_start in [0, 1].")
         if self.train_file:  # the user's file replaces the default task; the resolved config says so
             object.__setattr__(self, "task", "")
         elif not self.task:

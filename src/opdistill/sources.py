@@ -5,6 +5,8 @@ metrics)``; what a step sees depends only on (seed, step), which keeps resume ex
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 import time
 from collections.abc import Callable
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from opdistill import weighting
 from opdistill.config import Config
 from opdistill.data import (
     Example,
@@ -77,6 +80,8 @@ def batch_source(
             temperature=temperature,
             top_p=roll.top_p,
         )
+
+    prompts = curriculum(config, task, tokenizer, student, out, state) if data.curriculum else task.train
 
     def on_policy(examples: list[Example]) -> tuple[Rollout, dict[str, float]]:
         rollout = sampled(student, examples, roll.temperature, roll.n_per_prompt)
@@ -144,7 +149,7 @@ def batch_source(
         on = roll.on_policy_fraction >= 1 or coin < roll.on_policy_fraction
         reward_B = None
         if on:
-            examples = task.train.batch(step, prompts_per_step)
+            examples = prompts.batch(step, prompts_per_step)
             rollout, metrics = on_policy(examples)
             if config.objective.needs_reward:
                 reward_B = verify(rollout, examples)
@@ -174,6 +179,50 @@ def score(config: Config, student, teacher, rollout: Rollout) -> TeacherSignal:
         with torch.no_grad():
             ids_BTK = completion_logits(student, rollout).topk(k, dim=-1).indices
     return teacher.score(rollout, config.teacher_request, ids_BTK)
+
+
+class CurriculumStream:
+    """SEAD's competence-gated curriculum (ALGORITHMS.md §7.7, [D] form): step t draws, with replacement and
+    as a function of (seed, t), only pool prompts whose difficulty d = 1 - the initial student's pass rate is
+    at most c(t); when none is, the easiest ones."""
+
+    def __init__(self, examples: list[Example], difficulty: list[float], config: Config):
+        self.examples, self.difficulty, self.config = examples, difficulty, config
+
+    def batch(self, step: int, size: int) -> list[Example]:
+        data, train = self.config.data, self.config.train
+        limit = max(weighting.sead_competence(step, train.steps, data.curriculum_start), min(self.difficulty))
+        eligible = [ex for ex, d in zip(self.examples, self.difficulty, strict=True) if d <= limit]
+        rng = random.Random(f"curriculum-{train.seed}-{step}")
+        return [eligible[rng.randrange(len(eligible))] for _ in range(size)]
+
+
+def curriculum(config: Config, task: Task, tokenizer, student, out: Path, state: dict) -> CurriculumStream:
+    """The difficulty of the first ``data.pool_size`` training prompts for the student as the run starts,
+    from ``data.curriculum_samples`` samples each (their time counts against the run); kept in the run
+    directory, so a resumed run keeps the initial student's difficulties."""
+    path = out / "curriculum.jsonl"
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return CurriculumStream(
+            [Example(**r["example"]) for r in rows], [r["difficulty"] for r in rows], config
+        )
+    started = time.perf_counter()
+    examples, n = [task.train[i] for i in range(config.data.pool_size)], config.data.curriculum_samples
+    texts = sample_completions(
+        student, tokenizer, examples, max_new_tokens=config.rollout.max_new_tokens,
+        temperature=config.rollout.temperature, n=n, seed=config.train.seed,
+    )  # fmt: skip
+    difficulty = [
+        1 - sum(task.verify(texts[i * n + j], ex) for j in range(n)) / n for i, ex in enumerate(examples)
+    ]
+    path.write_text(
+        "".join(json.dumps({"example": dataclasses.asdict(ex), "difficulty": d}) + "\n"
+                for ex, d in zip(examples, difficulty, strict=True))
+    )  # fmt: skip
+    state["elapsed_s"] += time.perf_counter() - started
+    state["student_sampled_tokens"] += sum(len(encode_completion(tokenizer, t)) for t in texts)
+    return CurriculumStream(examples, difficulty, config)
 
 
 def teacher_pool(config: Config, task: Task, tokenizer, teacher, out: Path, state: dict) -> ExampleStream:

@@ -354,3 +354,11 @@ def prune_weights(
     effective_length_B = (mask_BT & (w_BT >= min_weight)).sum(1).float()
     kept_frac = float((w_BT > 0).sum() / mask_BT.sum()) if mask_BT.any() else 0.0
     return w_BT, {"prune_effective_length": float(effective_length_B.mean()), "prune_kept_frac": kept_frac}
+
+
+def sead_competence(step: int, total_steps: int, start: float = 0.3) -> float:
+    """SEAD's competence threshold c(step) = c0 + (1 - c0) · min(1, step / (0.7 · total)) (ALGORITHMS.md §7.7,
+    [D]): at ``step`` the curriculum trains only on prompts whose difficulty d = 1 - pass rate ≤ c."""
+    if total_steps <= 0:
+        raise ValueError(f"sead_competence needs total_steps > 0, got {total_steps}")
+    return start + (1 - start) * min(1.0, max(step, 0) / (0.7 * total_steps))

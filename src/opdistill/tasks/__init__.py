@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -120,9 +121,8 @@ def load_task(
 
 
 def task_from_config(data, seed: int) -> Task:
-    """``load_task`` from a DataConfig (SFT-only fields ignored)."""
-    skip = {"completions", "pool_size", "teacher_temperature"}
-    fields = {k: getattr(data, k) for k in data.__dataclass_fields__ if k not in skip}
+    """``load_task`` from a DataConfig (the fields it takes; the others say where completions come from)."""
+    fields = {k: getattr(data, k) for k in inspect.signature(load_task).parameters if hasattr(data, k)}
     return load_task(**fields, seed=seed)
 
 
