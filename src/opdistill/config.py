@@ -120,13 +120,13 @@ class ObjectiveConfig:
     topk_variant: TopKVariant = "sg"  # topk_rkl: raw (T1, biased) | sg | renorm | tail | pg | fkl, see docs
     topk_support: TopKSupport = "student"  # topk_rkl ids: student's top-K | teacher's | union | intersect
     temperature: float = 1.0  # loss temperature τ on both student and teacher logits (full-vocabulary types)
-    token_clip: float = 0.0  # full-vocabulary types: clip each token's divergence at c (0 = off), e.g. 0.1
+    token_clip: float = 0.0  # full-vocabulary and top-K types: clip each token's divergence at c (0 = off)
     token_clip_soft: bool = False  # c·tanh(D/c) instead of min(D, c): bounded, but keeps a gradient
     kl_coef: float = 1.0  # c_KL: scale of the sampled reverse-KL advantage
     discount: float = 0.0  # γ: 0 = per-token (myopic) advantage, 1 = full reward-to-go
     baseline: Literal["none", "vopd"] = "none"  # sampled_rkl: vopd = subtract the exact per-state RKL (§10)
     baseline_topk: int = 0  # vopd baseline over the student's top-K, renormalised (0 = full vocabulary)
-    pg_clip: float = 0.0  # sampled_rkl: PPO clip ε (0 = plain importance sampling), e.g. 0.2
+    pg_clip: float = 0.0  # policy-gradient types: PPO clip ε (0 = plain importance sampling), e.g. 0.2
     pg_clip_high: float = 0.0  # sampled_rkl: upper ε if different from pg_clip (0 = same)
     dual_clip: float = 0.0  # with pg_clip: cap negative-advantage token losses at c·|A| (0 = off), e.g. 3
     grpo_coef: float = 0.0  # RLVR hybrid c_R: add c_R x GRPO advantage of the verifier reward (§12), e.g. 1
