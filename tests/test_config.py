@@ -110,12 +110,32 @@ def test_token_clip_applies_to_full_vocabulary_objectives_only():
     (["objective.type=sampled_rkl", "objective.grpo_coef=1"], "GRPO advantage is 0 with one sample"),
     (["objective.type=jsd", "objective.grpo_coef=1", "rollout.n_per_prompt=4"], "grpo_coef must be >= 0 and applies"),
     (["objective.type=scope", "rollout.on_policy_fraction=0.5"], "sampled_rkl estimates|student's own samples"),
-    (["objective.type=sft", "weighting.tip_ratio=0.5"], "weighting.\\* applies to distillation"),
+    (["objective.type=sft", "weighting.tip_ratio=0.5"], "apply to distillation objectives"),
     (["objective.type=jsd", "weighting.kat=true", "rollout.on_policy_fraction=0.5"], "sampler's log-probs"),
-    (["objective.type=topk_rkl", "objective.temperature=2"], "cannot be re-normalised"),
+    (["objective.type=topk_rkl", "objective.temperature=2"], "temperature applies to full_rkl, full_fkl and jsd"),
+    (["objective.type=minillm"], "set objective.discount in"),
+    (["objective.type=minillm", "objective.discount=1", "rollout.on_policy_fraction=0.5"], "student's own samples"),
+    (["objective.type=jsd", "objective.ref_kl_coef=0.1", "rollout.on_policy_fraction=0.5"], "student's own samples"),
+    (["objective.type=sampled_rkl", "objective.baseline_topk=8"], "set objective.baseline=vopd"),
+    (["objective.type=sft", "objective.ref_kl_coef=0.1"], "apply to distillation objectives"),
+    (["objective.type=sft", "data.curriculum=true"], "apply to distillation objectives"),
+    (["objective.type=jsd", "data.curriculum=true", "rollout.on_policy_fraction=0.5"], "prompts the student samples"),
+    (["objective.type=jsd", "weighting.kat=true"], "can only trap responses of at least"),
+    (["objective.type=scope", "objective.discount=0.5"], "do not apply to objective.type=scope"),
     (["objective.type=jsd", "objective.pg_clip=0.2"], "pg_clip applies to the policy-gradient types"),
     (["weighting.tip_ratio=2"], "tip_ratio and prune_eta must be in"),
 ])  # fmt: skip
 def test_objective_and_weighting_pairings_are_clear_errors(overrides, message):
     with pytest.raises(UserError, match=message):
         load_config(None, overrides)
+
+
+def test_routing_without_a_grpo_term_needs_no_group():
+    config = load_config(None, ["objective.type=sampled_rkl", "objective.route_opd=failed_only"])
+    assert config.objective.needs_reward and config.rollout.n_per_prompt == 1
+
+
+def test_k1_intersection_warns_as_its_loss_is_identically_zero():
+    with pytest.warns(UserWarning, match="identically 0"):
+        load_config(None, ["objective.type=topk_rkl", "objective.topk=1", "objective.topk_variant=renorm",
+                           "objective.topk_support=intersect"])  # fmt: skip

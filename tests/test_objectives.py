@@ -119,6 +119,7 @@ def test_reference_kl_is_zero_at_the_reference_and_positive_away_from_it(setup, 
 @pytest.mark.parametrize("overrides", [
     ("objective.type=sampled_rkl", "weighting.tip_ratio=0.5"),
     ("objective.type=sead",),
+    ("objective.type=minillm", "objective.discount=0.5"),
 ])  # fmt: skip
 def test_batch_wide_shaping_is_the_same_for_any_micro_batch_size(tmp_path, overrides):
 
@@ -151,3 +152,28 @@ def test_teacher_equal_to_student_gives_zero_loss_and_zero_gradient(setup, overr
     loss.backward()
     assert abs(float(loss.detach())) < 1e-6
     assert all(p.grad is None or p.grad.abs().max() < 1e-6 for p in student.parameters())
+
+
+def test_a_loss_window_also_ends_the_reward_stream_and_a_position_limit_masks(setup):
+    student, teacher, rollout = setup
+    config = _config("objective.discount=1", "weighting.loss_window=1")
+    batch = _batch(config, student, teacher, rollout)
+    per_token_BT, _ = objective_loss(config, student, batch)
+    assert batch.shaping is not None and batch.shaping.mask_BT.sum(1).tolist() == [1, 1, 1, 1]
+    # with only token 0 left, its return is its own reward: A_0 = log p_T(y_0) - log p_S(y_0), at ρ = 1
+    signal_ = teacher.score(rollout, config.teacher_request)
+    own_BT = -(signal_.token_logp_BT - rollout.sampler_logp_BT)
+    torch.testing.assert_close(per_token_BT[:, 0].detach(), own_BT[:, 0], atol=1e-5, rtol=1e-4)
+    limited = _batch(_config("weighting.position_limit=2"), student, teacher, rollout)
+    assert limited.shaping is not None and limited.shaping.mask_BT.sum(1).tolist() == [2, 2, 2, 2]
+
+
+def test_a_top_k_wider_than_the_vocabulary_is_a_clear_error(tmp_path):
+    from opdistill.errors import UserError
+
+    config = load_config(None, [
+        f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1", "objective.type=topk_rkl",
+        "objective.topk=64", f"train.out_dir={tmp_path / 'run'}", "train.steps=1",
+    ])  # fmt: skip
+    with pytest.raises(UserError, match="more than the vocabulary"):
+        train.run(config, show_progress=False)

@@ -298,3 +298,10 @@ def test_curriculum_stream_draws_only_prompts_within_the_competence():
     assert stream.batch(5, 20) == stream.batch(5, 20)  # a function of (seed, step): resume replays it
     hard = CurriculumStream(examples, [0.9, 0.5, 1.0], config)
     assert {ex.prompt for ex in hard.batch(0, 20)} == {"p1"}  # nothing within c(0): the easiest ones
+
+
+def test_through_last_cuts_the_reward_stream_after_the_last_kept_token():
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]).bool()
+    keep = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 0, 0, 0]]).bool()
+    expected = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 0, 0, 0]]).bool()
+    assert torch.equal(weighting.through_last(mask, keep), expected)

@@ -175,7 +175,7 @@ def _objectives(_args) -> int:
 
     print("objective.type   branch  teacher sends  what (ALGORITHMS.md section)")
     for name, (branch, what) in OBJECTIVES.items():
-        extra = ["rollout.n_per_prompt=4"] if name == "dasd" else []
+        extra = {"dasd": ["rollout.n_per_prompt=4"], "minillm": ["objective.discount=1"]}.get(name, [])
         request = load_config(None, [f"objective.type={name}", *extra]).teacher_request
         levels = ["L0"] * (name != "sft") + ["L1"] * bool(request.topk) + ["L1s"] * request.at_ids
         levels += ["L2"] * request.full + ["H"] * request.entropy

@@ -161,12 +161,7 @@ class ObjectiveConfig:
             )
         if self.topk < 1 or self.baseline_topk < 0:
             raise UserError("objective.topk must be at least 1 and objective.baseline_topk at least 0.")
-        if self.type == "topk_rkl" and self.temperature != 1:
-            raise UserError(
-                "objective.temperature applies to full-vocabulary objectives: a top-K teacher signal cannot be "
-                "re-normalised at another temperature. Use full_rkl/jsd, or temperature=1."
-            )
-        single_id = self.topk == 1 and self.topk_support in ("student", "teacher")
+        single_id = self.topk == 1 and self.topk_support in ("student", "teacher", "intersect")
         if self.type == "topk_rkl" and self.topk_variant == "renorm" and single_id:
             warnings.warn(
                 "objective.topk=1 with topk_variant=renorm: both sides renormalise to 1 on a single id, "
@@ -188,6 +183,22 @@ class ObjectiveConfig:
             raise UserError(
                 "objective.pg_clip applies to the policy-gradient types: sampled_rkl, minillm, scope, dasd."
             )
+        if self.temperature != 1 and self.direct_beta is None:
+            raise UserError(
+                "objective.temperature applies to full_rkl, full_fkl and jsd (both sides at τ); the other types "
+                "use the untempered distributions. Use temperature=1."
+            )
+        if self.baseline_topk and self.baseline != "vopd":
+            raise UserError(
+                "objective.baseline_topk sets the vopd baseline's support: set objective.baseline=vopd."
+            )
+        if self.type == "minillm" and self.discount <= 0:
+            raise UserError(
+                "minillm's long-term term is the discounted future reward: set objective.discount in (0, 1] "
+                "(MiniLLM uses 1)."
+            )
+        if self.type in ("scope", "dasd") and (self.kl_coef != 1 or self.discount):
+            raise UserError(f"objective.kl_coef and discount do not apply to objective.type={self.type}.")
         if self.scope_tau <= 0 or self.dasd_beta < 0 or not 0 < self.dasd_rho < 1 or self.ref_kl_coef < 0:
             raise UserError(
                 "objective.scope_tau must be > 0, dasd_beta >= 0, dasd_rho in (0, 1) and ref_kl_coef >= 0."
@@ -255,7 +266,7 @@ class WeightingConfig:
     @property
     def needs_student_pass(self) -> bool:
         """Whether the weights need batch-wide student statistics (one extra forward without gradient)."""
-        return bool(self.tip_ratio) or self.prune
+        return bool(self.tip_ratio) or self.prune or self.kat
 
 
 @dataclass(frozen=True)
@@ -302,28 +313,42 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        sampled_estimator = self.objective.type in ("sampled_rkl", "k2")
-        if sampled_estimator and self.rollout.on_policy_fraction < 1:
+        objective, weighting, rollout = self.objective, self.weighting, self.rollout
+        student_samples = objective.type in ("sampled_rkl", "k2", "minillm") or objective.ref_kl_coef
+        if student_samples and rollout.on_policy_fraction < 1:
             raise UserError(
-                f"objective.type={self.objective.type} estimates the reverse KL from the student's own samples; "
+                f"objective.type={objective.type} (and ref_kl_coef) estimate from the student's own samples; "
                 "with rollout.on_policy_fraction < 1 use a full-vocabulary objective (full_rkl, full_fkl, jsd)."
             )
-        objective, weighting = self.objective, self.weighting
-        if objective.needs_reward and self.rollout.on_policy_fraction < 1:
+        if objective.needs_reward and rollout.on_policy_fraction < 1:
             raise UserError(
                 "verifier rewards (grpo_coef, route_opd, scope, dasd) are computed on the student's own samples: "
                 "keep rollout.on_policy_fraction=1."
             )
-        if objective.needs_reward and objective.type != "scope" and self.rollout.n_per_prompt < 2:
+        if (objective.grpo_coef or objective.type == "dasd") and rollout.n_per_prompt < 2:
             raise UserError(
                 "a GRPO advantage is 0 with one sample per prompt: set rollout.n_per_prompt to 4 or more."
             )
-        if weighting != WeightingConfig() and objective.type == "sft":
-            raise UserError("weighting.* applies to distillation objectives, not objective.type=sft.")
-        if (weighting.iw_opd_gamma or weighting.kat) and self.rollout.on_policy_fraction < 1:
+        distill_only = weighting != WeightingConfig() or objective.ref_kl_coef or self.data.curriculum
+        if distill_only and objective.type == "sft":
+            raise UserError(
+                "weighting.*, objective.ref_kl_coef and data.curriculum apply to distillation objectives, "
+                "not objective.type=sft."
+            )
+        if self.data.curriculum and rollout.on_policy_fraction < 1:
+            raise UserError(
+                "data.curriculum selects the prompts the student samples on: keep rollout.on_policy_fraction=1."
+            )
+        if (weighting.iw_opd_gamma or weighting.kat) and rollout.on_policy_fraction < 1:
             raise UserError(
                 "weighting.iw_opd_gamma and weighting.kat read the sampler's log-probs, which off-policy "
                 "completions do not have: keep rollout.on_policy_fraction=1."
+            )
+        kat_span = weighting.kat_min_position + weighting.kat_patience * weighting.kat_window
+        if weighting.kat and rollout.max_new_tokens < kat_span:
+            raise UserError(
+                f"weighting.kat can only trap responses of at least kat_min_position + kat_patience x kat_window = "
+                f"{kat_span} tokens, longer than rollout.max_new_tokens={rollout.max_new_tokens}: lower them."
             )
 
     @property

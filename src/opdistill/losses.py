@@ -14,6 +14,7 @@ from functools import partial
 from typing import Literal
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # Positions per chunk are chosen so a [B, chunk, V] fp32 temporary holds about this many elements (40 MiB):
 # at V = 151,936 and B = 1 that is 69 positions, so no [B, T, V] temporary is ever built (DESIGN.md speed rules).
@@ -42,6 +43,7 @@ class _PositionChunks(torch.autograd.Function):
         return _chunked(fn, chunk, logits_BTV, aux)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         (logits_BTV,), aux = ctx.saved_tensors, ctx.aux
         grad_BTV = torch.zeros_like(logits_BTV)
@@ -79,6 +81,8 @@ def per_position(
     is recomputed chunk by chunk in the backward (DESIGN.md: log-softmax over V in chunks over T). Gradient
     flows into ``logits_BTV`` only; ``aux`` tensors (teacher logits, ids, masks) are constants.
     """
+    if any(a.requires_grad for a in aux):
+        raise ValueError("per_position differentiates the logits only: detach the auxiliary tensors")
     batch, positions, vocab = logits_BTV.shape
     chunk = max(1, chunk_elements // max(1, batch * vocab))
     if chunk >= positions:
@@ -211,22 +215,29 @@ def k3_per_token(logp_BT: torch.Tensor, reference_logp_BT: torch.Tensor) -> torc
 
 
 def minillm_long_advantage(
-    sampler_logp_BT: torch.Tensor, teacher_logp_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float
+    sampler_logp_BT: torch.Tensor,
+    teacher_logp_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    gamma: float,
+    baseline: float | None = None,
 ) -> torch.Tensor:
     """MiniLLM's long-term advantage (Gu et al. 2023; ALGORITHMS.md §4): the length-normalised discounted
     future reward R^norm_{t+1} = (1/(L-t-1)) Σ_{t'>t} γ^{t'-t-1} r_{t'}, r = -(log p_S - log p_T), with L
     the row's length; 0 at the last token. The current token's own term is the single-step full reverse KL,
-    so together they are MiniLLM's gradient without teacher-mixed sampling. [D] Centred by its batch mean (a
-    constant baseline: the gradient stays unbiased up to O(1/N)) but not scaled: LMOps whitens, yet dividing
-    a dense reward by its spread changes its meaning, and uncentred it is an offset of about -KL on every
-    token whose variance drowns the single-step term. Detached; [B, T] → [B, T]."""
+    so together they are MiniLLM's gradient without teacher-mixed sampling. [D] Minus a constant baseline
+    (the gradient stays unbiased), by default the mean over ``mask``; the loop passes the whole step's mean
+    so micro-batching does not change it. Not whitened: LMOps whitens, yet dividing a dense reward by its
+    spread changes its meaning, and uncentred it is an offset of about -KL on every token whose variance
+    drowns the single-step term. Detached; [B, T] → [B, T]."""
     mask_BT = mask_BT.float()
     reward_BT = -(sampler_logp_BT.detach() - teacher_logp_BT.detach()) * mask_BT
     future_BT = discounted_future_sum(reward_BT, mask_BT, gamma)
     remaining_BT = mask_BT.flip(1).cumsum(1).flip(1)  # masked tokens from t to the end of the row
     normalised_BT = future_BT / remaining_BT.clamp(min=1)
-    next_BT = torch.cat([normalised_BT[:, 1:], torch.zeros_like(normalised_BT[:, :1])], dim=1)
-    return (next_BT - (next_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)) * mask_BT
+    next_BT = torch.cat([normalised_BT[:, 1:], torch.zeros_like(normalised_BT[:, :1])], dim=1) * mask_BT
+    if baseline is None:
+        baseline = float(next_BT.sum() / mask_BT.sum().clamp(min=1))
+    return (next_BT - baseline) * mask_BT
 
 
 def kl_terms(logp_a_BTV: torch.Tensor, logp_b_BTV: torch.Tensor) -> torch.Tensor:

@@ -82,13 +82,13 @@ def _policy_gradient(
     bonus_BT = (
         torch.zeros_like(student_logp_BT) if shaping.bonus_B is None else shaping.bonus_B[:, None] * mask_BT
     )
+    # rewards stop at each row's last loss token: a window or trap ends the response as far as returns go
+    stream_BT = weighting.through_last(mask_BT, shaping.mask_BT)
     if objective.type == "minillm":
         advantage_BT = losses.minillm_long_advantage(
-            student_logp_BT, teacher_logp_BT, mask_BT, objective.discount
+            student_logp_BT, teacher_logp_BT, stream_BT, objective.discount, shaping.baseline
         )
-    elif (
-        objective.type == "scope"
-    ):  # correct samples: IS-surrogate MLE (A = 1); failed ones: sampled reverse KL
+    elif objective.type == "scope":  # correct samples: IS-surrogate MLE (A = 1); failed: sampled reverse KL
         assert shaping.correct_B is not None
         advantage_BT = (
             torch.where(shaping.correct_B[:, None], 1.0, teacher_logp_BT - student_logp_BT) * mask_BT
@@ -113,7 +113,7 @@ def _policy_gradient(
                 assert signal_.logits_BTV is not None
                 baseline_BT = losses.generalized_jsd(logits_BTV.detach(), signal_.logits_BTV, beta=1.0)
         advantage_BT, _ = losses.sampled_rkl_advantage(
-            student_logp_BT, teacher_logp_BT, mask_BT, objective.kl_coef, objective.discount, baseline_BT
+            student_logp_BT, teacher_logp_BT, stream_BT, objective.kl_coef, objective.discount, baseline_BT
         )
     teacher_part_BT = shaping.weight_BT * advantage_BT
     if shaping.bonus_B is not None:  # the two components differ in scale by 10-100x: log both (§12)

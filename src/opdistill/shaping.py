@@ -27,15 +27,18 @@ def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> 
     mask_BT = rollout.loss_mask_BT
     weight_BT = mask_BT.float()
     metrics = batch.metrics
-    student_logits_BTV = None
-    if wcfg.needs_student_pass or objective.type == "sead":
-        with torch.no_grad():
+    student_logits_BTV = student_logp_BT = None
+    if wcfg.needs_student_pass or objective.type in ("sead", "scope"):
+        with torch.no_grad():  # the untempered student over the whole step (the sampler's may be tempered)
             student_logits_BTV = completion_logits(student, rollout)
+            student_logp_BT = losses.token_logprobs(student_logits_BTV, rollout.tokens_BT)
 
-    if wcfg.position_decay or wcfg.position_limit:
+    if wcfg.position_decay:
         weight_BT = weight_BT * weighting.position_decay(
-            mask_BT, wcfg.position_decay, config.rollout.max_new_tokens, wcfg.position_limit
+            mask_BT, wcfg.position_decay, config.rollout.max_new_tokens
         )
+    if wcfg.position_limit:
+        mask_BT = mask_BT & (torch.arange(mask_BT.shape[1]) < wcfg.position_limit)
     if wcfg.loss_window:
         generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + step)
         mask_BT = weighting.window_mask(mask_BT, wcfg.loss_window, wcfg.loss_window_from, generator)
@@ -61,7 +64,8 @@ def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> 
         mask_BT, tip_metrics = weighting.tip_keep_mask(entropy_BT, jsd_BT, mask_BT, wcfg.tip_ratio)
         metrics.update(tip_metrics)
     if wcfg.kat:  # k_t = max(ℓ_t, 0) on the sampled tokens [D]; the threshold follows the run's median
-        kl_BT = (rollout.sampler_logp_BT - signal_.token_logp_BT).clamp(min=0)
+        assert student_logp_BT is not None
+        kl_BT = (student_logp_BT - signal_.token_logp_BT).clamp(min=0)
         threshold, state["kat_ema"] = weighting.kat_threshold(
             kl_BT, mask_BT, state.get("kat_ema"), wcfg.kat_kappa
         )
@@ -86,9 +90,10 @@ def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> 
             shaping.weight_BT = (
                 shaping.weight_BT * weighting.route_weights(correct_B, objective.route_opd)[:, None]
             )
-        if objective.type == "scope":
-            student_ppl_B = weighting.sequence_perplexity(rollout.sampler_logp_BT, mask_BT)
-            teacher_ppl_B = weighting.sequence_perplexity(signal_.token_logp_BT, mask_BT)
+        if objective.type == "scope":  # sequence perplexities over each whole response
+            assert student_logp_BT is not None
+            student_ppl_B = weighting.sequence_perplexity(student_logp_BT, rollout.loss_mask_BT)
+            teacher_ppl_B = weighting.sequence_perplexity(signal_.token_logp_BT, rollout.loss_mask_BT)
             scope_B, scope_metrics = weighting.scope_weights(
                 student_ppl_B, teacher_ppl_B, correct_B, group, objective.scope_tau
             )
@@ -101,6 +106,13 @@ def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> 
         shaping.sead_lambda = weighting.sead_anneal(step, config.train.steps)
         mask_BT = mask_BT & (shaping.zone_BT != weighting.SKIP)
         metrics["sead_lambda"] = shaping.sead_lambda
+
+    if objective.type == "minillm":  # its constant baseline: the step's mean long-term advantage
+        stream_BT = weighting.through_last(rollout.loss_mask_BT, mask_BT)
+        long_BT = losses.minillm_long_advantage(
+            rollout.sampler_logp_BT, signal_.token_logp_BT, stream_BT, objective.discount, baseline=0.0
+        )
+        shaping.baseline = losses.masked_mean(long_BT, stream_BT)
 
     kept = float(mask_BT.sum()) / max(float(rollout.loss_mask_BT.sum()), 1.0)
     if kept < 1:

@@ -87,6 +87,12 @@ def run(
         teacher_model, teacher_tokenizer = load_model(config.teacher)
         check_same_tokenizer(tokenizer, teacher_tokenizer)
         teacher = LocalTeacher(teacher_model)
+        widest, vocab = max(config.teacher_request.topk, config.objective.student_topk), len(tokenizer)
+        if widest > vocab:
+            raise UserError(
+                f"a top-K of {widest} ids is more than the vocabulary ({vocab} ids): "
+                "lower objective.topk / objective.baseline_topk."
+            )
     reference = None
     if config.objective.ref_kl_coef:  # StableOPD's reference: the student as the run started, frozen
         reference_model, _ = load_model(

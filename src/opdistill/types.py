@@ -75,6 +75,7 @@ class Shaping:
     correct_B: torch.Tensor | None = None  # SCOPE's branch per sample
     zone_BT: torch.Tensor | None = None  # SEAD's zone per token (weighting.SKIP / RKL / FKL)
     sead_lambda: float = 0.0  # SEAD's annealed forward-KL share
+    baseline: float | None = None  # MiniLLM: the step's mean long-term advantage (a constant baseline)
 
     def select(self, rows: slice) -> Shaping:
         return dataclasses.replace(

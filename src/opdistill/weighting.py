@@ -49,8 +49,9 @@ def _by_group(values_B: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def position_decay(mask_BT: torch.Tensor, alpha: float, max_len: int, hard_limit: int = 0) -> torch.Tensor:
     """Open-OPD position-decay weights w_t = exp(-α t / L_max) at 0-based response position t (ALGORITHMS.md
-    §8.4; α ∈ [1, 5]), the cheap baseline for every horizon method. ``hard_limit`` > 0 zeroes t ≥ L_kl_max.
-    Shapes: mask [B, T] → w [B, T] float32, zero on unmasked positions."""
+    §8.4; α ∈ [1, 5]), the cheap baseline for every horizon method. ``hard_limit`` > 0 zeroes t ≥ L_kl_max
+    (the loop masks those tokens instead, so they also leave the token count). Shapes: mask [B, T] → w [B, T]
+    float32, zero on unmasked positions."""
     mask_BT = mask_BT.bool()
     t_T = torch.arange(mask_BT.shape[1], device=mask_BT.device, dtype=torch.float32)
     w_T = torch.exp(-alpha * t_T / max_len)
@@ -362,3 +363,13 @@ def sead_competence(step: int, total_steps: int, start: float = 0.3) -> float:
     if total_steps <= 0:
         raise ValueError(f"sead_competence needs total_steps > 0, got {total_steps}")
     return start + (1 - start) * min(1.0, max(step, 0) / (0.7 * total_steps))
+
+
+def through_last(mask_BT: torch.Tensor, keep_BT: torch.Tensor) -> torch.Tensor:
+    """``mask`` cut after each row's last ``keep`` token: the reward stream of a response whose loss ends
+    there (loss windows, KAT traps, position limits; ALGORITHMS.md §7.6, §8.3), so discounted advantages of
+    kept tokens do not see rewards of a dropped suffix. Rows with nothing kept become empty. [B, T] bool."""
+    keep_BT = keep_BT.bool() & mask_BT.bool()
+    positions_T = torch.arange(keep_BT.shape[1], device=keep_BT.device)
+    last_B1 = torch.where(keep_BT, positions_T, -1).amax(dim=1, keepdim=True)
+    return mask_BT.bool() & (positions_T <= last_B1)
