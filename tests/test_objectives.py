@@ -4,6 +4,7 @@ and batch-wide shaping that micro-batching must not change (ALGORITHMS.md ยง7, ย
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -177,3 +178,33 @@ def test_a_top_k_wider_than_the_vocabulary_is_a_clear_error(tmp_path):
     ])  # fmt: skip
     with pytest.raises(UserError, match="more than the vocabulary"):
         train.run(config, show_progress=False)
+
+
+def test_diagnostics_of_a_student_scored_by_itself_show_perfect_alignment(setup):
+    from opdistill import monitor
+
+    student, _, rollout = setup
+    config = _config("objective.topk=4")
+    twin = LocalTeacher(copy.deepcopy(student))
+    batch = StepBatch(rollout, sources.score(config, student, twin, rollout, config.diagnostics_request), {})
+    out = monitor.diagnose(config, student, batch)
+    assert out["overlap"] == pytest.approx(1.0) and out["entropy_gap"] == pytest.approx(0.0, abs=1e-6)
+    assert out["overlap_mass_student"] == pytest.approx(out["overlap_mass_teacher"], abs=1e-6)
+    assert out["overlap_advantage"] == pytest.approx(0.0, abs=1e-6)
+    kl = [v for v in out["kl_by_position"] if v is not None]  # type: ignore[union-attr]
+    assert len(out["kl_by_position"]) == 10 and max(abs(v) for v in kl) < 1e-5  # type: ignore[arg-type]
+    ranks = [v for v in out["teacher_rank_by_position"] if v is not None]  # type: ignore[union-attr]
+    assert ranks and all(1.0 <= v <= 5.0 for v in ranks)  # 1-based among the top-4, 5 when outside
+
+
+def test_diagnostics_are_logged_at_their_cadence(tmp_path):
+    config = load_config(None, [
+        f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1", "objective.type=sampled_rkl",
+        "train.prompts_per_step=4", "train.steps=3", "train.eval_every=0", "train.eval_size=4",
+        "train.diagnostics_every=2", f"train.out_dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+    train.run(config, show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    keys = {"overlap", "overlap_mass_student", "teacher_high_entropy_rate", "entropy_gap", "kl_by_position",
+            "teacher_rank_by_position", "repeated_token_rate", "abs_log_ratio_p90"}  # fmt: skip
+    assert [keys <= set(r) for r in rows] == [True, False, True]

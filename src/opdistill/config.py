@@ -293,6 +293,7 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (0 = all)
     max_bad_steps: int = 3  # abort after this many non-finite losses in a row
+    diagnostics_every: int = 10  # overlap, entropies, per-position KL... every N steps (0 = off)
     out_dir: str = "runs/run"  # run directory
     threads: int = 0  # torch threads (0 = torch's default)
 
@@ -350,6 +351,16 @@ class Config:
                 f"weighting.kat can only trap responses of at least kat_min_position + kat_patience x kat_window = "
                 f"{kat_span} tokens, longer than rollout.max_new_tokens={rollout.max_new_tokens}: lower them."
             )
+
+    def diagnostics_due(self, step: int) -> bool:
+        every = self.train.diagnostics_every
+        return self.objective.type != "sft" and bool(every) and step % every == 0
+
+    @property
+    def diagnostics_request(self) -> SignalRequest:
+        """The teacher request of a diagnostics step: the objective's, plus the teacher's top-k and entropy
+        (in the same single pass). The width is ``objective.topk``, so a top-K loss sees the ids it expects."""
+        return dataclasses.replace(self.teacher_request, topk=self.objective.topk, entropy=True)
 
     @property
     def teacher_request(self) -> SignalRequest:

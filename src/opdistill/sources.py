@@ -158,7 +158,10 @@ def batch_source(
             rollout, metrics = off_policy(step)
         metrics["on_policy"] = float(on)
         metrics["teacher_scored_tokens"] = int(rollout.attention_mask.sum())
-        batch = StepBatch(rollout, score(config, student, teacher, rollout), metrics, reward_B=reward_B)
+        request = config.diagnostics_request if config.diagnostics_due(step) else None
+        batch = StepBatch(
+            rollout, score(config, student, teacher, rollout, request), metrics, reward_B=reward_B
+        )
         if reference is not None:
             batch.reference_logp_BT = reference.score(rollout, SignalRequest()).token_logp_BT
         if config.objective.sft_coef > 0:  # the same prompts, with dataset or teacher completions
@@ -171,14 +174,16 @@ def batch_source(
     return distill
 
 
-def score(config: Config, student, teacher, rollout: Rollout) -> TeacherSignal:
-    """The teacher's signal for ``rollout``; for L1s it scores the student's own top-K ids at each visited state
-    (one student forward without gradient)."""
+def score(
+    config: Config, student, teacher, rollout: Rollout, request: SignalRequest | None = None
+) -> TeacherSignal:
+    """The teacher's signal for ``rollout`` (``request``, by default the objective's); for L1s it scores the
+    student's own top-K ids at each visited state (one student forward without gradient)."""
     k, ids_BTK = config.objective.student_topk, None
     if k:
         with torch.no_grad():
             ids_BTK = completion_logits(student, rollout).topk(k, dim=-1).indices
-    return teacher.score(rollout, config.teacher_request, ids_BTK)
+    return teacher.score(rollout, request or config.teacher_request, ids_BTK)
 
 
 class CurriculumStream:

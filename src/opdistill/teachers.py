@@ -35,8 +35,10 @@ class LocalTeacher:
             logits_BTV = completion_logits(self.model, rollout)
         mask_BT = rollout.loss_mask_BT
         signal = TeacherSignal(token_logp_BT=token_logprobs(logits_BTV, rollout.tokens_BT) * mask_BT)
-        if request.topk:
-            signal.topk_ids_BTK, signal.topk_logp_BTK = topk_logprobs(logits_BTV, request.topk)
+        if request.topk:  # at most the vocabulary (diagnostics ask for objective.topk on any vocabulary)
+            signal.topk_ids_BTK, signal.topk_logp_BTK = topk_logprobs(
+                logits_BTV, min(request.topk, logits_BTV.shape[-1])
+            )
         if request.at_ids:
             if ids_BTK is None:
                 raise ValueError("the request asks for log-probs at given ids (L1s) but no ids were given")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from opdistill import losses, shaping, sources
+from opdistill import losses, monitor, shaping, sources
 from opdistill.checkpoint import latest_checkpoint, load_state, save_checkpoint, truncate_jsonl
 from opdistill.config import Config, ModelSpec, save_config
 from opdistill.errors import UserError
@@ -139,6 +139,8 @@ def run(
                 batch = make_batch(step)
                 if distill:
                     batch.shaping = shaping.shape(config, student, batch, step, state)
+                if config.diagnostics_due(step):  # on the policy that sampled the batch, before the update
+                    batch.metrics.update(monitor.diagnose(config, student, batch))
                 metrics = train_step(config, student, optimizer, batch)
                 batch_metrics = batch.metrics
                 finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])

@@ -1,0 +1,53 @@
+"""Why a run works or fails: the diagnostics of ALGORITHMS.md §11.4 and §13 on the step's own rollouts.
+
+Orchestration only: every quantity is a pure function in ``diagnostics.py``. Every
+``train.diagnostics_every`` steps the teacher's one pass over the rollouts also sends its top-k and entropy
+(``Config.diagnostics_request``), and ``diagnose`` adds one student forward without gradient, before the
+update, so both sides describe the policy that sampled the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opdistill import diagnostics, losses
+from opdistill.config import Config
+from opdistill.models import completion_logits
+from opdistill.sources import StepBatch
+
+POSITION_BUCKETS = 10  # per-position diagnostics by decile of each response's own length
+
+
+@torch.no_grad()
+def diagnose(config: Config, student, batch: StepBatch) -> dict[str, float | list[float | None]]:
+    """Top-k overlap and masses, entropies and high-entropy rates of both models, |log-ratio| quantiles,
+    per-position (length-decile) sampled reverse KL, exact reverse KL, overlap and teacher rank, and the
+    3-gram repetition rate, on ``batch``'s rollouts. Entropies of the teacher are at the student's states."""
+    rollout, signal_ = batch.rollout, batch.signal
+    assert signal_ is not None and signal_.topk_ids_BTK is not None and signal_.topk_logp_BTK is not None
+    assert signal_.entropy_BT is not None
+    mask_BT, k = rollout.loss_mask_BT, signal_.topk_ids_BTK.shape[-1]
+    logits_BTV = completion_logits(student, rollout)
+    student_ids_BTK, student_topk_BTK = losses.topk_logprobs(logits_BTV, k)
+    log_ratio_BT = losses.token_logprobs(logits_BTV, rollout.tokens_BT) - signal_.token_logp_BT
+    student_entropy_BT = diagnostics.token_entropy(logits_BTV)
+    overlap_BT = diagnostics.topk_overlap(student_ids_BTK, signal_.topk_ids_BTK)
+    rank_BT = diagnostics.teacher_rank(signal_.topk_ids_BTK, rollout.tokens_BT)
+    out: dict[str, float | list[float | None]] = {
+        **diagnostics.overlap_stats(
+            student_ids_BTK, student_topk_BTK, signal_.topk_ids_BTK, signal_.topk_logp_BTK, mask_BT
+        ),
+        **diagnostics.abs_log_ratio_quantiles(log_ratio_BT, mask_BT),
+        "teacher_entropy": losses.masked_mean(signal_.entropy_BT, mask_BT),
+        "entropy_gap": diagnostics.entropy_gap(student_entropy_BT, signal_.entropy_BT, mask_BT),
+        "student_high_entropy_rate": diagnostics.high_entropy_rate(student_entropy_BT, mask_BT),
+        "teacher_high_entropy_rate": diagnostics.high_entropy_rate(signal_.entropy_BT, mask_BT),
+        "repeated_token_rate": diagnostics.repeated_token_rate(rollout.tokens_BT, mask_BT),
+        "kl_by_position": diagnostics.relative_buckets(log_ratio_BT, mask_BT, POSITION_BUCKETS),
+        "overlap_by_position": diagnostics.relative_buckets(overlap_BT, mask_BT, POSITION_BUCKETS),
+        "teacher_rank_by_position": diagnostics.relative_buckets(rank_BT.double(), mask_BT, POSITION_BUCKETS),
+    }
+    if signal_.logits_BTV is not None:  # the exact reverse KL where the teacher sent full logits
+        exact_BT = losses.generalized_jsd(logits_BTV, signal_.logits_BTV, beta=1.0)
+        out["exact_kl_by_position"] = diagnostics.relative_buckets(exact_BT, mask_BT, POSITION_BUCKETS)
+    return out
