@@ -8,6 +8,8 @@ update, so both sides describe the policy that sampled the tokens.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from opdistill import diagnostics, losses
@@ -16,6 +18,9 @@ from opdistill.models import completion_logits
 from opdistill.sources import StepBatch
 
 POSITION_BUCKETS = 10  # per-position diagnostics by decile of each response's own length
+MIN_TEACHER_HER = 0.02  # [D] a teacher high-entropy rate below this is too small to compare against
+TRUNCATION_STEPS = 3  # [D] steps in a row with most responses truncated before the alarm
+RISING_EVALS = 3  # [D] evaluations in a row with rising teacher_kl before the alarm
 
 
 @torch.no_grad()
@@ -51,3 +56,49 @@ def diagnose(config: Config, student, batch: StepBatch) -> dict[str, float | lis
         exact_BT = losses.generalized_jsd(logits_BTV, signal_.logits_BTV, beta=1.0)
         out["exact_kl_by_position"] = diagnostics.relative_buckets(exact_BT, mask_BT, POSITION_BUCKETS)
     return out
+
+
+def alarms(record: dict, state: dict, evaluated: bool) -> list[str]:
+    """Alarms that trip for the first time at this step, each as "name: message" (ALGORITHMS.md §13; each
+    trips once per run). ``state`` is the run's checkpointed state: it keeps what has tripped and the short
+    histories the rules read, so a resumed run neither repeats nor forgets an alarm.
+
+    non_finite: the step's loss or gradient was not finite (the step was skipped) · diversity_collapse: the
+    student's high-entropy-token rate is under half the teacher's at the same states (§13.1) ·
+    truncation_collapse: most responses hit the length cap for several steps (StableOPD's length inflation,
+    §13.5) · teacher_kl_rising: the mean teacher_kl between evaluations rose for several evaluations."""
+    tripped: list[str] = state.setdefault("alarms", [])
+    fired: list[str] = []
+
+    def trip(name: str, message: str) -> None:
+        if name not in tripped:
+            tripped.append(name)
+            fired.append(f"{name}: {message}")
+
+    if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+        trip(
+            "non_finite",
+            f"the loss or gradient was not finite at step {record['step']}; the step was skipped.",
+        )
+    student = record.get("student_high_entropy_rate", math.inf)  # both are there on diagnostics steps
+    teacher = record.get("teacher_high_entropy_rate", 0.0)
+    if teacher >= MIN_TEACHER_HER and diagnostics.diversity_collapse(student, teacher):
+        trip("diversity_collapse", f"the student's high-entropy-token rate {student:.3f} is under half the "
+             f"teacher's {teacher:.3f} at the same states (EOPD saw 6.8% vs 18.5% under plain OPD).")  # fmt: skip
+    if "truncation_rate" in record:
+        history = state.setdefault("truncation_history", [])
+        history[:] = [*history, record["truncation_rate"]][-TRUNCATION_STEPS:]
+        if len(history) == TRUNCATION_STEPS and min(history) >= 0.5:
+            trip("truncation_collapse", f"at least half the responses hit rollout.max_new_tokens for "
+                 f"{TRUNCATION_STEPS} steps in a row (StableOPD's truncation-repetition inflation).")  # fmt: skip
+    if "teacher_kl" in record:
+        window = state.setdefault("kl_since_eval", [])
+        window.append(record["teacher_kl"])
+        if evaluated:
+            per_eval = state.setdefault("kl_per_eval", [])
+            per_eval.append(sum(window) / len(window))
+            window.clear()
+            if diagnostics.rising(per_eval, RISING_EVALS):
+                trip("teacher_kl_rising", f"the mean teacher_kl rose over the last {RISING_EVALS} evaluations: "
+                     f"{', '.join(f'{v:.3g}' for v in per_eval[-RISING_EVALS:])}.")  # fmt: skip
+    return fired

@@ -18,6 +18,10 @@ class NullProgress:
     def update(self, step: int, elapsed_s: float, fields: dict[str, float]) -> None:
         pass
 
+    def note(self, message: str) -> None:
+        """A line that must be seen (an alarm), kept above the bar."""
+        print(message, file=sys.stderr, flush=True)
+
 
 class ProgressBar(NullProgress):
     """Step, loss, teacher_kl, last eval accuracy, tokens/s and ETA. With a time budget the bar measures
@@ -46,6 +50,12 @@ class ProgressBar(NullProgress):
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
+
+    def note(self, message: str) -> None:
+        if self.interactive:
+            self.progress.console.print(message, highlight=False)
+        else:
+            super().note(message)
 
     def update(self, step: int, elapsed_s: float, fields: dict[str, float]) -> None:
         info = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())

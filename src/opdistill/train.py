@@ -67,7 +67,7 @@ def run(
         checkpoint = latest_checkpoint(out)
         state = load_state(checkpoint)
         student_spec = ModelSpec(path=str(checkpoint), dtype=config.student.dtype)
-        for log in ("metrics.jsonl", "eval.jsonl"):
+        for log in ("metrics.jsonl", "eval.jsonl", "alarms.jsonl"):
             truncate_jsonl(out / log, state["step"])
     elif (out / "metrics.jsonl").exists():
         raise UserError(
@@ -162,8 +162,13 @@ def run(
                         f"{step + 2 - state['bad_steps']}-{step + 1}, skipped); lower optim.lr or check the teacher and data."
                     )
 
-                if periodic_eval and _eval_due(config, state, step_s):
+                evaluated = bool(periodic_eval) and _eval_due(config, state, step_s)
+                if evaluated:
                     last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state)
+                for message in monitor.alarms(record, state, evaluated):  # each printed once, kept in the run
+                    bar.note(f"alarm at step {step + 1}: {message}")
+                    with (out / "alarms.jsonl").open("a") as handle:
+                        handle.write(json.dumps({"step": step + 1, "alarm": message}) + "\n")
                 bar.update(state["step"], state["elapsed_s"], _bar_fields(record, last_eval))
                 session_steps += 1
                 final = state["step"] >= config.train.steps or _out_of_time(config, state)

@@ -1,0 +1,78 @@
+"""Alarms trip on crafted metric streams, once each, and stay quiet on a healthy one (ALGORITHMS.md §13)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from opdistill import monitor
+
+
+def _record(step, **overrides):
+    healthy = {"step": step, "loss": 0.1, "grad_norm": 1.0, "teacher_kl": 1.0 / step, "truncation_rate": 0.1}
+    return {**healthy, **overrides}
+
+
+def _run(records, eval_every=2, state=None):
+    """Names of the alarms fired, in order, over a stream of step records."""
+    state = {} if state is None else state
+    names = []
+    for record in records:
+        for message in monitor.alarms(record, state, evaluated=record["step"] % eval_every == 0):
+            names.append(message.split(":")[0])
+    return names
+
+
+def test_a_healthy_run_raises_no_alarm():
+    records = [
+        _record(s, student_high_entropy_rate=0.15, teacher_high_entropy_rate=0.2) for s in range(1, 21)
+    ]
+    assert _run(records) == []
+
+
+def test_each_alarm_trips_once_on_its_stream():
+    nan = [_record(1), _record(2, loss=math.nan), _record(3, grad_norm=math.inf)]
+    assert _run(nan) == ["non_finite"]
+    collapse = [_record(1, student_high_entropy_rate=0.05, teacher_high_entropy_rate=0.2)] * 2
+    assert _run(collapse) == ["diversity_collapse"]
+    truncating = [_record(s, truncation_rate=r) for s, r in enumerate([0.6, 0.7, 0.9, 1.0], start=1)]
+    assert _run(truncating) == ["truncation_collapse"]
+    rising = [_record(s, teacher_kl=0.1 * s) for s in range(1, 9)]  # per-eval means 0.15, 0.35, 0.55: rising
+    assert _run(rising) == ["teacher_kl_rising"]
+
+
+def test_near_misses_stay_quiet():
+    tiny_teacher = [_record(1, student_high_entropy_rate=0.0, teacher_high_entropy_rate=0.01)]
+    assert _run(tiny_teacher) == []  # a teacher that is almost never uncertain gives nothing to compare
+    broken = [_record(s, truncation_rate=r) for s, r in enumerate([0.6, 0.4, 0.7, 0.8], start=1)]
+    assert _run(broken) == []
+    wobble = [
+        _record(s, teacher_kl=kl) for s, kl in enumerate([0.3, 0.3, 0.2, 0.2, 0.4, 0.4, 0.1, 0.1], start=1)
+    ]
+    assert _run(wobble) == []
+
+
+def test_a_resumed_run_neither_repeats_nor_forgets_an_alarm():
+    state: dict = {}
+    assert _run([_record(1, truncation_rate=0.9), _record(2, truncation_rate=0.9)], state=state) == []
+    resumed = copy.deepcopy(state)  # what the checkpoint carries
+    assert _run([_record(3, truncation_rate=0.9)], state=resumed) == ["truncation_collapse"]
+    assert _run([_record(4, truncation_rate=0.9)], state=resumed) == []
+
+
+def test_an_alarm_in_a_run_is_printed_once_and_kept_in_the_run_directory(tmp_path, capsys):
+    import json
+
+    from opdistill import train
+    from opdistill.config import load_config
+    from opdistill.demo import asset_dir
+
+    config = load_config(None, [
+        f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1", "train.prompts_per_step=4",
+        "rollout.max_new_tokens=4", "train.steps=5", "train.eval_every=0", "train.eval_size=4",
+        f"train.out_dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+    train.run(config, show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "alarms.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["alarm"].split(":")[0]) for r in rows] == [(3, "truncation_collapse")]
+    assert capsys.readouterr().err.count("alarm at step 3: truncation_collapse") == 1
