@@ -8,7 +8,7 @@ import pytest
 
 from opdistill.data import Example, ExampleStream, read_jsonl, write_jsonl
 from opdistill.errors import UserError
-from opdistill.tasks import function_verifier, load_task, regex_verifier
+from opdistill.tasks import RegexVerifier, function_verifier, load_task
 from opdistill.tasks.addition import is_test, problem
 
 
@@ -84,10 +84,10 @@ def test_addition_splits_are_disjoint_and_deterministic():
 
 def test_regex_and_function_verifiers(tmp_path, monkeypatch):
     ex = Example(prompt="q", answer="42")
-    assert regex_verifier(r"-?\d+")("so 7 then 42", ex)
-    assert not regex_verifier(r"-?\d+")("42 then 7", ex)
-    assert regex_verifier(r"answer: (\w+)")("answer: 42", ex)
-    assert not regex_verifier(r"\d+")("no digits", ex)
+    assert RegexVerifier(r"-?\d+")("so 7 then 42", ex)
+    assert not RegexVerifier(r"-?\d+")("42 then 7", ex)
+    assert RegexVerifier(r"answer: (\w+)")("answer: 42", ex)
+    assert not RegexVerifier(r"\d+")("no digits", ex)
     (tmp_path / "my_checks.py").write_text(
         "def same(completion, example):\n    return completion == example.answer\n"
     )
@@ -96,7 +96,7 @@ def test_regex_and_function_verifiers(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot import verifier"):
         function_verifier("nope_module:f")
     with pytest.raises(UserError, match="does not compile"):
-        regex_verifier("(")
+        RegexVerifier("(")
 
 
 def test_unknown_task_and_bad_options():

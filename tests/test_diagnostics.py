@@ -269,3 +269,11 @@ def test_gap_recovery_and_alarms():
     assert not rising([1.0, 2.0], evals=3)  # too few evals yet
     with pytest.raises(ValueError):
         rising([1.0, 2.0], evals=1)
+
+
+def test_pass_k_ladder_doubles_up_to_n():
+    from opdistill.evaluate import pass_k_ladder
+
+    assert (
+        pass_k_ladder(1) == [1] and pass_k_ladder(16) == [1, 2, 4, 8, 16] and pass_k_ladder(6) == [1, 2, 4, 6]
+    )

@@ -76,3 +76,25 @@ def test_an_alarm_in_a_run_is_printed_once_and_kept_in_the_run_directory(tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "run" / "alarms.jsonl").read_text().splitlines()]
     assert [(r["step"], r["alarm"].split(":")[0]) for r in rows] == [(3, "truncation_collapse")]
     assert capsys.readouterr().err.count("alarm at step 3: truncation_collapse") == 1
+
+
+def test_periodic_evaluation_records_pass_at_k_and_diversity(tmp_path):
+    import json
+
+    from opdistill import train
+    from opdistill.config import load_config
+    from opdistill.demo import asset_dir
+
+    config = load_config(None, [
+        f"teacher.path={asset_dir('addition-teacher')}", f"student.path={asset_dir('addition-student')}",
+        "train.prompts_per_step=4", "train.steps=2", "train.eval_every=2", "train.eval_size=8",
+        "train.eval_samples=4", f"train.out_dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+    train.run(config, show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2]
+    for row in rows:
+        assert {"greedy_acc", "avg@4", "pass@1", "pass@2", "pass@4", "distinct_answers", "distinct_3"} <= set(
+            row
+        )
+        assert row["pass@1"] <= row["pass@2"] <= row["pass@4"] and 1 <= row["distinct_answers"] <= 4

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--n", type=int, default=0, help="samples per problem for avg@n and pass@k (default 0: greedy only)"
     )
-    ev.add_argument("--k", default="1,4,16", help="pass@k values, each <= n (default 1,4,16)")
+    ev.add_argument("--k", default="", help="pass@k values, each <= n (default 1, 2, 4, ... n)")
     ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems")
     ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for avg@n/pass@k")
     ev.add_argument(

@@ -290,6 +290,7 @@ class TrainConfig:
     eval_every: int = 50  # evaluate every N steps (0 = only at the end)
     eval_every_s: float = 0.0  # or every N seconds of training time (0 = off)
     eval_size: int = 200  # held-out problems per periodic eval (greedy)
+    eval_samples: int = 0  # periodic eval also samples n per problem: avg@n, pass@k, diversity (0 = off)
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (0 = all)
     max_bad_steps: int = 3  # abort after this many non-finite losses in a row

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from opdistill import train
 from opdistill.config import ModelSpec, load_config, replace, save_config
+from opdistill.diagnostics import gap_recovery
 from opdistill.errors import UserError
 from opdistill.evaluate import evaluate
 from opdistill.models import load_model
@@ -117,23 +118,25 @@ def run_demo(
     return summary
 
 
-def _rows(summary: dict) -> list[tuple[str, str, str, str, str]]:
-    rows = [("teacher", f"{summary['teacher_params'] / 1e3:.0f}k params", f"{summary['teacher_acc']:.3f}", "", ""),
-            ("student before", f"warm start, {summary['student_params'] / 1e3:.0f}k params", f"{summary['student_before_acc']:.3f}", "", "")]  # fmt: skip
+def _rows(summary: dict) -> list[tuple[str, ...]]:
+    rows = [("teacher", f"{summary['teacher_params'] / 1e3:.0f}k params", f"{summary['teacher_acc']:.3f}", "", "", ""),
+            ("student before", f"warm start, {summary['student_params'] / 1e3:.0f}k params", f"{summary['student_before_acc']:.3f}", "", "", "")]  # fmt: skip
     for name, (regime, _) in RUNS.items():
-        c = summary["compute"][name]
-        rows.append((name, regime, f"{summary[f'{name}_acc']:.3f}", str(c["steps"]),
+        c, acc = summary["compute"][name], summary[f"{name}_acc"]
+        gap = gap_recovery(acc, summary["student_before_acc"], summary["teacher_acc"])
+        rows.append((name, regime, f"{acc:.3f}", "" if gap is None else f"{gap:.0%}", str(c["steps"]),
                      f"{c['student_train_tokens'] / 1e6:.2f}M / {summary['teacher_tokens'][name] / 1e6:.2f}M"))  # fmt: skip
     return rows
 
 
-HEADERS = ("model", "regime", "accuracy", "steps", "tokens student/teacher")
+HEADERS = ("model", "regime", "accuracy", "gap closed", "steps", "tokens student/teacher")
 
 
 def _table(summary: dict) -> Table:
     table = Table(
         title=f"greedy accuracy on {summary['eval_problems']} held-out problems, {summary['budget_s']:.0f} s of training each",
-        caption="tokens: through the student's forward+backward / generated or scored by the teacher (pool included)",
+        caption="gap closed: (after - before) / (teacher - before) · tokens: through the student's "
+        "forward+backward / generated or scored by the teacher (pool included)",
     )
     for header in HEADERS:
         table.add_column(header)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from opdistill.data import Example, encode_prompts
-from opdistill.diagnostics import pass_at_k
+from opdistill.diagnostics import distinct_answers, distinct_n, pass_at_k
 from opdistill.rollout import sample_prompts
 from opdistill.tasks import Verifier
 
@@ -57,7 +57,8 @@ def evaluate(
     temperature: float = 1.0,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Greedy accuracy; with n > 0 also avg@n and pass@k over n samples at ``temperature``."""
+    """Greedy accuracy; with n > 0 also avg@n, pass@k over n samples at ``temperature`` (k in ``ks``, by
+    default 1, 2, 4, ... n) and their diversity: distinct final answers per problem, distinct n-grams."""
     greedy = sample_completions(model, tokenizer, examples, max_new_tokens=max_new_tokens)
     result: dict[str, float] = {
         "n_problems": len(examples),
@@ -69,6 +70,18 @@ def evaluate(
         )
         correct = [sum(verify(sampled[i * n + j], ex) for j in range(n)) for i, ex in enumerate(examples)]
         result[f"avg@{n}"] = sum(c / n for c in correct) / len(examples)
-        for k in ks:
+        for k in ks or pass_k_ladder(n):
             result[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(examples)
+        # diversity (ALGORITHMS §13.4): distinct final answers per problem, distinct character n-grams
+        extract = getattr(verify, "extract", str.strip)
+        answers = [[extract(sampled[i * n + j]) or "" for j in range(n)] for i in range(len(examples))]
+        result["distinct_answers"] = distinct_answers(answers)
+        for size in (2, 3, 4):
+            result[f"distinct_{size}"] = distinct_n(sampled, size)
     return result
+
+
+def pass_k_ladder(n: int) -> list[int]:
+    """k = 1, 2, 4, ... up to n (and n itself): the pass@k curve of ALGORITHMS §13.2."""
+    ladder = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+    return ladder if ladder[-1] == n else [*ladder, n]

@@ -281,6 +281,9 @@ def _evaluate_and_log(config: Config, student, tokenizer, task: Task, out: Path,
         task.test[: config.train.eval_size],
         task.verify,
         max_new_tokens=config.rollout.max_new_tokens,
+        n=config.train.eval_samples,
+        temperature=config.rollout.temperature,
+        seed=config.train.seed,
     )
     record = {"step": state["step"], "elapsed_s": state["elapsed_s"], **result}
     with (out / "eval.jsonl").open("a") as handle:

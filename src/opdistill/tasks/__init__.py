@@ -28,22 +28,26 @@ class Task:
     verify: Verifier  # completion text, example -> correct?
 
 
-def regex_verifier(pattern: str) -> Verifier:
-    """Correct when the last match of ``pattern`` (its group 1, if it has groups) equals ``example.answer``."""
-    try:
-        compiled = re.compile(pattern)
-    except re.error as err:
-        raise UserError(f"answer regex {pattern!r} does not compile: {err}.") from None
+class RegexVerifier:
+    """Correct when the last match of ``pattern`` (its group 1, if it has groups) equals ``example.answer``;
+    ``extract`` gives that final answer (diversity metrics count distinct ones)."""
 
-    def verify(completion: str, example: Example) -> bool:
-        matches = list(compiled.finditer(completion))
+    def __init__(self, pattern: str):
+        try:
+            self.compiled = re.compile(pattern)
+        except re.error as err:
+            raise UserError(f"answer regex {pattern!r} does not compile: {err}.") from None
+
+    def extract(self, completion: str) -> str | None:
+        matches = list(self.compiled.finditer(completion))
         if not matches:
-            return False
-        last = matches[-1]
-        found = last.group(1) if compiled.groups else last.group(0)
-        return found is not None and found.strip() == example.answer.strip()
+            return None
+        found = matches[-1].group(1) if self.compiled.groups else matches[-1].group(0)
+        return None if found is None else found.strip()
 
-    return verify
+    def __call__(self, completion: str, example: Example) -> bool:
+        found = self.extract(completion)
+        return found is not None and found == example.answer.strip()
 
 
 def function_verifier(spec: str) -> Verifier:
@@ -108,7 +112,7 @@ def load_task(
     else:
         train = ExampleStream(read_jsonl(train_file), seed)
         test = read_jsonl(eval_file) if eval_file else []
-        verify = function_verifier(verifier) if verifier else regex_verifier(answer_regex)
+        verify = function_verifier(verifier) if verifier else RegexVerifier(answer_regex)
         unanswered = next((i for i, ex in enumerate(test, start=1) if not ex.answer), None)
         if unanswered is not None and not verifier:
             raise UserError(

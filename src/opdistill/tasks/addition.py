@@ -15,7 +15,7 @@ import random
 import zlib
 
 from opdistill.data import Example
-from opdistill.tasks import regex_verifier
+from opdistill.tasks import RegexVerifier
 
 DESCRIPTION = "N-digit addition with a written carry chain (options: digits=4, test_size=1000)"
 TEST_SEED = 12345
@@ -69,4 +69,4 @@ def build(seed: int, digits: int = 4, test_size: int = 1000):
         if ex.prompt not in seen:
             seen.add(ex.prompt)
             test.append(ex)
-    return AdditionStream(digits, seed), test, regex_verifier(r">(\d+)")
+    return AdditionStream(digits, seed), test, RegexVerifier(r">(\d+)")
