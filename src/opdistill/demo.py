@@ -61,7 +61,7 @@ def run_demo(
     started = time.perf_counter()
     console = Console(stderr=True)
     if not console.is_terminal:  # logs and pipes: wide enough that the table does not wrap
-        console = Console(stderr=True, width=120)
+        console = Console(stderr=True, width=140)
     if (out / "summary.json").exists():
         raise UserError(f"{out} already holds a demo; choose another --out or remove it.")
     recipe = resources.files("opdistill") / "recipes" / "demo.yaml"
