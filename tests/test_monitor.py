@@ -98,3 +98,31 @@ def test_periodic_evaluation_records_pass_at_k_and_diversity(tmp_path):
             row
         )
         assert row["pass@1"] <= row["pass@2"] <= row["pass@4"] and 1 <= row["distinct_answers"] <= 4
+
+
+def test_tensorboard_receives_every_scalar_of_steps_and_evaluations(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from opdistill import train
+    from opdistill.config import load_config
+    from opdistill.demo import asset_dir
+
+    config = load_config(None, [
+        f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1", "train.prompts_per_step=4",
+        "train.steps=3", "train.eval_every=3", "train.eval_size=4", "train.diagnostics_every=2",
+        "train.tensorboard=true", f"train.out_dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+    train.run(config, show_progress=False)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("train/teacher_kl")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("train/overlap")] == [1, 3]  # diagnostics steps 0 and 2
+    assert [e.step for e in events.Scalars("eval/greedy_acc")] == [0, 3]
+    assert "train/kl_by_position" not in scalars
+
+
+def test_kl_agreement_trap_alarm():
+    assert _run(
+        [_record(1, kl_trap_rate=0.1), _record(2, kl_trap_rate=0.3), _record(3, kl_trap_rate=0.5)]
+    ) == ["kl_agreement_trap"]

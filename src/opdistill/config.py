@@ -295,6 +295,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (0 = all)
     max_bad_steps: int = 3  # abort after this many non-finite losses in a row
     diagnostics_every: int = 10  # overlap, entropies, per-position KL... every N steps (0 = off)
+    tensorboard: bool = False  # also log metrics and evals to RUN_DIR/tensorboard (pip install tensorboard)
     out_dir: str = "runs/run"  # run directory
     threads: int = 0  # torch threads (0 = torch's default)
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from opdistill import diagnostics, losses
+from opdistill import diagnostics, losses, weighting
 from opdistill.config import Config
 from opdistill.models import completion_logits
 from opdistill.sources import StepBatch
@@ -21,6 +21,7 @@ POSITION_BUCKETS = 10  # per-position diagnostics by decile of each response's o
 MIN_TEACHER_HER = 0.02  # [D] a teacher high-entropy rate below this is too small to compare against
 TRUNCATION_STEPS = 3  # [D] steps in a row with most responses truncated before the alarm
 RISING_EVALS = 3  # [D] evaluations in a row with rising teacher_kl before the alarm
+TRAP_RATE = 0.25  # [D] share of responses in a KL agreement trap that trips the alarm
 
 
 @torch.no_grad()
@@ -52,6 +53,14 @@ def diagnose(config: Config, student, batch: StepBatch) -> dict[str, float | lis
         "overlap_by_position": diagnostics.relative_buckets(overlap_BT, mask_BT, POSITION_BUCKETS),
         "teacher_rank_by_position": diagnostics.relative_buckets(rank_BT.double(), mask_BT, POSITION_BUCKETS),
     }
+    wcfg = config.weighting  # KAT's rule, as a diagnostic: where the rollouts are long enough to trap
+    if mask_BT.sum(1).max() >= wcfg.kat_min_position + wcfg.kat_patience * wcfg.kat_window:
+        kl_BT = log_ratio_BT.clamp(min=0)
+        threshold = wcfg.kat_kappa * float(kl_BT[mask_BT.bool()].median())
+        _, trapped_B = weighting.kat_trap_mask(
+            kl_BT, mask_BT, threshold, wcfg.kat_window, wcfg.kat_patience, wcfg.kat_min_position
+        )
+        out["kl_trap_rate"] = float(trapped_B.float().mean())
     if signal_.logits_BTV is not None:  # the exact reverse KL where the teacher sent full logits
         exact_BT = losses.generalized_jsd(logits_BTV, signal_.logits_BTV, beta=1.0)
         out["exact_kl_by_position"] = diagnostics.relative_buckets(exact_BT, mask_BT, POSITION_BUCKETS)
@@ -66,7 +75,8 @@ def alarms(record: dict, state: dict, evaluated: bool) -> list[str]:
     non_finite: the step's loss or gradient was not finite (the step was skipped) · diversity_collapse: the
     student's high-entropy-token rate is under half the teacher's at the same states (§13.1) ·
     truncation_collapse: most responses hit the length cap for several steps (StableOPD's length inflation,
-    §13.5) · teacher_kl_rising: the mean teacher_kl between evaluations rose for several evaluations."""
+    §13.5) · teacher_kl_rising: the mean teacher_kl between evaluations rose for several evaluations ·
+    kl_agreement_trap: a quarter or more of the responses end in a KAT trap (§7.6)."""
     tripped: list[str] = state.setdefault("alarms", [])
     fired: list[str] = []
 
@@ -85,6 +95,10 @@ def alarms(record: dict, state: dict, evaluated: bool) -> list[str]:
     if teacher >= MIN_TEACHER_HER and diagnostics.diversity_collapse(student, teacher):
         trip("diversity_collapse", f"the student's high-entropy-token rate {student:.3f} is under half the "
              f"teacher's {teacher:.3f} at the same states (EOPD saw 6.8% vs 18.5% under plain OPD).")  # fmt: skip
+    if record.get("kl_trap_rate", 0.0) >= TRAP_RATE:
+        trip("kl_agreement_trap", f"{record['kl_trap_rate']:.0%} of the responses end in a stretch where the "
+             "teacher agrees with the student (persistently low KL after a drift; KAT, Xin et al. 2026): the "
+             "teacher gives no corrective signal there. Consider weighting.kat=true.")  # fmt: skip
     if "truncation_rate" in record:
         history = state.setdefault("truncation_history", [])
         history[:] = [*history, record["truncation_rate"]][-TRUNCATION_STEPS:]

@@ -126,7 +126,13 @@ def run(
     if periodic_eval and state["step"] == 0:  # where the curves start: the model before training
         last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state)
     try:
-        with bar, (out / "metrics.jsonl").open("a") as metrics_file:
+        with (
+            bar,
+            Board(out, config.train.tensorboard) as board,
+            (out / "metrics.jsonl").open("a") as metrics_file,
+        ):
+            if last_eval:  # the step-0 evaluation, made before the loop
+                board.log("eval", last_eval)
             while state["step"] < config.train.steps and not _out_of_time(config, state):
                 started = time.perf_counter()
                 step = state["step"]
@@ -156,6 +162,7 @@ def run(
                 record.update({k: state[k] for k in ("elapsed_s", *COUNTERS)})
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                board.log("train", record)
                 if state["bad_steps"] >= config.train.max_bad_steps:
                     raise UserError(
                         f"the loss or gradient was not finite for {state['bad_steps']} steps in a row (steps "
@@ -165,6 +172,7 @@ def run(
                 evaluated = bool(periodic_eval) and _eval_due(config, state, step_s)
                 if evaluated:
                     last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state)
+                    board.log("eval", last_eval)
                 for message in monitor.alarms(record, state, evaluated):  # each printed once, kept in the run
                     bar.note(f"alarm at step {step + 1}: {message}")
                     with (out / "alarms.jsonl").open("a") as handle:
@@ -258,6 +266,37 @@ def _backward(
             else:
                 totals[key] = totals.get(key, 0.0) + share * value
     return totals
+
+
+class Board:
+    """TensorBoard scalars beside the JSONL logs when ``train.tensorboard`` is on: every number of a step's
+    record under ``train/``, of an evaluation under ``eval/``, at the step; lists (per-position buckets)
+    stay in metrics.jsonl only."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError(
+                    "train.tensorboard=true needs the tensorboard package: pip install tensorboard"
+                ) from None
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def __enter__(self) -> Board:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def log(self, prefix: str, record: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
+                self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
 
 
 def _out_of_time(config: Config, state: dict) -> bool:
