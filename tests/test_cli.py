@@ -91,6 +91,7 @@ def test_eval_and_tasks_on_the_builtin_task(tmp_path):
     assert result["greedy_acc"] >= 0.9 and {"pass@1", "pass@2", "pass@4", "pass@6"} <= set(result)
     # the teacher is nearly deterministic on addition: about one distinct final answer per problem
     assert 1.0 <= result["distinct_answers"] < 1.5 and 0 < result["distinct_2"] <= 1
+    assert 0 <= result["token_entropy"] < 0.2  # nearly deterministic, in nats
     listing = opd("tasks")
     assert listing.returncode == 0 and listing.stdout.startswith("addition")
     exported = opd(

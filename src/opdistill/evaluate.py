@@ -6,10 +6,12 @@ from collections.abc import Sequence
 
 import torch
 
-from opdistill.data import Example, encode_prompts
-from opdistill.diagnostics import distinct_answers, distinct_n, pass_at_k
+from opdistill.data import Example, encode_completion, encode_prompts, left_pad, right_pad
+from opdistill.diagnostics import distinct_answers, distinct_n, pass_at_k, token_entropy
+from opdistill.models import completion_logits
 from opdistill.rollout import sample_prompts
 from opdistill.tasks import Verifier
+from opdistill.types import Rollout
 
 
 def decode_completions(tokenizer, tokens_BT: torch.Tensor, mask_BT: torch.Tensor) -> list[str]:
@@ -58,7 +60,8 @@ def evaluate(
     seed: int = 0,
 ) -> dict[str, float]:
     """Greedy accuracy; with n > 0 also avg@n, pass@k over n samples at ``temperature`` (k in ``ks``, by
-    default 1, 2, 4, ... n) and their diversity: distinct final answers per problem, distinct n-grams."""
+    default 1, 2, 4, ... n) and their diversity: distinct final answers per problem, distinct n-grams and
+    the model's mean token entropy on them."""
     greedy = sample_completions(model, tokenizer, examples, max_new_tokens=max_new_tokens)
     result: dict[str, float] = {
         "n_problems": len(examples),
@@ -78,7 +81,29 @@ def evaluate(
         result["distinct_answers"] = distinct_answers(answers)
         for size in (2, 3, 4):
             result[f"distinct_{size}"] = distinct_n(sampled, size)
+        result["token_entropy"] = mean_token_entropy(model, tokenizer, examples, sampled, n)
     return result
+
+
+@torch.no_grad()
+def mean_token_entropy(
+    model, tokenizer, examples: Sequence[Example], completions: list[str], n: int, batch_size: int = 512
+) -> float:
+    """The model's mean entropy (nats) over the tokens of its own completions (``n`` per example, grouped)."""
+    prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(n)]
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        ids_BP, mask_BP = left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id)
+        tokens_BT, loss_mask_BT = right_pad(
+            [encode_completion(tokenizer, text) for text in completions[start : start + batch_size]],
+            tokenizer.pad_token_id,
+        )
+        rollout = Rollout(ids_BP, mask_BP, tokens_BT, loss_mask_BT, torch.zeros(tokens_BT.shape),
+                          torch.zeros(len(tokens_BT), dtype=torch.bool))  # fmt: skip
+        entropy_BT = token_entropy(completion_logits(model, rollout))
+        total += float(entropy_BT[loss_mask_BT].sum())
+        count += int(loss_mask_BT.sum())
+    return total / max(count, 1)
 
 
 def pass_k_ladder(n: int) -> list[int]:
