@@ -35,7 +35,7 @@ def recorded(tmp_path_factory):
 def test_report_has_every_section_plot_and_alarm(recorded, tmp_path):
     page = write_report(recorded, tmp_path).read_text()
     assert all(f"<h2>{heading}</h2>" in page.replace("&#x27;", "'") for heading in SECTIONS)
-    for alt in ("Held-out greedy accuracy", "Teacher KL", "High-entropy-token rate", "per-position KL of healthy",
+    for alt in ("pass@k curve", "Held-out greedy accuracy", "Teacher KL", "High-entropy-token rate", "per-position KL of healthy",
                 "per-position KL of truncated", "Top-k overlap", "Truncation rate"):  # fmt: skip
         assert f'alt="{alt}' in page, alt
     assert "truncation_collapse" in page and "pass@4" in page and "distinct_answers" in page

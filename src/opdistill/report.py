@@ -92,6 +92,29 @@ def _heat_map(name: str, run_dir: Path, path: Path) -> str:
     return _embed(fig, path, f"per-position KL of {name}")
 
 
+def _pass_at_k_curve(runs: dict[str, Path], path: Path) -> str:
+    """pass@k against k at each run's last evaluation that sampled (ALGORITHMS §13.2): a curve that rises
+    less over k than another run's has less diversity to offer, whatever its pass@1."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=110)
+    drawn = False
+    for name, run_dir in runs.items():
+        sampled = [r for r in read_jsonl(run_dir / "eval.jsonl") if any(k.startswith("pass@") for k in r)]
+        if sampled:
+            ks = sorted(int(k[5:]) for k in sampled[-1] if k.startswith("pass@"))
+            ax.plot(ks, [sampled[-1][f"pass@{k}"] for k in ks], "-o", markersize=3,
+                    label=f"{name} (step {sampled[-1]['step']})")  # fmt: skip
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return ""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (samples per problem)")
+    ax.set_ylabel("pass@k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return "<h3>pass@k at the last evaluation</h3>" + _embed(fig, path, "pass@k curve")
+
+
 def _config_rows(runs: dict[str, Path]) -> str:
     """What each run changed from the defaults (objective, weighting, rollout, optimiser)."""
     defaults = to_dict(Config())
@@ -167,7 +190,7 @@ table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ccc;pad
 th:first-child,td:first-child,td:nth-child(3){{text-align:left}}img{{max-width:100%}}</style></head><body>
 <h1>{html.escape(title)}</h1>{table}
 <h2>Runs</h2>{_config_rows(runs)}
-<h2>Did the student close the gap?</h2>{_final_eval_rows(runs)}{gap}
+<h2>Did the student close the gap?</h2>{_final_eval_rows(runs)}{_pass_at_k_curve(runs, plots / "pass_at_k.png")}{gap}
 <h2>Did diversity collapse?</h2>{diversity or "<p>No diagnostics logged (train.diagnostics_every=0).</p>"}
 <h2>Alarms</h2>{_alarm_rows(runs)}
 <h2>Where does the teacher's signal degrade?</h2>
