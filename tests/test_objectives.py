@@ -180,7 +180,7 @@ def test_a_top_k_wider_than_the_vocabulary_is_a_clear_error(tmp_path):
         train.run(config, show_progress=False)
 
 
-def test_diagnostics_of_a_student_scored_by_itself_show_perfect_alignment(setup):
+def test_diagnostics_of_a_student_scored_by_itself_show_perfect_alignment(setup, tokenizer):
     from opdistill import monitor
 
     student, _, rollout = setup
@@ -188,10 +188,11 @@ def test_diagnostics_of_a_student_scored_by_itself_show_perfect_alignment(setup)
                      "weighting.kat_min_position=0")  # responses this short can be checked for KL traps  # fmt: skip
     twin = LocalTeacher(copy.deepcopy(student))
     batch = StepBatch(rollout, sources.score(config, student, twin, rollout, config.diagnostics_request), {})
-    out = monitor.diagnose(config, student, batch)
+    out = monitor.diagnose(config, student, tokenizer, batch)
     assert out["overlap"] == pytest.approx(1.0) and out["entropy_gap"] == pytest.approx(0.0, abs=1e-6)
     assert out["overlap_mass_student"] == pytest.approx(out["overlap_mass_teacher"], abs=1e-6)
     assert out["overlap_advantage"] == pytest.approx(0.0, abs=1e-6)
+    assert out["repetition_rate"] == 0.0 and len(out["kl_by_token_position"]) == 4  # type: ignore[arg-type]
     assert out["kl_trap_rate"] == 0.0  # zero KL everywhere is never below κ x its median
     kl = [v for v in out["kl_by_position"] if v is not None]  # type: ignore[union-attr]
     assert len(out["kl_by_position"]) == 10 and max(abs(v) for v in kl) < 1e-5  # type: ignore[arg-type]

@@ -14,10 +14,12 @@ import torch
 
 from opdistill import diagnostics, losses, weighting
 from opdistill.config import Config
+from opdistill.evaluate import decode_completions
 from opdistill.models import completion_logits
 from opdistill.sources import StepBatch
 
 POSITION_BUCKETS = 10  # per-position diagnostics by decile of each response's own length
+TOKEN_BINS = (0, 100, 500, 2000)  # and by absolute token position: [0, 100), [100, 500), [500, 2k), [2k, ∞)
 MIN_TEACHER_HER = 0.02  # [D] a teacher high-entropy rate below this is too small to compare against
 TRUNCATION_STEPS = 3  # [D] steps in a row with most responses truncated before the alarm
 RISING_EVALS = 3  # [D] evaluations in a row with rising teacher_kl before the alarm
@@ -25,10 +27,11 @@ TRAP_RATE = 0.25  # [D] share of responses in a KL agreement trap that trips the
 
 
 @torch.no_grad()
-def diagnose(config: Config, student, batch: StepBatch) -> dict[str, float | list[float | None]]:
+def diagnose(config: Config, student, tokenizer, batch: StepBatch) -> dict[str, float | list[float | None]]:
     """Top-k overlap and masses, entropies and high-entropy rates of both models, |log-ratio| quantiles,
-    per-position (length-decile) sampled reverse KL, exact reverse KL, overlap and teacher rank, and the
-    3-gram repetition rate, on ``batch``'s rollouts. Entropies of the teacher are at the student's states."""
+    per-position sampled reverse KL (by decile of length, and by token position in §13.3's bins), exact
+    reverse KL, overlap and teacher rank, the 3-gram repetition rate and StableOPD's zlib repetition rate
+    of the decoded responses, on ``batch``'s rollouts. Entropies of the teacher are at the student's states."""
     rollout, signal_ = batch.rollout, batch.signal
     assert signal_ is not None and signal_.topk_ids_BTK is not None and signal_.topk_logp_BTK is not None
     assert signal_.entropy_BT is not None
@@ -49,6 +52,10 @@ def diagnose(config: Config, student, batch: StepBatch) -> dict[str, float | lis
         "student_high_entropy_rate": diagnostics.high_entropy_rate(student_entropy_BT, mask_BT),
         "teacher_high_entropy_rate": diagnostics.high_entropy_rate(signal_.entropy_BT, mask_BT),
         "repeated_token_rate": diagnostics.repeated_token_rate(rollout.tokens_BT, mask_BT),
+        "repetition_rate": diagnostics.repetition_rate(
+            decode_completions(tokenizer, rollout.tokens_BT, rollout.loss_mask_BT)
+        ),
+        "kl_by_token_position": diagnostics.position_buckets(log_ratio_BT, mask_BT, TOKEN_BINS),
         "kl_by_position": diagnostics.relative_buckets(log_ratio_BT, mask_BT, POSITION_BUCKETS),
         "overlap_by_position": diagnostics.relative_buckets(overlap_BT, mask_BT, POSITION_BUCKETS),
         "teacher_rank_by_position": diagnostics.relative_buckets(rank_BT.double(), mask_BT, POSITION_BUCKETS),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from opdistill import weighting
+from opdistill import diagnostics, weighting
 from opdistill.config import Config
 from opdistill.data import (
     Example,
@@ -87,7 +87,7 @@ def batch_source(
         rollout = sampled(student, examples, roll.temperature, roll.n_per_prompt)
         return rollout, {
             "response_length": float(rollout.loss_mask_BT.sum(1).float().mean()),
-            "truncation_rate": float(rollout.truncated_B.float().mean()),
+            "truncation_rate": diagnostics.truncation_rate(rollout.truncated_B),
             "student_sampled_tokens": int(rollout.loss_mask_BT.sum()),
         }
 

@@ -146,7 +146,7 @@ def run(
                 if distill:
                     batch.shaping = shaping.shape(config, student, batch, step, state)
                 if config.diagnostics_due(step):  # on the policy that sampled the batch, before the update
-                    batch.metrics.update(monitor.diagnose(config, student, batch))
+                    batch.metrics.update(monitor.diagnose(config, student, tokenizer, batch))
                 metrics = train_step(config, student, optimizer, batch)
                 batch_metrics = batch.metrics
                 finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
