@@ -22,3 +22,19 @@ def make_model(tokenizer):
         return tiny_model(ModelSpec(preset=preset, arch=arch), tokenizer, seed).eval()
 
     return make
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """Config factory for a short distillation run against the shipped teacher: a fresh d16l1 student, 4
+    prompts per step, no periodic evaluation, under ``tmp_path/<out>``; later overrides win."""
+    from opdistill.config import load_config
+    from opdistill.demo import asset_dir
+
+    def make(*overrides: str, out: str = "run"):
+        return load_config(None, [
+            f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1", "train.prompts_per_step=4",
+            "train.eval_every=0", "train.eval_size=4", f"train.out_dir={tmp_path / out}", *overrides,
+        ])  # fmt: skip
+
+    return make

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
-from opdistill import monitor
+from opdistill import monitor, train
+from opdistill.demo import asset_dir
 
 
 def _record(step, **overrides):
@@ -60,36 +62,16 @@ def test_a_resumed_run_neither_repeats_nor_forgets_an_alarm():
     assert _run([_record(4, truncation_rate=0.9)], state=resumed) == []
 
 
-def test_an_alarm_in_a_run_is_printed_once_and_kept_in_the_run_directory(tmp_path, capsys):
-    import json
-
-    from opdistill import train
-    from opdistill.config import load_config
-    from opdistill.demo import asset_dir
-
-    config = load_config(None, [
-        f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1", "train.prompts_per_step=4",
-        "rollout.max_new_tokens=4", "train.steps=5", "train.eval_every=0", "train.eval_size=4",
-        f"train.out_dir={tmp_path / 'run'}",
-    ])  # fmt: skip
-    train.run(config, show_progress=False)
+def test_an_alarm_in_a_run_is_printed_once_and_kept_in_the_run_directory(tiny_run, tmp_path, capsys):
+    train.run(tiny_run("rollout.max_new_tokens=4", "train.steps=5"), show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "alarms.jsonl").read_text().splitlines()]
     assert [(r["step"], r["alarm"].split(":")[0]) for r in rows] == [(3, "truncation_collapse")]
     assert capsys.readouterr().err.count("alarm at step 3: truncation_collapse") == 1
 
 
-def test_periodic_evaluation_records_pass_at_k_and_diversity(tmp_path):
-    import json
-
-    from opdistill import train
-    from opdistill.config import load_config
-    from opdistill.demo import asset_dir
-
-    config = load_config(None, [
-        f"teacher.path={asset_dir('addition-teacher')}", f"student.path={asset_dir('addition-student')}",
-        "train.prompts_per_step=4", "train.steps=2", "train.eval_every=2", "train.eval_size=8",
-        "train.eval_samples=4", f"train.out_dir={tmp_path / 'run'}",
-    ])  # fmt: skip
+def test_periodic_evaluation_records_pass_at_k_and_diversity(tiny_run, tmp_path):
+    config = tiny_run(f"student.path={asset_dir('addition-student')}", "train.steps=2", "train.eval_every=2",
+                      "train.eval_size=8", "train.eval_samples=4")  # fmt: skip
     train.run(config, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2]
@@ -100,18 +82,12 @@ def test_periodic_evaluation_records_pass_at_k_and_diversity(tmp_path):
         assert row["pass@1"] <= row["pass@2"] <= row["pass@4"] and 1 <= row["distinct_answers"] <= 4
 
 
-def test_tensorboard_receives_every_scalar_of_steps_and_evaluations(tmp_path):
+def test_tensorboard_receives_every_scalar_of_steps_and_evaluations(tiny_run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from opdistill import train
-    from opdistill.config import load_config
-    from opdistill.demo import asset_dir
-
-    config = load_config(None, [
-        f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1", "train.prompts_per_step=4",
-        "train.steps=3", "train.eval_every=3", "train.eval_size=4", "train.diagnostics_every=2",
-        "train.tensorboard=true", f"train.out_dir={tmp_path / 'run'}",
-    ])  # fmt: skip
+    config = tiny_run(
+        "train.steps=3", "train.eval_every=3", "train.diagnostics_every=2", "train.tensorboard=true"
+    )
     train.run(config, show_progress=False)
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()

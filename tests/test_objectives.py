@@ -12,7 +12,6 @@ import torch
 from opdistill import shaping, sources, train
 from opdistill.config import ModelSpec, load_config
 from opdistill.data import left_pad, right_pad
-from opdistill.demo import asset_dir
 from opdistill.losses import token_logprobs
 from opdistill.models import completion_logits, load_model
 from opdistill.objectives import objective_loss
@@ -122,15 +121,11 @@ def test_reference_kl_is_zero_at_the_reference_and_positive_away_from_it(setup, 
     ("objective.type=sead",),
     ("objective.type=minillm", "objective.discount=0.5"),
 ])  # fmt: skip
-def test_batch_wide_shaping_is_the_same_for_any_micro_batch_size(tmp_path, overrides):
-
+def test_batch_wide_shaping_is_the_same_for_any_micro_batch_size(tiny_run, tmp_path, overrides):
     finals = []
     for micro in (0, 3):
-        config = load_config(None, [
-            f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1", "train.prompts_per_step=8",
-            "rollout.max_new_tokens=52", "train.eval_every=0", "train.eval_size=4", "train.steps=3",
-            f"train.micro_batch_size={micro}", f"train.out_dir={tmp_path / str(micro)}", *overrides,
-        ])  # fmt: skip
+        config = tiny_run("train.prompts_per_step=8", "rollout.max_new_tokens=52", "train.steps=3",
+                          f"train.micro_batch_size={micro}", *overrides, out=str(micro))  # fmt: skip
         train.run(config, show_progress=False)
         model, _ = load_model(ModelSpec(path=str(tmp_path / str(micro) / "final")))
         finals.append(dict(model.named_parameters()))
@@ -169,15 +164,13 @@ def test_a_loss_window_also_ends_the_reward_stream_and_a_position_limit_masks(se
     assert limited.shaping is not None and limited.shaping.mask_BT.sum(1).tolist() == [2, 2, 2, 2]
 
 
-def test_a_top_k_wider_than_the_vocabulary_is_a_clear_error(tmp_path):
+def test_a_top_k_wider_than_the_vocabulary_is_a_clear_error(tiny_run):
     from opdistill.errors import UserError
 
-    config = load_config(None, [
-        f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1", "objective.type=topk_rkl",
-        "objective.topk=64", f"train.out_dir={tmp_path / 'run'}", "train.steps=1",
-    ])  # fmt: skip
     with pytest.raises(UserError, match="more than the vocabulary"):
-        train.run(config, show_progress=False)
+        train.run(
+            tiny_run("objective.type=topk_rkl", "objective.topk=64", "train.steps=1"), show_progress=False
+        )
 
 
 def test_diagnostics_of_a_student_scored_by_itself_show_perfect_alignment(setup, tokenizer):
@@ -200,13 +193,9 @@ def test_diagnostics_of_a_student_scored_by_itself_show_perfect_alignment(setup,
     assert ranks and all(1.0 <= v <= 5.0 for v in ranks)  # 1-based among the top-4, 5 when outside
 
 
-def test_diagnostics_are_logged_at_their_cadence(tmp_path):
-    config = load_config(None, [
-        f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1", "objective.type=sampled_rkl",
-        "train.prompts_per_step=4", "train.steps=3", "train.eval_every=0", "train.eval_size=4",
-        "train.diagnostics_every=2", f"train.out_dir={tmp_path / 'run'}",
-    ])  # fmt: skip
-    train.run(config, show_progress=False)
+def test_diagnostics_are_logged_at_their_cadence(tiny_run, tmp_path):
+    train.run(tiny_run("objective.type=sampled_rkl", "train.steps=3", "train.diagnostics_every=2"),
+              show_progress=False)  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     keys = {"overlap", "overlap_mass_student", "teacher_high_entropy_rate", "entropy_gap", "kl_by_position",
             "teacher_rank_by_position", "repeated_token_rate", "abs_log_ratio_p90"}  # fmt: skip
