@@ -27,11 +27,13 @@ def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> 
     mask_BT = rollout.loss_mask_BT
     weight_BT = mask_BT.float()
     metrics = batch.metrics
-    student_logits_BTV = student_logp_BT = None
+    student_logits_BTV = student_logp_BT = student_entropy_BT = None
     if wcfg.needs_student_pass or objective.type in ("sead", "scope"):
         with torch.no_grad():  # the untempered student over the whole step (the sampler's may be tempered)
             student_logits_BTV = completion_logits(student, rollout)
             student_logp_BT = losses.token_logprobs(student_logits_BTV, rollout.tokens_BT)
+            if wcfg.tip_ratio or objective.type == "sead":  # once, for whichever reads it
+                student_entropy_BT = diagnostics.token_entropy(student_logits_BTV)
 
     if wcfg.position_decay:
         weight_BT = weight_BT * weighting.position_decay(
@@ -58,10 +60,10 @@ def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> 
         weight_BT = weight_BT * prune_BT
         metrics.update(prune_metrics)
     if wcfg.tip_ratio:  # student entropy × JSD_0.5 / ln 2 against the teacher, over the whole batch
-        assert student_logits_BTV is not None and signal_.logits_BTV is not None
-        entropy_BT = diagnostics.token_entropy(student_logits_BTV)
+        assert student_logits_BTV is not None and student_entropy_BT is not None
+        assert signal_.logits_BTV is not None
         jsd_BT = losses.generalized_jsd(student_logits_BTV, signal_.logits_BTV, 0.5) / math.log(2)
-        mask_BT, tip_metrics = weighting.tip_keep_mask(entropy_BT, jsd_BT, mask_BT, wcfg.tip_ratio)
+        mask_BT, tip_metrics = weighting.tip_keep_mask(student_entropy_BT, jsd_BT, mask_BT, wcfg.tip_ratio)
         metrics.update(tip_metrics)
     if wcfg.kat:  # k_t = max(ℓ_t, 0) on the sampled tokens [D]; the threshold follows the run's median
         assert student_logp_BT is not None
@@ -100,8 +102,7 @@ def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> 
             shaping.weight_BT, shaping.correct_B = shaping.weight_BT * scope_B[:, None], correct_B
             metrics.update(scope_metrics)
     if objective.type == "sead":
-        assert student_logits_BTV is not None and signal_.entropy_BT is not None
-        student_entropy_BT = diagnostics.token_entropy(student_logits_BTV)
+        assert student_entropy_BT is not None and signal_.entropy_BT is not None
         shaping.zone_BT = weighting.sead_zones(signal_.entropy_BT, student_entropy_BT, mask_BT)
         shaping.sead_lambda = weighting.sead_anneal(step, config.train.steps)
         mask_BT = mask_BT & (shaping.zone_BT != weighting.SKIP)
