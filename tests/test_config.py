@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from opdistill.config import Config, describe, load_config, save_config
 from opdistill.errors import UserError
 from opdistill.types import SignalRequest
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_defaults_yaml_and_overrides_compose(tmp_path):
@@ -37,12 +41,26 @@ def test_resolved_config_round_trips(tmp_path):
         ("trainsteps", "must look like section.field=value"),
         ("rollout.top_p=0", "rollout.top_p in (0, 1]"),
         ("student.preset=big", "is not of the form d<hidden>l<layers>"),
+        ("lora.target_modules=,", "the value is not valid YAML"),
+        ("train.parallel=zero", "train.parallel must be one of"),
     ],
 )
 def test_bad_keys_and_values_name_the_fix(override, message):
     with pytest.raises(UserError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_a_remote_teacher_cannot_generate_completions():
+    with pytest.raises(UserError, match="a remote teacher \\(teacher.url\\) only scores"):
+        load_config(
+            None, ["teacher.url=http://127.0.0.1:8000", "objective.type=sft", "data.completions=teacher"]
+        )
 
 
 def test_bad_yaml_files(tmp_path):

@@ -10,26 +10,35 @@ from opdistill.rollout import generate, sample_next_token
 
 def test_greedy_and_logp_of_sampled_token():
     logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
-    token, logp = sample_next_token(logits, 0.0, 1.0, None)
+    token, logp = sample_next_token(logits, 0.0, 1.0, torch.rand(2))
     assert token.tolist() == [1, 0] and logp.tolist() == [0.0, 0.0]
-    g = torch.Generator().manual_seed(0)
-    token, logp = sample_next_token(logits, 1.0, 1.0, g)
+    token, logp = sample_next_token(logits, 1.0, 1.0, torch.rand(2))
     torch.testing.assert_close(logp, logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
 
 
 def test_temperature_and_top_p_define_the_behaviour_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(0)
     seen = set()
-    for _ in range(200):
-        token, logp = sample_next_token(logits, 1.0, 0.75, g)
+    for u in torch.rand(200):
+        token, logp = sample_next_token(logits, 1.0, 0.75, u[None])
         seen.add(int(token))
         # nucleus {0, 1} renormalised: p = 0.5/0.8 or 0.3/0.8
         expected = {0: 0.5 / 0.8, 1: 0.3 / 0.8}[int(token)]
         assert abs(float(logp.exp()) - expected) < 1e-5
     assert seen == {0, 1}
-    _, logp = sample_next_token(logits, 2.0, 1.0, g)
+    _, logp = sample_next_token(logits, 2.0, 1.0, torch.rand(1))
     assert torch.isfinite(logp).all()
+
+
+def test_inverse_cdf_sampling_matches_the_probabilities_and_skips_zero_mass_ids():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    n = 20_000
+    uniform_N = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    uniform_N[:2] = torch.tensor([0.0, 1.0 - 2**-24])  # both ends of [0, 1)
+    token_N, _ = sample_next_token(probs.log().expand(n, -1), 1.0, 1.0, uniform_N)
+    assert token_N[:2].tolist() == [1, 4]
+    frequency = torch.bincount(token_N, minlength=6).float() / n
+    assert torch.allclose(frequency, probs, atol=0.01)
 
 
 def _greedy_without_cache(model, ids: list[int], steps: int) -> list[int]:
@@ -99,3 +108,24 @@ def test_generation_stops_when_every_row_has_ended():
         model, ids, torch.ones(2, 1, dtype=torch.bool), max_new_tokens=50, eos_id=2, pad_id=0, temperature=0.0
     )
     assert rollout.tokens_BT.shape == (2, 2)
+
+
+def test_a_batch_split_across_ranks_samples_the_same_rows_as_the_whole_batch(make_model, tokenizer):
+    model = make_model(seed=3, preset="d32l2")
+    texts = ["12+34=", "5=", "1+1=", "777+2="]
+    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+    def sample(part: list[list[int]], rows: tuple[int, int]):
+        ids, mask = left_pad(part, tokenizer.pad_token_id)
+        torch.manual_seed(11)
+        return generate(
+            model, ids, mask, max_new_tokens=8, eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id, temperature=1.0, rows=rows,
+        )  # fmt: skip
+
+    whole = sample(prompts, (0, 4))
+    halves = [sample(prompts[:2], (0, 4)), sample(prompts[2:], (2, 4))]
+    for half, rows in zip(halves, (slice(0, 2), slice(2, 4)), strict=True):
+        width = half.tokens_BT.shape[1]
+        assert torch.equal(half.tokens_BT, whole.tokens_BT[rows, :width])
+        assert not whole.loss_mask_BT[rows, width:].any()

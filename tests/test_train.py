@@ -84,11 +84,12 @@ def _params(run_dir):
             "jsd weighting.kat=true weighting.kat_window=4 weighting.kat_min_position=8 weighting.kat_patience=2",
             "divergence",
         ),
+        (f"full_rkl lora.rank=8 student.path={asset_dir('addition-student')} optim.lr=2e-3", "divergence"),
     ],
 )
 def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_path, objective, target):
-    config = _config(tmp_path, "train.prompts_per_step=16", *f"objective.type={objective}".split(), "train.steps=30",
-                     "optim.lr=1e-2", "optim.warmup_steps=3")  # fmt: skip
+    config = _config(tmp_path, "train.prompts_per_step=16", "train.steps=30", "optim.lr=1e-2", "optim.warmup_steps=3",
+                     *f"objective.type={objective}".split())  # fmt: skip
     result = train.run(config, show_progress=False)
     rows = _metrics(tmp_path / "run")
     values = [r[target] for r in rows]
@@ -107,6 +108,7 @@ def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_pa
     ("objective.type=sampled_rkl", "objective.discount=0.9"),
     ("objective.type=sft", "data.completions=teacher_pool", "data.pool_size=24"),
     ("objective.type=jsd", "rollout.on_policy_fraction=0.5"),
+    ("objective.type=full_rkl", "lora.rank=4"),
     ("objective.type=sead", "data.curriculum=true", "data.pool_size=32", "data.curriculum_samples=2",
      "weighting.kat=true", "weighting.kat_window=4", "weighting.kat_min_position=8"),
 ])  # fmt: skip

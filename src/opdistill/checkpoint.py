@@ -22,13 +22,22 @@ from opdistill.models import save_model
 STATE_FILE = "trainer_state.pt"
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    state: dict[str, Any],
+    keep: int,
+    model_state: dict | None = None,
+) -> Path:
+    """Write ``checkpoints/step_N`` atomically; ``model_state`` is the full state dict of a sharded model."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
+    save_model(model, tokenizer, tmp, model_state)
     torch.save(state, tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)

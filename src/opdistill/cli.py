@@ -76,6 +76,22 @@ def _parser() -> argparse.ArgumentParser:
         "objectives", help="list the objectives, their teacher signal, and the weighting keys"
     )
 
+    serve = commands.add_parser(
+        "serve-teacher", help="serve a teacher's scores (L0/L1, never logits) over HTTP for remote trainers"
+    )
+    serve.add_argument("--model", required=True, help="HF model directory of the teacher")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
+    serve.add_argument("--max-tokens", type=int, default=32768, help="prompt + completion tokens per request")
+    serve.add_argument(
+        "--max-batch-tokens", type=int, default=65536, help="padded tokens per batched forward"
+    )
+    serve.add_argument(
+        "--max-topk", type=int, default=256, help="widest top-K or at_ids a request may ask for"
+    )
+    serve.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    serve.add_argument("--device", default="", help="torch device (default cuda when available, else cpu)")
+
     report = commands.add_parser("report", help="HTML report (PNG plots) of one or several runs")
     report.add_argument("runs", nargs="+", help="run directories")
     report.add_argument("--out", default="", help="output directory (default: the first run)")
@@ -190,6 +206,16 @@ def _objectives(_args) -> int:
     return 0
 
 
+def _serve_teacher(args) -> int:
+    from opdistill.server import serve
+
+    if min(args.max_tokens, args.max_batch_tokens, args.max_topk) < 1:
+        raise UserError("--max-tokens, --max-batch-tokens and --max-topk must be at least 1.")
+    serve(args.model, args.host, args.port, args.max_tokens, args.max_batch_tokens, args.max_topk,
+          args.dtype, args.device)  # fmt: skip
+    return 0
+
+
 def _report(args) -> int:
     from opdistill.report import write_report
 
@@ -212,6 +238,7 @@ COMMANDS = {
     "tasks": _tasks,
     "report": _report,
     "objectives": _objectives,
+    "serve-teacher": _serve_teacher,
 }
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from opdistill.data import EXAMPLE_FIELDS
 from opdistill.errors import UserError
 from opdistill.losses import TopKVariant
 from opdistill.types import SignalRequest
@@ -30,6 +31,11 @@ class ModelSpec:
     preset: str = "d32l2"  # fresh tiny model "d{hidden}l{layers}", e.g. d32l2 (34k params), d64l2, d128l4
     arch: Literal["llama", "qwen2"] = "llama"  # architecture of a fresh tiny model
     dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype
+    url: str = ""  # remote teacher: opd serve-teacher / vLLM base URL (then path is not loaded here)
+    api: Literal["opd", "vllm"] = "opd"  # remote teacher protocol: opd serve-teacher | vLLM completions
+    served_model: str = ""  # api=vllm: model name sent to vLLM (empty = the one model it serves)
+    timeout_s: float = 60.0  # remote teacher: seconds per HTTP request before it is retried
+    retries: int = 5  # remote teacher: retries after a failed request (backoff 0.5 s, doubling)
 
     def __post_init__(self):
         if not self.path and not parse_preset(self.preset):
@@ -74,8 +80,11 @@ Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
 class DataConfig:
     task: str = "addition"  # built-in task (see `opd tasks`); unused when train_file is given
     task_options: dict[str, Any] = field(default_factory=dict)  # task parameters, e.g. {digits: 4}
-    train_file: str = ""  # JSONL: prompt, answer, completion, privileged, id (takes precedence over task)
-    eval_file: str = ""  # JSONL held out for evaluation (built-in tasks have their own test split)
+    train_file: str = ""  # JSONL, .parquet/.csv/.json, save_to_disk dir or hf:NAME[:SPLIT] (replaces task)
+    eval_file: str = ""  # the same, held out for evaluation (built-in tasks have their own test split)
+    columns: dict[str, str] = field(default_factory=dict)  # field -> column, e.g. {prompt: question}
+    streaming: bool = False  # read train_file lazily, shuffled in a buffer (large sets; resume re-reads)
+    shuffle_buffer: int = 10000  # streaming: examples held to shuffle among (bigger = nearer a full shuffle)
     n_train_prompts: int = 0  # restrict training to the first N prompts (0 = all / unlimited)
     answer_regex: str = r"-?\d+(?:\.\d+)?"  # user data: the answer is the last match (group 1 if any)
     verifier: str = ""  # user data: "module:function(completion, example) -> bool", overrides the regex
@@ -92,7 +101,17 @@ class DataConfig:
         if self.train_file:  # the user's file replaces the default task; the resolved config says so
             object.__setattr__(self, "task", "")
         elif not self.task:
-            raise UserError("give data.task (a built-in task, see `opd tasks`) or data.train_file (JSONL).")
+            raise UserError(
+                "give data.task (a built-in task, see `opd tasks`) or data.train_file (JSONL or a dataset)."
+            )
+        unknown = sorted(set(self.columns) - set(EXAMPLE_FIELDS))
+        if unknown or not all(isinstance(c, str) and c for c in self.columns.values()):
+            raise UserError(
+                f"data.columns maps example fields ({', '.join(EXAMPLE_FIELDS)}) to column names, "
+                f"e.g. {{prompt: question}}; got {self.columns!r}."
+            )
+        if self.shuffle_buffer < 1:
+            raise UserError("data.shuffle_buffer must be at least 1.")
 
 
 @dataclass(frozen=True)
@@ -298,6 +317,7 @@ class TrainConfig:
     tensorboard: bool = False  # also log metrics and evals to RUN_DIR/tensorboard (pip install tensorboard)
     out_dir: str = "runs/run"  # run directory
     threads: int = 0  # torch threads (0 = torch's default)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2-sharded student)
 
     def __post_init__(self):
         if self.steps < 1 or self.prompts_per_step < 1:
@@ -305,9 +325,33 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    # LoRA adapters on the student (PEFT, pip install 'opdistill[lora]'): only the adapters train; checkpoints
+    # hold the adapter (adapter/) and the merged model, so every consumer loads a plain HF directory.
+    rank: int = 0  # LoRA rank of the student's adapters (0 = train all weights), e.g. 16
+    alpha: float = 32.0  # LoRA α: the adapter update BA is scaled by α / rank
+    dropout: float = 0.0  # dropout on the adapters' input in training forwards (sampling runs without it)
+    target_modules: str = "all-linear"  # every linear layer but the LM head, or names, e.g. q_proj,v_proj
+
+    def __post_init__(self):
+        if self.rank < 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise UserError("lora.rank must be >= 0, lora.alpha above 0 and lora.dropout in [0, 1).")
+        if self.rank and not self.modules:
+            raise UserError("lora.target_modules must name modules, e.g. all-linear or q_proj,v_proj.")
+
+    @property
+    def modules(self) -> str | list[str]:
+        """PEFT's ``target_modules``: the string "all-linear", or the list of comma-separated names."""
+        if self.target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
+
+@dataclass(frozen=True)
 class Config:
     student: ModelSpec = field(default_factory=ModelSpec)
     teacher: ModelSpec = field(default_factory=lambda: ModelSpec(preset="d64l2"))
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -346,6 +390,11 @@ class Config:
             raise UserError(
                 "weighting.iw_opd_gamma and weighting.kat read the sampler's log-probs, which off-policy "
                 "completions do not have: keep rollout.on_policy_fraction=1."
+            )
+        if self.teacher.url and self.data.completions != "dataset":
+            raise UserError(
+                f"data.completions={self.data.completions} samples from the teacher, and a remote teacher "
+                "(teacher.url) only scores: give a local teacher.path or use data.completions=dataset."
             )
         kat_span = weighting.kat_min_position + weighting.kat_patience * weighting.kat_window
         if weighting.kat and rollout.max_new_tokens < kat_span:
@@ -411,7 +460,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not isinstance(child, dict):
                 raise UserError(f"override {item!r}: {name} is not a section.")
             node = child
-        node[leaf] = yaml.safe_load(value) if value else ""
+        try:
+            node[leaf] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            raise UserError(f"override {item!r}: the value is not valid YAML (quote it).") from None
     return from_dict(Config, raw, "")
 
 

@@ -1,13 +1,15 @@
-"""Examples, JSONL loading with line-precise errors, and the one place text becomes token ids."""
+"""Examples from JSONL or HF ``datasets`` with position-precise errors, deterministic (optionally streamed)
+example streams, and the one place text becomes token ids."""
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -35,52 +37,196 @@ class Example:
         return "".join(parts + [self.answer, self.completion, self.privileged])
 
 
+EXAMPLE_FIELDS = ("prompt", "answer", "completion", "privileged", "id")
+TRAIN_SPLITS = ("train",)  # the split a dataset with several gives for training, unless one is named
+EVAL_SPLITS = ("test", "validation")  # ... and for evaluation: the first of these it has
+# file suffix -> the `datasets` builder that reads it (a .json file is JSONL unless it holds one JSON array)
+DATASET_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+class Source(Protocol):
+    """Where examples come from, read lazily in a fixed order: ``records()`` yields (position, raw record),
+    ``parse`` turns one into an Example or raises a UserError that names the source, position and field."""
+
+    name: str
+    length: int | None  # number of records, when known without reading them all
+
+    def records(self) -> Iterator[tuple[int, Any]]: ...
+    def where(self, position: int) -> str: ...
+    def parse(self, position: int, raw: Any) -> Example: ...
+
+
+class JsonlSource:
+    """A JSONL file: one object per line; positions are line numbers, blank lines are skipped."""
+
+    def __init__(self, path: Path, columns: Mapping[str, str] | None = None):
+        if not path.is_file():
+            raise UserError(f"data file {path} does not exist.")
+        self.path, self.name, self.columns = path, str(path), dict(columns or {})
+        self.length: int | None = None
+
+    def records(self) -> Iterator[tuple[int, str]]:
+        with self.path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    yield number, line
+
+    def where(self, position: int) -> str:
+        return f"{self.path}:{position}"
+
+    def parse(self, position: int, raw: str) -> Example:
+        where = self.where(position)
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where}: not valid JSON ({err.msg}).") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{where}: each line must be a JSON object with a 'prompt' field.")
+        return parse_record(obj, where, self.columns, strict=True)
+
+
+class DatasetSource:
+    """A HF ``datasets`` table: rows are dicts, positions are row indices. Columns other than the example
+    fields are ignored (datasets often carry metadata), and a null value counts as an absent field."""
+
+    def __init__(self, name: str, rows, columns: Mapping[str, str] | None = None):
+        self.name, self.rows, self.columns = name, rows, dict(columns or {})
+        self.length = len(rows) if hasattr(rows, "__len__") else None
+        names = getattr(rows, "column_names", None)  # None for a streamed CSV / JSON until it is read
+        prompt = self.columns.get("prompt", "prompt")
+        if names is not None and prompt not in names:
+            raise UserError(
+                f"dataset {name} has no column {prompt!r} (columns: {', '.join(names)}); "
+                "map one with data.columns, e.g. {prompt: question}."
+            )
+
+    def records(self) -> Iterator[tuple[int, dict]]:
+        position = 0
+        try:
+            for row in self.rows:
+                yield position, row
+                position += 1
+        except Exception as err:  # a corrupt file surfaces only when its rows are read
+            raise UserError(f"dataset {self.name}: cannot read row {position}: {err}") from err
+
+    def where(self, position: int) -> str:
+        return f"{self.name} row {position}"
+
+    def parse(self, position: int, raw: dict) -> Example:
+        return parse_record(raw, self.where(position), self.columns, strict=False)
+
+
+def open_source(
+    spec: str, columns: Mapping[str, str] | None = None, splits: Sequence[str] = TRAIN_SPLITS
+) -> Source:
+    """The Source ``spec`` names (README, "Your own data"):
+
+    - ``hf:NAME[:SPLIT]`` or ``hf:NAME:CONFIG:SPLIT``: ``datasets.load_dataset`` of a local directory or a
+      dataset already in the HF cache — nothing is downloaded;
+    - a directory: written by ``save_to_disk``, or data files ``load_dataset`` recognises;
+    - a ``.parquet`` / ``.csv`` / ``.arrow`` file, or a ``.json`` file holding one JSON array;
+    - any other file: JSONL, with line-precise errors.
+
+    A dataset with several splits gives the first of ``splits`` it has, unless the spec names one.
+    """
+    if spec.startswith("hf:"):
+        name, *rest = spec.removeprefix("hf:").split(":")
+        if not name or len(rest) > 2 or not all(rest):
+            raise UserError(
+                f"dataset {spec!r} must look like hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT."
+            )
+        config_name = rest[0] if len(rest) == 2 else None
+        split = rest[-1] if rest else None
+        return _dataset_source(spec, name, config_name, split, splits, columns)
+    path = Path(spec)
+    if path.is_dir():
+        return _dataset_source(spec, spec, None, None, splits, columns)
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist (a dataset in the HF cache is written hf:NAME).")
+    builder = DATASET_BUILDERS.get(path.suffix.lower())
+    if path.suffix.lower() == ".json" and _first_char(path) == "[":
+        builder = "json"
+    if builder:
+        return _dataset_source(spec, builder, None, None, splits, columns, data_files=str(path))
+    return JsonlSource(path, columns)
+
+
+def read_examples(
+    spec: str,
+    columns: Mapping[str, str] | None = None,
+    splits: Sequence[str] = TRAIN_SPLITS,
+    require_answer: bool = False,
+) -> list[Example]:
+    """Every example of ``spec`` (see ``open_source``), each checked; ``require_answer``: evaluation data."""
+    source = open_source(spec, columns, splits)
+    examples = []
+    for position, raw in source.records():
+        example = source.parse(position, raw)
+        if require_answer and not example.answer:
+            raise UserError(
+                f"{source.where(position)}: field {_label('answer', columns)} is missing; evaluation "
+                "compares with it (or name a verifier function that does not need it)."
+            )
+        examples.append(example)
+    if not examples:
+        raise UserError(f"data file {spec} holds no examples.")
+    return examples
+
+
 def read_jsonl(path: str | Path) -> list[Example]:
     """Parse a JSONL file; any malformed line is an error naming file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist.")
-    examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                examples.append(_parse_line(line, f"{path}:{number}"))
+    source = JsonlSource(Path(path))
+    examples = [source.parse(position, line) for position, line in source.records()]
     if not examples:
         raise UserError(f"data file {path} holds no examples.")
     return examples
 
 
-def _parse_line(line: str, where: str) -> Example:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{where}: not valid JSON ({err.msg}).") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: each line must be a JSON object with a 'prompt' field.")
-    known = {"prompt", "answer", "completion", "privileged", "id"}
-    extra = set(obj) - known
-    if extra:
-        raise UserError(
-            f"{where}: unknown field {sorted(extra)[0]!r}; fields are {', '.join(sorted(known))}."
-        )
-    if "prompt" not in obj:
-        raise UserError(f"{where}: field 'prompt' is missing.")
-    prompt = obj["prompt"]
+def parse_record(
+    obj: dict, where: str, columns: Mapping[str, str] | None = None, strict: bool = True
+) -> Example:
+    """One example from a mapping whose keys are column names (``columns``: field -> column). ``strict``
+    (JSONL): an unknown key is an error; otherwise unknown keys are ignored and null values are absent."""
+    columns = columns or {}
+    renamed = {field: columns.get(field, field) for field in EXAMPLE_FIELDS}
+    if strict:
+        extra = set(obj) - set(renamed.values())
+        if extra:
+            known = ", ".join(sorted(renamed.values()))
+            raise UserError(f"{where}: unknown field {sorted(extra)[0]!r}; fields are {known}.")
+    values = {field: obj[column] for field, column in renamed.items() if column in obj}
+    if not strict:
+        values = {field: value for field, value in values.items() if value is not None}
+    if "prompt" not in values:
+        raise UserError(f"{where}: field {_label('prompt', columns)} is missing.")
+    prompt = values["prompt"]
     if isinstance(prompt, list):
-        prompt = tuple(_parse_message(m, f"{where}: field 'prompt'[{i}]") for i, m in enumerate(prompt))
+        label = f"{where}: field {_label('prompt', columns)}"
+        prompt = tuple(_parse_message(m, f"{label}[{i}]") for i, m in enumerate(prompt))
         if not prompt:
-            raise UserError(f"{where}: field 'prompt' is an empty list of messages.")
+            raise UserError(f"{label} is an empty list of messages.")
     elif not isinstance(prompt, str) or not prompt:
-        raise UserError(f"{where}: field 'prompt' must be a non-empty string or a list of chat messages.")
-    values: dict[str, Any] = {"prompt": prompt}
+        raise UserError(
+            f"{where}: field {_label('prompt', columns)} must be a non-empty string or a list of chat "
+            "messages."
+        )
+    fields: dict[str, Any] = {"prompt": prompt}
     for name in ("answer", "completion", "privileged", "id"):
-        value = obj.get(name, "")
+        value = values.get(name, "")
         if isinstance(value, int | float) and not isinstance(value, bool) and name in ("answer", "id"):
             value = str(value)
         if not isinstance(value, str):
-            raise UserError(f"{where}: field {name!r} must be a string, got {type(value).__name__}.")
-        values[name] = value
-    return Example(**values)
+            raise UserError(
+                f"{where}: field {_label(name, columns)} must be a string, got {type(value).__name__}."
+            )
+        fields[name] = value
+    return Example(**fields)
+
+
+def _label(field: str, columns: Mapping[str, str] | None) -> str:
+    """How an error names a field: its column, and the field it was mapped to."""
+    column = (columns or {}).get(field, field)
+    return repr(field) if column == field else f"{column!r} (data.columns {field})"
 
 
 def _parse_message(message: Any, where: str) -> tuple[str, str]:
@@ -90,6 +236,66 @@ def _parse_message(message: Any, where: str) -> tuple[str, str]:
     if role not in ("system", "user", "assistant"):
         raise UserError(f"{where}: role must be system, user or assistant, got {role!r}.")
     return role, message["content"]
+
+
+def _first_char(path: Path) -> str:
+    with path.open(encoding="utf-8") as handle:
+        return handle.read(4096).lstrip()[:1]
+
+
+def _dataset_source(
+    spec: str,
+    path: str,
+    config_name: str | None,
+    split: str | None,
+    splits: Sequence[str],
+    columns: Mapping[str, str] | None,
+    data_files: str | None = None,
+) -> DatasetSource:
+    """Local data files are streamed straight from disk (nothing is converted or cached); a ``save_to_disk``
+    directory and a dataset from the HF cache are memory-mapped Arrow tables. Either way rows are read one
+    at a time, so nothing is materialised until an Example is asked for."""
+    try:
+        import datasets
+        from datasets import config as datasets_config
+        from huggingface_hub import constants as hub_constants
+    except ImportError:
+        raise UserError(
+            f"reading {spec} needs the datasets package: pip install 'opdistill[datasets]'"
+        ) from None
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    local = Path(path).is_dir() or data_files is not None
+    markers = ("state.json", "dataset_dict.json")  # what save_to_disk writes
+    saved = data_files is None and any((Path(path) / marker).is_file() for marker in markers)
+    # never download, never wait on a network: a hub name is read from the local cache or refused at once
+    offline = datasets_config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets_config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        if saved:
+            loaded = datasets.load_from_disk(path)
+        else:
+            loaded = datasets.load_dataset(path, config_name, data_files=data_files, streaming=local)
+    except Exception as err:
+        where = "" if local else " (a hub name is read from the local HF cache only: download it first)"
+        raise UserError(f"cannot load dataset {spec}{where}: {err}") from err
+    finally:
+        datasets_config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = offline
+    if isinstance(loaded, datasets.DatasetDict | datasets.IterableDatasetDict):
+        names = [str(name) for name in loaded]
+        chosen = split or (names[0] if len(names) == 1 else next((s for s in splits if s in names), None))
+        if chosen is None or chosen not in names:
+            wanted = split or " or ".join(splits)
+            raise UserError(
+                f"dataset {spec} has no split {wanted} (splits: {', '.join(names)}); "
+                f"name one as hf:{path}:SPLIT."
+            )
+        rows, spec = loaded[chosen], f"{spec} [{chosen}]" if not split else spec
+    elif split:
+        raise UserError(f"dataset {spec} holds a single table, not splits: drop ':{split}'.")
+    else:
+        rows = loaded
+    return DatasetSource(spec, rows, columns)
 
 
 def write_jsonl(examples: Sequence[Example], path: str | Path) -> None:
@@ -124,6 +330,82 @@ class ExampleStream:
 
     def batch(self, step: int, size: int) -> list[Example]:
         return [self[i] for i in range(step * size, (step + 1) * size)]
+
+
+class LazyExampleStream:
+    """``ExampleStream``'s contract (``stream[i]`` depends only on (seed, i)) for a source too large to hold.
+
+    Each epoch reads the source in order through a shuffle buffer seeded by (seed, epoch): the buffer holds
+    ``buffer`` records, and each new record takes the place of one drawn at random, which is emitted. Every
+    record appears once per epoch, but only ``buffer`` records are in memory, and a record can move earlier by
+    at most ``buffer`` places (a full shuffle when ``buffer`` >= the source's size).
+
+    Reading forward costs O(1) per example, and records are parsed only when asked for. An index before the
+    window of recent records (``max(buffer, 4096)``) is reached again by re-reading from the start of its
+    epoch; a resumed run at index i reads up to N + (i mod N) records to get there (just i mod N when the
+    source knows its size N). A malformed record is an error when it is first reached, not at start-up.
+    """
+
+    def __init__(self, source: Source, seed: int, buffer: int = 10000):
+        self.source, self.seed, self.buffer = source, seed, buffer
+        self.length = source.length  # N: records per epoch, learnt at the end of the first epoch if unknown
+        self._recent: deque[tuple[int, Any]] = deque(maxlen=max(buffer, 4096))  # the last records emitted
+        self._records: Iterator[tuple[int, Any]] = iter(())
+        self._cursor = 0  # stream index of the next record ``_records`` yields
+        self._restart(0)
+        self[0]  # fail now on an empty or unreadable source, not at the first step
+
+    def __getitem__(self, index: int) -> Example:
+        if index < 0:
+            raise IndexError(index)
+        if index < self._cursor - len(self._recent):
+            self._restart(index // self.length if self.length else 0)
+        while self._cursor <= index:
+            if self.length and index // self.length > self._cursor // self.length:
+                self._restart(index // self.length)  # jump to index's epoch instead of reading up to it
+                continue
+            self._recent.append(next(self._records))
+            self._cursor += 1
+        position, raw = self._recent[index - self._cursor]
+        return self.source.parse(position, raw)
+
+    def batch(self, step: int, size: int) -> list[Example]:
+        return [self[i] for i in range(step * size, (step + 1) * size)]
+
+    def _restart(self, epoch: int) -> None:
+        self._records = self._epochs(epoch)
+        self._cursor = epoch * (self.length or 0)
+        self._recent.clear()
+
+    def _epochs(self, first: int) -> Iterator[tuple[int, Any]]:
+        epoch = first
+        while True:
+            count = 0
+            for record in self._shuffled(epoch):
+                count += 1
+                yield record
+            if count == 0:
+                raise UserError(f"data file {self.source.name} holds no examples.")
+            if self.length is not None and count != self.length:
+                raise UserError(
+                    f"data file {self.source.name} changed while training: epoch {epoch} read {count} "
+                    f"records, not {self.length}; restore it (resume needs the same data)."
+                )
+            self.length = count
+            epoch += 1
+
+    def _shuffled(self, epoch: int) -> Iterator[tuple[int, Any]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        window: list[tuple[int, Any]] = []
+        for record in self.source.records():
+            if len(window) < self.buffer:
+                window.append(record)
+                continue
+            slot = rng.randrange(self.buffer)
+            yield window[slot]
+            window[slot] = record
+        rng.shuffle(window)
+        yield from window
 
 
 def encode_prompts(tokenizer, examples: Sequence[Example]) -> list[list[int]]:

@@ -100,8 +100,8 @@ def mean_token_entropy(
         )
         rollout = Rollout(ids_BP, mask_BP, tokens_BT, loss_mask_BT, torch.zeros(tokens_BT.shape),
                           torch.zeros(len(tokens_BT), dtype=torch.bool))  # fmt: skip
-        entropy_BT = token_entropy(completion_logits(model, rollout))
-        total += float(entropy_BT[loss_mask_BT].sum())
+        entropy_BT = token_entropy(completion_logits(model, rollout.to(next(model.parameters()).device)))
+        total += float(entropy_BT[loss_mask_BT.to(entropy_BT.device)].sum())
         count += int(loss_mask_BT.sum())
     return total / max(count, 1)
 

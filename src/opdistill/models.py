@@ -2,12 +2,17 @@
 
 Fresh models go through the same HF APIs real checkpoints use (``PreTrainedTokenizerFast`` with a
 chat template, ``AutoModelForCausalLM``, ``save_pretrained`` in safetensors), so every feature that
-works on the demo works on a real model directory.
+works on the demo works on a real model directory. A LoRA student (PEFT, optional) is saved as its adapter
+plus the merged weights, so what it writes loads as a plain model too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import sys
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from opdistill.config import ModelSpec, parse_preset
+from opdistill.config import LoraConfig, ModelSpec, parse_preset
 from opdistill.errors import UserError
 
 hf_logging.disable_progress_bar()
@@ -41,7 +46,10 @@ CHAR_CHAT_TEMPLATE = (
 
 def char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     """A character-level tokenizer whose vocabulary is the special tokens plus every character in ``texts``."""
-    chars = sorted(set("".join(texts)))
+    seen: set[str] = set()
+    for text in texts:  # text by text: a streamed corpus is never held whole
+        seen.update(text)
+    chars = sorted(seen)
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -112,17 +120,192 @@ def load_model(spec: ModelSpec, corpus: Iterable[str] = (), seed: int = 0):
     return model, tokenizer
 
 
-def save_model(model, tokenizer, path: str | Path) -> None:
+def load_student(
+    spec: ModelSpec,
+    lora: LoraConfig,
+    corpus: Iterable[str] = (),
+    seed: int = 0,
+    checkpoint: Path | None = None,
+):
+    """(model, tokenizer) to train: ``load_model(spec, corpus, seed)``, with LoRA adapters if ``lora.rank``.
+
+    Resuming from ``checkpoint``, full fine-tuning continues from its weights. LoRA rebuilds the base as the
+    run started — ``spec.path``, or the same fresh model from the checkpoint's tokenizer and ``seed`` — and
+    loads the checkpoint's adapter into it: the merged weights beside it are never the base, so the frozen
+    and the trainable weights are exactly the saved ones."""
+    if checkpoint is None:
+        model, tokenizer = load_model(spec, corpus, seed)
+        return apply_lora(model, lora, seed), tokenizer
+    if not lora.rank:
+        if (checkpoint / ADAPTER_DIR).is_dir():
+            raise UserError(
+                f"checkpoint {checkpoint} holds a LoRA adapter: resume with the lora.* settings it was "
+                "trained with."
+            )
+        return load_model(dataclasses.replace(spec, path=str(checkpoint)), (), seed)
+    if spec.path:
+        base, tokenizer = load_model(spec)
+    else:
+        tokenizer = load_tokenizer(checkpoint)
+        base = tiny_model(spec, tokenizer, seed)
+    model = apply_lora(base, lora)
+    load_lora_adapter(model, checkpoint)
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, path: str | Path, state_dict: dict | None = None) -> None:
+    """HF ``save_pretrained`` layout; ``state_dict`` (the full weights of a sharded model) overrides the model's.
+
+    A LoRA model (``apply_lora``) is saved twice: its adapter in ``path/adapter/`` (PEFT layout, what
+    ``load_lora_adapter`` restores, with a digest of the base weights) and the merged weights in ``path``, so
+    every consumer loads ``path`` as a plain model. The live model is not changed."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    if is_lora(model):
+        state = model.state_dict() if state_dict is None else state_dict
+        model.save_pretrained(path / ADAPTER_DIR, state_dict=state, safe_serialization=True)
+        base = {"base_sha256": base_fingerprint(state)}
+        (path / ADAPTER_DIR / BASE_FILE).write_text(json.dumps(base) + "\n")
+        merged = _merged_state_dict(model, state)
+        model.get_base_model().save_pretrained(path, state_dict=merged, safe_serialization=True)
+    else:
+        model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(path)
+
+
+ADAPTER_DIR = "adapter"  # a LoRA checkpoint's adapter, beside the merged model
+BASE_FILE = "opdistill_base.json"  # in ADAPTER_DIR: the digest of the base weights the adapter was trained on
+PEFT_PREFIX = "base_model.model."  # a PEFT model's parameter names = this + the base model's
+
+
+def apply_lora(model, lora: LoraConfig, seed: int = 0):
+    """``model`` with LoRA adapters (PEFT) on the linear layers ``lora.target_modules`` names: only the
+    adapters require grad, and as PEFT initialises B = 0 the wrapped model computes exactly what ``model``
+    did; A's random initialisation is a function of ``seed``. ``lora.rank == 0``: ``model`` itself."""
+    if not lora.rank:
+        return model
+    try:
+        import peft
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        raise UserError("lora.rank > 0 needs the peft package: pip install 'opdistill[lora]'") from None
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    embeddings = {id(model.get_input_embeddings()), id(model.get_output_embeddings())} if tied else set()
+    config = peft.LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,  # pyright: ignore[reportArgumentType]  (PEFT types it int; any number works)
+        lora_dropout=lora.dropout,
+        target_modules=lora.modules,
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():  # PEFT calls a transformers API that transformers has deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", "Model has `tie_word_embeddings=True`")  # refused below
+        torch.manual_seed(seed)
+        try:
+            wrapped = peft.get_peft_model(model, config)
+        except ValueError as err:  # e.g. a target module name the model does not have
+            raise UserError(
+                f"cannot apply LoRA to lora.target_modules={lora.target_modules!r}: {err}"
+            ) from None
+    for name, module in wrapped.get_base_model().named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if id(module.get_base_layer()) in embeddings:
+            raise UserError(
+                f"lora.target_modules reaches {name}, an embedding tied to the LM head, whose merged weights "
+                "could not be saved tied: leave it out (all-linear does)."
+            )
+        if not isinstance(module, LoraLinear):
+            raise UserError(f"lora.target_modules reaches {name}, which is not a linear layer: leave it out.")
+    return wrapped
+
+
+def is_lora(model) -> bool:
+    """Whether ``model`` is wrapped by ``apply_lora`` (a PEFT model: none exists unless peft is imported)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def load_lora_adapter(model, path: str | Path) -> None:
+    """Load into ``model`` — ``apply_lora`` of the run's own base model, with the same ``LoraConfig`` — the
+    adapter ``save_model`` wrote to ``path/adapter/``, bit for bit. With the base reloaded from where the run
+    started (never from the merged weights), the trainable state is exactly the saved one. Another base
+    model or LoRA config is refused."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = Path(path) / ADAPTER_DIR
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{path} holds no LoRA adapter (expected {weights}).")
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    live = model.peft_config["default"]
+    for key, name in (("r", "rank"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+        if saved.get(key) != getattr(live, key):
+            raise UserError(
+                f"the adapter in {adapter} has lora.{name}={saved.get(key)}, this run {getattr(live, key)}: "
+                "resume with the LoRA config it was trained with."
+            )
+    if sorted(saved.get("target_modules") or []) != sorted(live.target_modules):
+        raise UserError(
+            f"the adapter in {adapter} adapts other modules than this run's lora.target_modules: "
+            "resume with the LoRA config it was trained with."
+        )
+    if (adapter / BASE_FILE).is_file():
+        trained_on = json.loads((adapter / BASE_FILE).read_text())["base_sha256"]
+        if trained_on != base_fingerprint(model.state_dict()):
+            raise UserError(
+                f"the adapter in {adapter} was trained on other base weights than this run's student: "
+                "resume with the same student.path (and train.seed, for a fresh model)."
+            )
+    state = load_file(weights)
+    if set(state) != set(get_peft_model_state_dict(model)):
+        raise UserError(f"the adapter in {adapter} does not fit this model (its tensors have other names).")
+    set_peft_model_state_dict(model, state)
+
+
+def base_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names and bytes of the frozen base weights in a LoRA model's state dict."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        if "lora_" not in name:
+            digest.update(name.encode())
+            tensor = state[name].detach().cpu().contiguous().reshape(-1)
+            digest.update(tensor.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def _merged_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's weights, under its own names, with each adapted weight W replaced by
+    W + scaling·BA — what PEFT's ``merge_and_unload`` computes, without touching the live model: only the
+    adapted weights are copied. ``state`` is the LoRA model's state dict (full, even when it is sharded)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    merged = {
+        name.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."): tensor
+        for name, tensor in state.items()
+        if "lora_" not in name
+    }
+    for name, module in model.get_base_model().named_modules():
+        if not isinstance(module, LoraLinear):  # the only kind apply_lora makes
+            continue
+        key = f"{name}.weight"
+        weight = merged[key]
+        total = weight.float()
+        for adapter in module.active_adapters:
+            a = state[f"{PEFT_PREFIX}{name}.lora_A.{adapter}.weight"].float()
+            b = state[f"{PEFT_PREFIX}{name}.lora_B.{adapter}.weight"].float()
+            delta = (b @ a) * module.scaling[adapter]
+            total = total + (delta.T if module.fan_in_fan_out else delta)
+        merged[key] = total.to(weight.dtype)
+    return merged
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A stable digest of what decides token ids: the vocabulary and the special tokens."""
-    import hashlib
-
     payload = json.dumps(
         {
             "vocab": sorted(tokenizer.get_vocab().items()),

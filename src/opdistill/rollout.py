@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from opdistill.data import left_pad
@@ -9,13 +11,14 @@ from opdistill.types import Rollout
 
 
 def sample_next_token(
-    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+    logits_BV: torch.Tensor, temperature: float, top_p: float, uniform_B: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row. Returns (token_B, logp_B): logp under the distribution actually sampled
-    from (tempered and nucleus-renormalised), which is the behaviour policy importance sampling needs.
-    temperature == 0 is greedy (logp 0: the choice is deterministic)."""
+    """Draw one token per row by inverting its CDF at ``uniform_B`` (values in [0, 1)). Returns (token_B,
+    logp_B): logp under the distribution actually sampled from (tempered and nucleus-renormalised), which is
+    the behaviour policy importance sampling needs. temperature == 0 is greedy (logp 0: the choice is
+    deterministic). A row's token depends on its own logits and uniform only, not on the rest of the batch."""
     if temperature == 0:
-        return logits_BV.argmax(-1), torch.zeros(logits_BV.shape[0])
+        return logits_BV.argmax(-1), torch.zeros(logits_BV.shape[0], device=logits_BV.device)
     logp_BV = torch.log_softmax(logits_BV.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_logp, order = logp_BV.sort(dim=-1, descending=True)
@@ -24,7 +27,10 @@ def sample_next_token(
         sorted_logp = sorted_logp.masked_fill(mass_before >= top_p, float("-inf"))
         logp_BV = torch.full_like(logp_BV, float("-inf")).scatter(-1, order, sorted_logp)
         logp_BV = torch.log_softmax(logp_BV, dim=-1)
-    token_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(-1)
+    cdf_BV = logp_BV.exp().cumsum(-1)
+    # the first id whose CDF exceeds u: ids of zero probability have empty intervals and are never drawn
+    point_B1 = (uniform_B.to(cdf_BV) * cdf_BV[:, -1])[:, None]
+    token_B = torch.searchsorted(cdf_BV, point_B1, right=True).squeeze(-1).clamp(max=cdf_BV.shape[-1] - 1)
     return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(-1)
 
 
@@ -40,12 +46,19 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    rows: tuple[int, int] | None = None,
+    all_finished: Callable[[bool], bool] = bool,
 ) -> Rollout:
     """Sample completions for left-padded prompts, one new token per forward thanks to the KV cache.
 
     A row stops at its first EOS (which is kept and receives loss); the batch stops when every row has.
+    ``rows = (first, total)`` says these are rows first.. of a batch of ``total`` split across ranks: each
+    token step draws ``total`` uniforms and uses this batch's slice, so a row's sample is the same for any
+    split (world size) of the batch. ``all_finished`` turns "every row here has ended" into "every rank's
+    have": the ranks of an FSDP2-sharded model must run the same number of forwards.
     """
-    B = prompt_ids_BP.shape[0]
+    B, device = prompt_ids_BP.shape[0], prompt_ids_BP.device
+    first, total = rows or (0, B)
     attention_BL = prompt_mask_BP.long()
     position_B1 = (attention_BL.cumsum(-1) - 1).clamp(min=0)
     out = model(
@@ -57,16 +70,17 @@ def generate(
     )
     position_B1 = position_B1[:, -1:]
     tokens, logps = [], []
-    done_B = torch.zeros(B, dtype=torch.bool)
+    done_B = torch.zeros(B, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        token_B, logp_B = sample_next_token(out.logits[:, -1], temperature, top_p, generator)
+        uniform_B = torch.rand(total, generator=generator)[first : first + B]
+        token_B, logp_B = sample_next_token(out.logits[:, -1], temperature, top_p, uniform_B.to(device))
         token_B = token_B.masked_fill(done_B, pad_id)
         tokens.append(token_B)
         logps.append(logp_B.masked_fill(done_B, 0.0))
         done_B = done_B | (token_B == eos_id)
-        if bool(done_B.all()):
+        if all_finished(bool(done_B.all())):
             break
-        attention_BL = torch.cat([attention_BL, torch.ones(B, 1, dtype=torch.long)], dim=1)
+        attention_BL = torch.cat([attention_BL, torch.ones(B, 1, dtype=torch.long, device=device)], dim=1)
         position_B1 = position_B1 + 1
         out = model(
             input_ids=token_B[:, None],
@@ -99,15 +113,19 @@ def sample_prompts(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    rows: tuple[int, int] | None = None,
+    all_finished: Callable[[bool], bool] = bool,
 ) -> Rollout:
-    """Left-pad token-id prompts and ``generate`` with the model in eval mode (its mode is restored after)."""
-    ids_BP, mask_BP = left_pad(prompt_ids, tokenizer.pad_token_id)
+    """Left-pad token-id prompts and ``generate`` with the model in eval mode (its mode is restored after), on
+    the model's device."""
+    device = next(model.parameters()).device
+    ids_BP, mask_BP = (t.to(device) for t in left_pad(prompt_ids, tokenizer.pad_token_id))
     was_training = model.training
     model.eval()
     try:
         return generate(
             model, ids_BP, mask_BP, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, generator=generator,
+            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, generator=generator, rows=rows, all_finished=all_finished,
         )  # fmt: skip
     finally:
         model.train(was_training)

@@ -27,6 +27,7 @@ from opdistill.data import (
     right_pad,
     write_jsonl,
 )
+from opdistill.distributed import ONE_PROCESS, World
 from opdistill.errors import UserError
 from opdistill.evaluate import decode_completions, sample_completions
 from opdistill.models import completion_logits
@@ -63,25 +64,37 @@ class StepBatch:
 
 
 def batch_source(
-    config: Config, task: Task, tokenizer, student, teacher, out: Path, state: dict, reference=None
+    config: Config,
+    task: Task,
+    tokenizer,
+    student,
+    teacher,
+    out: Path,
+    state: dict,
+    world: World = ONE_PROCESS,
+    reference=None,
 ) -> Callable:
-    """step -> StepBatch: where this run's completions come from. ``reference`` (a frozen copy of the initial
-    student, as a teacher) scores the tokens for the reference-KL term."""
-    prompts_per_step, roll, data = config.train.prompts_per_step, config.rollout, config.data
-    pad = tokenizer.pad_token_id
+    """step -> StepBatch: where this run's completions come from; under torchrun, this rank's share of the
+    step's prompts. ``reference`` (a frozen copy of the initial student, as a teacher) scores the tokens for the
+    reference-KL term."""
+    roll, data = config.rollout, config.data
+    pad, device = tokenizer.pad_token_id, next(student.parameters()).device
+    first, count = world.share(config.train.prompts_per_step)
+
+    def shard(stream, step: int) -> list[Example]:
+        return stream.batch(step, config.train.prompts_per_step)[first : first + count]
 
     def sampled(model, examples: list[Example], temperature: float, repeats: int) -> Rollout:
         prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(repeats)]
         return sample_prompts(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens=roll.max_new_tokens,
-            temperature=temperature,
-            top_p=roll.top_p,
-        )
+            model, tokenizer, prompts, max_new_tokens=roll.max_new_tokens, temperature=temperature,
+            top_p=roll.top_p, rows=(first * repeats, config.train.prompts_per_step * repeats),
+            all_finished=world.all_finished if config.train.parallel == "fsdp" else bool,
+        )  # fmt: skip
 
-    prompts = curriculum(config, task, tokenizer, student, out, state) if data.curriculum else task.train
+    prompts = (
+        curriculum(config, task, tokenizer, student, out, state, world) if data.curriculum else task.train
+    )
 
     def on_policy(examples: list[Example]) -> tuple[Rollout, dict[str, float]]:
         rollout = sampled(student, examples, roll.temperature, roll.n_per_prompt)
@@ -100,14 +113,11 @@ def batch_source(
             [encode_completion(tokenizer, ex.completion) for ex in examples], pad
         )
         zeros = torch.zeros(tokens_BT.shape)
-        return Rollout(
-            ids_BP, mask_BP, tokens_BT, loss_mask_BT, zeros, torch.zeros(len(examples), dtype=torch.bool)
-        )
+        truncated_B = torch.zeros(len(examples), dtype=torch.bool)
+        return Rollout(ids_BP, mask_BP, tokens_BT, loss_mask_BT, zeros, truncated_B).to(device)
 
     def fresh_teacher(step: int) -> tuple[Rollout, dict[str, float]]:
-        rollout = sampled(
-            teacher.model, task.train.batch(step, prompts_per_step), data.teacher_temperature, 1
-        )
+        rollout = sampled(teacher.model, shard(task.train, step), data.teacher_temperature, 1)
         return rollout, {"teacher_generated_tokens": int(rollout.attention_mask.sum())}
 
     # completions that are not the student's own: SFT targets, and GKD's off-policy batches (λ < 1)
@@ -116,12 +126,12 @@ def batch_source(
         config.objective.type == "sft" or roll.on_policy_fraction < 1 or config.objective.sft_coef > 0
     )
     if data.completions == "teacher_pool" and uses_off_policy:
-        stream = teacher_pool(config, task, tokenizer, teacher, out, state)
+        stream = teacher_pool(config, task, tokenizer, teacher, out, state, world)
 
     def off_policy(step: int) -> tuple[Rollout, dict[str, float]]:
         if data.completions == "teacher":
             return fresh_teacher(step)
-        return from_text(stream.batch(step, prompts_per_step)), {}
+        return from_text(shard(stream, step)), {}
 
     if config.objective.type == "sft":
 
@@ -141,7 +151,8 @@ def batch_source(
         keep_BT = rollout.loss_mask_BT & (rollout.tokens_BT != tokenizer.eos_token_id)
         texts = decode_completions(tokenizer, rollout.tokens_BT, keep_BT)
         rows = [ex for ex in examples for _ in range(roll.n_per_prompt)]
-        return torch.tensor([float(task.verify(t, ex)) for t, ex in zip(texts, rows, strict=True)])
+        outcome = [float(task.verify(t, ex)) for t, ex in zip(texts, rows, strict=True)]
+        return torch.tensor(outcome, device=device)
 
     def distill(step: int) -> StepBatch:
         # GKD data mixing: one coin per step, a function of (seed, step) so resume replays it
@@ -149,7 +160,7 @@ def batch_source(
         on = roll.on_policy_fraction >= 1 or coin < roll.on_policy_fraction
         reward_B = None
         if on:
-            examples = prompts.batch(step, prompts_per_step)
+            examples = shard(prompts, step)
             rollout, metrics = on_policy(examples)
             if config.objective.needs_reward:
                 reward_B = verify(rollout, examples)
@@ -202,12 +213,17 @@ class CurriculumStream:
         return [eligible[rng.randrange(len(eligible))] for _ in range(size)]
 
 
-def curriculum(config: Config, task: Task, tokenizer, student, out: Path, state: dict) -> CurriculumStream:
+def curriculum(
+    config: Config, task: Task, tokenizer, student, out: Path, state: dict, world: World
+) -> CurriculumStream:
     """The difficulty of the first ``data.pool_size`` training prompts for the student as the run starts,
     from ``data.curriculum_samples`` samples each (their time counts against the run); kept in the run
-    directory, so a resumed run keeps the initial student's difficulties."""
+    directory (every rank computes it, rank 0 writes it), so a resumed run keeps the initial student's
+    difficulties."""
     path = out / "curriculum.jsonl"
-    if path.is_file():
+    cached = path.is_file()
+    world.barrier()  # every rank has looked before rank 0 writes
+    if cached:
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         return CurriculumStream(
             [Example(**r["example"]) for r in rows], [r["difficulty"] for r in rows], config
@@ -221,20 +237,26 @@ def curriculum(config: Config, task: Task, tokenizer, student, out: Path, state:
     difficulty = [
         1 - sum(task.verify(texts[i * n + j], ex) for j in range(n)) / n for i, ex in enumerate(examples)
     ]
-    path.write_text(
-        "".join(json.dumps({"example": dataclasses.asdict(ex), "difficulty": d}) + "\n"
-                for ex, d in zip(examples, difficulty, strict=True))
-    )  # fmt: skip
+    if world.is_main:
+        path.write_text(
+            "".join(json.dumps({"example": dataclasses.asdict(ex), "difficulty": d}) + "\n"
+                    for ex, d in zip(examples, difficulty, strict=True))
+        )  # fmt: skip
     state["elapsed_s"] += time.perf_counter() - started
     state["student_sampled_tokens"] += sum(len(encode_completion(tokenizer, t)) for t in texts)
     return CurriculumStream(examples, difficulty, config)
 
 
-def teacher_pool(config: Config, task: Task, tokenizer, teacher, out: Path, state: dict) -> ExampleStream:
+def teacher_pool(
+    config: Config, task: Task, tokenizer, teacher, out: Path, state: dict, world: World
+) -> ExampleStream:
     """Teacher completions for the first ``pool_size`` training prompts, made once (their time and tokens
-    count against the run) and reused every epoch; kept in the run directory so resume reuses them."""
+    count against the run) and reused every epoch; kept in the run directory (every rank makes it, rank 0
+    writes it) so resume reuses them."""
     path = out / "teacher_pool.jsonl"
-    if path.is_file():
+    cached = path.is_file()
+    world.barrier()  # every rank has looked before rank 0 writes
+    if cached:
         return ExampleStream(read_jsonl(path), config.train.seed)
     started = time.perf_counter()
     examples = [task.train[i] for i in range(config.data.pool_size)]
@@ -246,7 +268,8 @@ def teacher_pool(config: Config, task: Task, tokenizer, teacher, out: Path, stat
         Example(prompt=ex.prompt, answer=ex.answer, completion=text)
         for ex, text in zip(examples, texts, strict=True)
     ]
-    write_jsonl(pool, path)
+    if world.is_main:
+        write_jsonl(pool, path)
     state["elapsed_s"] += time.perf_counter() - started
     prompt_tokens = sum(len(ids) for ids in encode_prompts(tokenizer, pool))
     state["teacher_generated_tokens"] += prompt_tokens + sum(

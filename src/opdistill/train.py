@@ -16,16 +16,17 @@ from pathlib import Path
 
 import torch
 
-from opdistill import losses, monitor, shaping, sources
+from opdistill import distributed, losses, monitor, shaping, sources
 from opdistill.checkpoint import latest_checkpoint, load_state, save_checkpoint, truncate_jsonl
-from opdistill.config import Config, ModelSpec, save_config
+from opdistill.config import Config, save_config
+from opdistill.distributed import ONE_PROCESS, World
 from opdistill.errors import UserError
 from opdistill.evaluate import evaluate
-from opdistill.models import check_same_tokenizer, completion_logits, load_model, save_model
+from opdistill.models import completion_logits, load_model, load_student, save_model
 from opdistill.objectives import objective_loss
 from opdistill.progress import NullProgress, ProgressBar
 from opdistill.tasks import Task, corpus_text, task_from_config
-from opdistill.teachers import LocalTeacher
+from opdistill.teachers import LocalTeacher, make_teacher
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 COUNTERS = (
@@ -55,38 +56,47 @@ def run(
     config: Config, *, resume: bool = False, stop_after: int | None = None, show_progress: bool = True
 ) -> dict:
     """Train per ``config``; returns a summary. ``stop_after`` ends this session after that many steps
-    (checkpointed, resumable) — the same as an interruption, used to test resume."""
+    (checkpointed, resumable) — the same as an interruption, used to test resume. Under ``torchrun`` every
+    rank runs this; rank 0 logs and checkpoints (distributed.py)."""
+    world = distributed.init(config.train.prompts_per_step)
+    try:
+        return _run(config, world, resume, stop_after, show_progress and world.is_main)
+    finally:
+        distributed.shutdown()
+
+
+def _run(config: Config, world: World, resume: bool, stop_after: int | None, show_progress: bool) -> dict:
     out = Path(config.train.out_dir)
     distill = config.objective.type != "sft"
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     task = task_from_config(config.data, config.train.seed)
     state = {"step": 0, "elapsed_s": 0.0, "bad_steps": 0, **dict.fromkeys(COUNTERS, 0)}
-    student_spec = config.student
+    checkpoint = None
     if resume:
         checkpoint = latest_checkpoint(out)
         state = load_state(checkpoint)
-        student_spec = ModelSpec(path=str(checkpoint), dtype=config.student.dtype)
-        for log in ("metrics.jsonl", "eval.jsonl", "alarms.jsonl"):
+        for log in ("metrics.jsonl", "eval.jsonl", "alarms.jsonl") if world.is_main else ():
             truncate_jsonl(out / log, state["step"])
     elif (out / "metrics.jsonl").exists():
         raise UserError(
             f"run directory {out} already holds a run; pass --resume or choose another train.out_dir."
         )
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    world.barrier()  # every rank has looked before rank 0 writes
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
 
     # a fresh model gets a character tokenizer over the task's text (read only when one is built)
-    corpus = () if student_spec.path else corpus_text(task)
-    student, tokenizer = load_model(student_spec, corpus, config.train.seed)
-    student.train()
+    corpus = () if config.student.path or checkpoint else corpus_text(task)
+    student, tokenizer = load_student(config.student, config.lora, corpus, config.train.seed, checkpoint)
+    world.place(student).train()
     teacher = None
     if distill or config.data.completions != "dataset":
-        if not config.teacher.path:
-            raise UserError("this run needs a trained teacher: set teacher.path to its model directory.")
-        teacher_model, teacher_tokenizer = load_model(config.teacher)
-        check_same_tokenizer(tokenizer, teacher_tokenizer)
-        teacher = LocalTeacher(teacher_model)
+        requests = [config.teacher_request] + [config.diagnostics_request] * bool(
+            config.train.diagnostics_every
+        )
+        teacher = make_teacher(config.teacher, tokenizer, requests, world.device)
         widest, vocab = max(config.teacher_request.topk, config.objective.student_topk), len(tokenizer)
         if widest > vocab:
             raise UserError(
@@ -98,16 +108,18 @@ def run(
         reference_model, _ = load_model(
             config.student, () if config.student.path else corpus_text(task), config.train.seed
         )
-        reference = LocalTeacher(reference_model)
-    make_batch = sources.batch_source(config, task, tokenizer, student, teacher, out, state, reference)
+        reference = LocalTeacher(world.place(reference_model))
+    # the loss runs through `model` (DDP / FSDP2 under torchrun); sampling, scoring and evaluation use `student`
+    model = distributed.wrap(student, world, config.train.parallel)
+    make_batch = sources.batch_source(config, task, tokenizer, student, teacher, out, state, world, reference)
     optimizer = torch.optim.AdamW(
-        student.parameters(),
+        [p for p in model.parameters() if p.requires_grad],  # LoRA: the adapters only
         lr=config.optim.lr,
         betas=config.optim.betas,
         weight_decay=config.optim.weight_decay,
     )
     if resume:
-        optimizer.load_state_dict(state.pop("optimizer"))
+        distributed.load_optimizer_state(model, optimizer, state.pop("optimizer"))
 
     # Ctrl-C or a scheduler's SIGTERM ends the run after the current step, with a checkpoint to resume from
     stop_requested = []
@@ -124,13 +136,9 @@ def run(
     )
     periodic_eval = bool(task.test) and (config.train.eval_every or config.train.eval_every_s)
     if periodic_eval and state["step"] == 0:  # where the curves start: the model before training
-        last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state)
+        last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state, world)
     try:
-        with (
-            bar,
-            Board(out, config.train.tensorboard) as board,
-            (out / "metrics.jsonl").open("a") as metrics_file,
-        ):
+        with bar, Board(out, config.train.tensorboard and world.is_main) as board, Log(out, world) as log:
             if last_eval:  # the step-0 evaluation, made before the loop
                 board.log("eval", last_eval)
             while state["step"] < config.train.steps and not _out_of_time(config, state):
@@ -147,12 +155,12 @@ def run(
                     batch.shaping = shaping.shape(config, student, batch, step, state)
                 if config.diagnostics_due(step):  # on the policy that sampled the batch, before the update
                     batch.metrics.update(monitor.diagnose(config, student, tokenizer, batch))
-                metrics = train_step(config, student, optimizer, batch)
-                batch_metrics = batch.metrics
+                metrics = train_step(config, model, optimizer, batch, world)
+                batch_metrics = distributed.reduce_metrics(batch.metrics, world, COUNTERS)
                 finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
                 state["bad_steps"] = 0 if finite else state["bad_steps"] + 1  # a bad step was skipped
 
-                step_s = time.perf_counter() - started
+                step_s = distributed.all_sum(time.perf_counter() - started, world) / world.size
                 state["step"] = step + 1
                 state["elapsed_s"] += step_s
                 for key in COUNTERS:
@@ -160,8 +168,7 @@ def run(
                 record = {"step": step + 1, "lr": lr, **batch_metrics, **metrics, "step_s": step_s}
                 record["tokens_per_s"] = record["loss_tokens"] / step_s
                 record.update({k: state[k] for k in ("elapsed_s", *COUNTERS)})
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                log.write("metrics", record)
                 board.log("train", record)
                 if state["bad_steps"] >= config.train.max_bad_steps:
                     raise UserError(
@@ -171,65 +178,75 @@ def run(
 
                 evaluated = bool(periodic_eval) and _eval_due(config, state, step_s)
                 if evaluated:
-                    last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state)
+                    last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state, world)
                     board.log("eval", last_eval)
                 for message in monitor.alarms(record, state, evaluated):  # each printed once, kept in the run
                     bar.note(f"alarm at step {step + 1}: {message}")
-                    with (out / "alarms.jsonl").open("a") as handle:
-                        handle.write(json.dumps({"step": step + 1, "alarm": message}) + "\n")
+                    log.write("alarms", {"step": step + 1, "alarm": message})
                 bar.update(state["step"], state["elapsed_s"], _bar_fields(record, last_eval))
                 session_steps += 1
                 final = state["step"] >= config.train.steps or _out_of_time(config, state)
                 if config.train.save_every and state["step"] % config.train.save_every == 0 and not final:
-                    _checkpoint(config, out, student, tokenizer, optimizer, state)
-                if not final and (stop_requested or (stop_after is not None and session_steps >= stop_after)):
-                    _checkpoint(config, out, student, tokenizer, optimizer, state)
+                    _checkpoint(config, out, model, tokenizer, optimizer, state, world)
+                stop = distributed.all_sum(float(bool(stop_requested)), world) > 0  # any rank interrupted
+                if not final and (stop or (stop_after is not None and session_steps >= stop_after)):
+                    _checkpoint(config, out, model, tokenizer, optimizer, state, world)
                     return {"stopped_at": state["step"], "out": str(out), "complete": False}
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
     if task.test and last_eval.get("step") != state["step"]:
-        last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state)
-    _checkpoint(config, out, student, tokenizer, optimizer, state)
-    save_model(student, tokenizer, out / "final")
+        last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state, world)
+    model_state = _checkpoint(config, out, model, tokenizer, optimizer, state, world)
+    if world.is_main:
+        save_model(student, tokenizer, out / "final", model_state and dict(model_state))
+    world.barrier()
     return {"out": str(out), "complete": True, "steps": state["step"], "final_eval": last_eval, **state}
 
 
-def train_step(config: Config, student, optimizer, batch: sources.StepBatch) -> dict:
-    """Backward over micro-batches, each loss normalised by the whole step's counts (so micro-batching does not
-    change the update), plus the optional SFT-stabiliser term; then clip and AdamW. A non-finite loss or
-    gradient skips the update; the returned metrics say so."""
+def train_step(
+    config: Config, model, optimizer, batch: sources.StepBatch, world: World = ONE_PROCESS
+) -> dict:
+    """Backward over micro-batches, each loss normalised by the whole step's counts over all micro-batches and
+    ranks (so neither micro-batching nor world size changes the update), plus the optional SFT-stabiliser term;
+    then clip and AdamW. A non-finite loss or gradient skips the update; the returned metrics say so."""
     objective, rollout = config.objective, batch.rollout
     optimizer.zero_grad(set_to_none=True)
     loss_mask_BT = rollout.loss_mask_BT if batch.shaping is None else batch.shaping.mask_BT
-    tokens, rows = float(loss_mask_BT.sum()), rollout.tokens_BT.shape[0]
-    normalizer = losses.Normalizer(objective.aggregation, tokens, float(rows), objective.aggregation_constant)
+    tokens = distributed.all_sum(float(loss_mask_BT.sum()), world)
+    rows = distributed.all_sum(float(rollout.tokens_BT.shape[0]), world)
+    normalizer = losses.Normalizer(objective.aggregation, tokens, rows, objective.aggregation_constant)
+    sft = batch.sft_rollout
     totals = _backward(
-        config, loss_mask_BT, normalizer, lambda part: objective_loss(config, student, batch.select(part))
-    )
+        model, loss_mask_BT, normalizer, lambda part: objective_loss(config, model, batch.select(part)),
+        config.train.micro_batch_size, world, last=sft is None,
+    )  # fmt: skip
     trained_tokens = int(rollout.attention_mask.sum())
-    if batch.sft_rollout is not None:  # the SFT-stabiliser (ALGORITHMS §5.5): token-mean CE on its own batch
-        sft = batch.sft_rollout
+    if sft is not None:  # the SFT-stabiliser (ALGORITHMS §5.5): token-mean CE on its own batch
+        sft_tokens = distributed.all_sum(float(sft.loss_mask_BT.sum()), world)
         sft_normalizer = losses.Normalizer(
-            "token-mean", float(sft.loss_mask_BT.sum()), float(len(sft.tokens_BT))
+            "token-mean", sft_tokens, distributed.all_sum(float(len(sft.tokens_BT)), world)
         )
 
         def sft_loss(part: slice):
             mb = sft.select(part)
-            nll_BT = -losses.token_logprobs(completion_logits(student, mb), mb.tokens_BT)
+            nll_BT = -losses.token_logprobs(completion_logits(model, mb), mb.tokens_BT)
             return objective.sft_coef * nll_BT, {"sft_nll": losses.masked_mean(nll_BT, mb.loss_mask_BT)}
 
-        sft_totals = _backward(config, sft.loss_mask_BT, sft_normalizer, sft_loss)
+        sft_totals = _backward(
+            model, sft.loss_mask_BT, sft_normalizer, sft_loss, config.train.micro_batch_size, world, last=True
+        )
         totals["loss"] += sft_totals.pop("loss")
         totals.update(sft_totals)
         trained_tokens += int(sft.attention_mask.sum())
-    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    totals["loss"] = distributed.all_sum(totals["loss"], world)  # every rank takes the same decision below
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
     total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
-    grad_norm = float(total_norm)
+    grad_norm = float(getattr(total_norm, "full_tensor", lambda: total_norm)())  # FSDP2: a DTensor
     if math.isfinite(totals["loss"]) and math.isfinite(grad_norm):
         if config.optim.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(student.parameters(), config.optim.grad_clip, total_norm)
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), config.optim.grad_clip, total_norm)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {
@@ -244,19 +261,27 @@ PerTokenLoss = Callable[[slice], tuple[torch.Tensor, dict[str, float]]]
 
 
 def _backward(
-    config: Config, loss_mask_BT: torch.Tensor, normalizer: losses.Normalizer, per_token_loss: PerTokenLoss
+    model,
+    loss_mask_BT: torch.Tensor,
+    normalizer: losses.Normalizer,
+    per_token_loss: PerTokenLoss,
+    micro_batch_size: int,
+    world: World,
+    last: bool,
 ) -> dict[str, float]:
-    """Accumulate gradients of ``normalizer(per_token_loss(rows))`` over micro-batches of rows; returns the summed
-    loss and token-weighted metrics (min/max for ``*_min``/``*_max``)."""
+    """Accumulate gradients of ``normalizer(per_token_loss(rows))`` over micro-batches of this rank's rows; returns
+    this rank's summed loss and token-weighted metrics (min/max for ``*_min``/``*_max``). Ranks average their
+    gradients, so each rank's loss counts ``world.size`` times; they sync once, in the step's ``last`` backward."""
     rows = loss_mask_BT.shape[0]
-    micro = config.train.micro_batch_size or rows
+    micro = micro_batch_size or rows
     tokens = max(float(loss_mask_BT.sum()), 1.0)
     totals: dict[str, float] = {"loss": 0.0}
     for start in range(0, rows, micro):
         part = slice(start, start + micro)
         per_token_BT, metrics = per_token_loss(part)
         loss = normalizer(per_token_BT, loss_mask_BT[part])
-        loss.backward()
+        with distributed.gradient_sync(model, sync=last and start + micro >= rows):
+            (loss * world.size).backward()
         totals["loss"] += float(loss.detach())
         share = float(loss_mask_BT[part].sum()) / tokens
         for key, value in metrics.items():
@@ -299,6 +324,28 @@ class Board:
                 self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
 
 
+class Log:
+    """The run's JSONL logs (``metrics.jsonl``, ``alarms.jsonl``), written by rank 0 only."""
+
+    def __init__(self, out: Path, world: World):
+        self.out, self.enabled, self.files = out, world.is_main, {}
+
+    def __enter__(self) -> Log:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+    def write(self, name: str, record: dict) -> None:
+        if not self.enabled:
+            return
+        if name not in self.files:
+            self.files[name] = (self.out / f"{name}.jsonl").open("a")
+        self.files[name].write(json.dumps(record) + "\n")
+        self.files[name].flush()
+
+
 def _out_of_time(config: Config, state: dict) -> bool:
     return config.train.time_budget_s > 0 and state["elapsed_s"] >= config.train.time_budget_s
 
@@ -313,7 +360,10 @@ def _eval_due(config: Config, state: dict, step_s: float) -> bool:
     )
 
 
-def _evaluate_and_log(config: Config, student, tokenizer, task: Task, out: Path, state: dict) -> dict:
+def _evaluate_and_log(
+    config: Config, student, tokenizer, task: Task, out: Path, state: dict, world: World
+) -> dict:
+    """Every rank evaluates (an FSDP2-sharded student needs all ranks in each forward); rank 0 logs."""
     result = evaluate(
         student,
         tokenizer,
@@ -325,20 +375,26 @@ def _evaluate_and_log(config: Config, student, tokenizer, task: Task, out: Path,
         seed=config.train.seed,
     )
     record = {"step": state["step"], "elapsed_s": state["elapsed_s"], **result}
-    with (out / "eval.jsonl").open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    if world.is_main:
+        with (out / "eval.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
     return record
 
 
-def _checkpoint(config: Config, out: Path, student, tokenizer, optimizer, state: dict) -> None:
-    save_checkpoint(
-        out,
-        state["step"],
-        student,
-        tokenizer,
-        {**state, "optimizer": optimizer.state_dict()},
-        config.train.keep_checkpoints,
-    )
+def _checkpoint(
+    config: Config, out: Path, model, tokenizer, optimizer, state: dict, world: World
+) -> dict | None:
+    """Full model and optimizer state (gathered from the shards under FSDP2) into ``checkpoints/step_N`` by
+    rank 0; returns the model's full state dict under FSDP2 (``save_pretrained`` consumes what it is given)."""
+    model_state, optimizer_state = distributed.full_state(model, optimizer)
+    if world.is_main:
+        save_checkpoint(
+            out, state["step"], distributed.unwrap(model), tokenizer,
+            {**state, "optimizer": optimizer_state}, config.train.keep_checkpoints,
+            model_state and dict(model_state),
+        )  # fmt: skip
+    world.barrier()
+    return model_state
 
 
 def _bar_fields(record: dict, last_eval: dict) -> dict[str, float]:

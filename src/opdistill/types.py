@@ -33,6 +33,9 @@ class Rollout:
     def select(self, rows: slice) -> Rollout:
         return Rollout(*(getattr(self, name)[rows] for name in self.__dataclass_fields__))
 
+    def to(self, device: torch.device) -> Rollout:
+        return Rollout(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
+
 
 @dataclass(frozen=True)
 class SignalRequest:

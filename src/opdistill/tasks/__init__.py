@@ -1,15 +1,23 @@
-"""Tasks: a training stream, a held-out test set and a verifier — built in, or from the user's JSONL."""
+"""Tasks: a training stream, a held-out test set and a verifier — built in, or from the user's data."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from opdistill.data import Example, ExampleStream, read_jsonl
+from opdistill.data import (
+    EVAL_SPLITS,
+    Example,
+    ExampleStream,
+    LazyExampleStream,
+    open_source,
+    read_examples,
+)
 from opdistill.errors import UserError
 
 Verifier = Callable[[str, Example], bool]
@@ -65,13 +73,17 @@ def function_verifier(spec: str) -> Verifier:
 
 
 class _Limited:
-    """The first ``n`` examples of a stream, cycled: the prompt-limited regime."""
+    """The first ``n`` examples of a stream, cycled: the prompt-limited regime (held, so a lazily read stream
+    is not re-read from its start every cycle)."""
 
     def __init__(self, stream: Stream, n: int):
         self.stream, self.n = stream, n
+        self.held: list[Example] = []
 
     def __getitem__(self, index: int) -> Example:
-        return self.stream[index % self.n]
+        if not self.held:
+            self.held = [self.stream[i] for i in range(self.n)]
+        return self.held[index % self.n]
 
     def batch(self, step: int, size: int) -> list[Example]:
         return [self[i] for i in range(step * size, (step + 1) * size)]
@@ -93,6 +105,9 @@ def load_task(
     task_options: dict[str, Any] | None = None,
     train_file: str = "",
     eval_file: str = "",
+    columns: dict[str, str] | None = None,
+    streaming: bool = False,
+    shuffle_buffer: int = 10000,
     n_train_prompts: int = 0,
     answer_regex: str = r"-?\d+(?:\.\d+)?",
     verifier: str = "",
@@ -110,15 +125,15 @@ def load_task(
         except TypeError as err:
             raise UserError(f"bad data.task_options for task {task!r}: {err}.") from None
     else:
-        train = ExampleStream(read_jsonl(train_file), seed)
-        test = read_jsonl(eval_file) if eval_file else []
+        if streaming:
+            train = LazyExampleStream(open_source(train_file, columns), seed, shuffle_buffer)
+        else:
+            train = ExampleStream(read_examples(train_file, columns), seed)
+        # evaluation sets are small: always read whole, so every line is checked before training starts
+        test = (
+            read_examples(eval_file, columns, EVAL_SPLITS, require_answer=not verifier) if eval_file else []
+        )
         verify = function_verifier(verifier) if verifier else RegexVerifier(answer_regex)
-        unanswered = next((i for i, ex in enumerate(test, start=1) if not ex.answer), None)
-        if unanswered is not None and not verifier:
-            raise UserError(
-                f"{eval_file}:{unanswered}: field 'answer' is missing; evaluation compares with it "
-                "(or name a verifier function that does not need it)."
-            )
     if n_train_prompts > 0:
         train = _Limited(train, n_train_prompts)
     return Task(task or train_file, train, test, verify)
@@ -130,10 +145,14 @@ def task_from_config(data, seed: int) -> Task:
     return load_task(**fields, seed=seed)
 
 
-def corpus_text(task: Task, n: int = 2000) -> Sequence[str]:
-    """Text to build a character vocabulary from: every example of a file (the first n of an endless
-    generator) and the test set."""
+def corpus_text(task: Task, n: int = 2000) -> Iterable[str]:
+    """Text to build a character vocabulary from: every example of a file (read lazily, once, when the
+    file is streamed; the first n of an endless generator) and the test set."""
+    test = [ex.text() for ex in task.test]
+    if isinstance(task.train, LazyExampleStream):
+        source = task.train.source
+        return itertools.chain((source.parse(i, raw).text() for i, raw in source.records()), test)
     train = (
         task.train.examples if isinstance(task.train, ExampleStream) else [task.train[i] for i in range(n)]
     )
-    return [ex.text() for ex in train] + [ex.text() for ex in task.test]
+    return [ex.text() for ex in train] + test
