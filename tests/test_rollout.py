@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from opdistill.data import left_pad
-from opdistill.rollout import generate, sample_next_token
+from opdistill.rollout import generate, sample_next_token, sample_prompts
 
 
 def test_greedy_and_logp_of_sampled_token():
@@ -129,3 +129,28 @@ def test_a_batch_split_across_ranks_samples_the_same_rows_as_the_whole_batch(mak
         width = half.tokens_BT.shape[1]
         assert torch.equal(half.tokens_BT, whole.tokens_BT[rows, :width])
         assert not whole.loss_mask_BT[rows, width:].any()
+
+
+class _Recording(torch.nn.Module):
+    """Wraps a real model and records the width of every input it is given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.widths = model, []
+
+    def forward(self, input_ids, **kwargs):
+        self.widths.append(input_ids.shape[1])
+        return self.model(input_ids=input_ids, **kwargs)
+
+
+def test_every_sampled_token_costs_one_position_thanks_to_the_kv_cache(make_model, tokenizer):
+    """TRL's GKDTrainer samples without its KV cache under gradient checkpointing (re-encoding the prefix
+    for every token); here the student is in training mode with checkpointing on, and still each new token
+    is one forward over one position."""
+    model = make_model(seed=3, preset="d32l2").train()
+    model.activation_checkpointing_enable()
+    recording = _Recording(model)
+    prompts = [tokenizer.encode("12+34=", add_special_tokens=False)] * 3
+    rollout = sample_prompts(recording, tokenizer, prompts, max_new_tokens=8, temperature=1.0)
+    assert recording.widths == [6] + [1] * (rollout.tokens_BT.shape[1] - 1)
+    assert model.training  # the mode is restored

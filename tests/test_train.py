@@ -234,3 +234,21 @@ def test_sft_stabiliser_in_a_run(tmp_path):
     rows = _metrics(tmp_path / "run")
     assert all(r["sft_nll"] > 0 for r in rows) and rows[-1]["teacher_generated_tokens"] > 0
     assert all(r["student_train_tokens"] > r["student_sampled_tokens"] for r in rows[:1])
+
+
+def test_the_loss_is_normalised_by_the_generated_tokens_not_the_dataset_completions(tmp_path):
+    """TRL's GKDTrainer divides by the token count of the dataset's completions even when it trains on the
+    student's samples; here an on-policy step's normaliser is the number of sampled tokens with loss."""
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a), "completion": "9" * 40} for a in range(100, 140)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _config(tmp_path, f"data.train_file={data}", f"student.path={asset_dir('addition-student')}",
+                     "train.steps=2", "rollout.max_new_tokens=12")  # fmt: skip
+    train.run(config, show_progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sampled = [records[0]["student_sampled_tokens"]] + [
+        b["student_sampled_tokens"] - a["student_sampled_tokens"]
+        for a, b in zip(records, records[1:], strict=False)
+    ]
+    assert [r["loss_tokens"] for r in records] == sampled
+    assert all(r["loss_tokens"] <= 8 * 12 < 8 * 41 for r in records)

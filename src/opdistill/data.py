@@ -410,13 +410,12 @@ class LazyExampleStream:
 
 def encode_prompts(tokenizer, examples: Sequence[Example]) -> list[list[int]]:
     """Render prompts with the tokenizer's chat template (generation prompt added), or as plain text."""
-    if tokenizer.chat_template:
-        texts = [
-            tokenizer.apply_chat_template(ex.messages(), tokenize=False, add_generation_prompt=True)
-            for ex in examples
-        ]
-        return [tokenizer.encode(text, add_special_tokens=False) for text in texts]
-    return [tokenizer.encode(ex.messages()[-1]["content"]) for ex in examples]
+    if tokenizer.chat_template:  # one batched render and one batched encode: this runs every step
+        texts = tokenizer.apply_chat_template(
+            [ex.messages() for ex in examples], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return tokenizer([ex.messages()[-1]["content"] for ex in examples])["input_ids"]
 
 
 def encode_completion(tokenizer, text: str) -> list[int]:
@@ -427,21 +426,14 @@ def encode_completion(tokenizer, text: str) -> list[int]:
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad id lists -> (ids_BP, mask_BP)."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = True
-    return ids, mask
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], dtype=torch.bool)
+    return ids.view(len(rows), width), mask.view(len(rows), width)
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad id lists -> (ids_BT, mask_BT)."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = True
-    return ids, mask
+    ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows], dtype=torch.bool)
+    return ids.view(len(rows), width), mask.view(len(rows), width)

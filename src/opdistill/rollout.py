@@ -71,14 +71,14 @@ def generate(
     position_B1 = position_B1[:, -1:]
     tokens, logps = [], []
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         uniform_B = torch.rand(total, generator=generator)[first : first + B]
         token_B, logp_B = sample_next_token(out.logits[:, -1], temperature, top_p, uniform_B.to(device))
         token_B = token_B.masked_fill(done_B, pad_id)
         tokens.append(token_B)
         logps.append(logp_B.masked_fill(done_B, 0.0))
         done_B = done_B | (token_B == eos_id)
-        if all_finished(bool(done_B.all())):
+        if all_finished(bool(done_B.all())) or step == max_new_tokens - 1:  # no forward for an unused token
             break
         attention_BL = torch.cat([attention_BL, torch.ones(B, 1, dtype=torch.long, device=device)], dim=1)
         position_B1 = position_B1 + 1
