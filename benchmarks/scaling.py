@@ -4,9 +4,9 @@
 
 World size: `opd distill --config configs/distill_addition.yaml` (shipped student and teacher, 64 prompts
 per step) in one process and under `torchrun --nproc_per_node=2` with DDP and FSDP2, same global batch;
-each process gets 2 threads / world size, so both use the machine's 2 cores. Response length: a fresh
-d64l2 student (it never says EOS, so every response is exactly max_new_tokens long) distilled from the
-shipped teacher with 16 prompts per step, one process. Step time is the median `step_s` after --warmup;
+each process gets 2 threads / world size, so both use the machine's 2 cores. Response length: the
+shipped student sampling 16 responses of exactly N tokens (EOS ignored), one teacher forward, the student's
+full_rkl forward + backward and AdamW, in one process (the library's parts, as in benchmarks/waste.py). Step time is the median `step_s` after --warmup;
 peak memory is the largest resident set of any one process of the run (`getrusage` of the children).
 """
 
@@ -28,12 +28,12 @@ BASE = [
 
 
 MEASURE = """import resource, subprocess, sys
-subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)
+subprocess.run(sys.argv[1:], check=True)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"""
 
 
-def run(out: Path, overrides: list[str], world_size: int, steps: int) -> tuple[list[float], float]:
-    """(step seconds, peak RSS in MB of the largest process) of one `opd distill` run in subprocesses."""
+def run(out: Path, overrides: list[str], world_size: int, steps: int) -> tuple[list[dict], float]:
+    """(metrics.jsonl records, peak RSS in MB of the largest process) of one `opd distill` run."""
     shutil.rmtree(out, ignore_errors=True)
     threads = max(1, 2 // world_size)
     args = ["-m", "opdistill.cli", "distill", *overrides, f"train.steps={steps}", f"train.threads={threads}",
@@ -46,7 +46,7 @@ def run(out: Path, overrides: list[str], world_size: int, steps: int) -> tuple[l
                           capture_output=True, text=True)  # fmt: skip
     peak_kb = int(done.stdout.split()[-1])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_s"] for r in rows], peak_kb / 1024
+    return rows, peak_kb / 1024
 
 
 def main() -> None:
@@ -57,7 +57,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     parser.add_argument("--out", default="runs/scaling")
+    parser.add_argument("--length-worker", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.length_worker:
+        length_worker(args.length_worker, args.steps, args.warmup)
+        return
     root = Path(args.out)
 
     print("| world size | parallel | median s/step | sequences/s | peak RSS per process (MB) |")
@@ -65,21 +69,65 @@ def main() -> None:
     addition = ["--config", "configs/distill_addition.yaml", *BASE]
     for world_size, parallel in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
         out = root / f"world{world_size}-{parallel}"
-        step_s, peak = run(out, [*addition, f"train.parallel={parallel}"], world_size, args.steps)
-        median = statistics.median(step_s[args.warmup :])
+        rows, peak = run(out, [*addition, f"train.parallel={parallel}"], world_size, args.steps)
+        median = statistics.median(r["step_s"] for r in rows[args.warmup :])
         print(f"| {world_size} | {parallel if world_size > 1 else '-'} | {median:.3f} | {64 / median:.0f} | {peak:.0f} |",
               flush=True)  # fmt: skip
 
-    print("\n| response tokens | median s/step | s per 1k tokens | peak RSS (MB) |")
+    print("\n| response tokens | median s/step | s per 1k response tokens | peak RSS (MB) |")
     print("|---|---|---|---|")
-    from opdistill.demo import asset_dir
-
     for length in args.lengths:
-        overrides = [f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d64l2", *BASE,
-                     "train.prompts_per_step=16", f"rollout.max_new_tokens={length}"]  # fmt: skip
-        step_s, peak = run(root / f"length{length}", overrides, 1, args.steps)
-        median = statistics.median(step_s[args.warmup :])
-        print(f"| {length} | {median:.3f} | {median / (16 * length) * 1000:.3f} | {peak:.0f} |", flush=True)
+        command = [sys.executable, "-c", MEASURE, sys.executable, __file__, "--length-worker", str(length),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        median, peak_kb = float(done.stdout.split()[-2]), int(done.stdout.split()[-1])
+        print(
+            f"| {length} | {median:.3f} | {median / (16 * length) * 1000:.3f} | {peak_kb / 1024:.0f} |",
+            flush=True,
+        )
+
+
+def length_worker(length: int, steps: int, warmup: int) -> None:
+    """Prints the median seconds of a step whose 16 responses are exactly ``length`` tokens: sampling (EOS
+    ignored), one teacher forward, the student's full_rkl forward + backward and AdamW."""
+    import time
+
+    import torch
+
+    from opdistill.config import load_config
+    from opdistill.data import encode_prompts, left_pad
+    from opdistill.losses import Normalizer, generalized_jsd
+    from opdistill.models import completion_logits, load_model
+    from opdistill.rollout import generate
+    from opdistill.tasks import task_from_config
+
+    torch.set_num_threads(2)
+    config = load_config("configs/distill_addition.yaml")
+    student, tokenizer = load_model(config.student)
+    teacher, _ = load_model(config.teacher)
+    teacher.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    task = task_from_config(config.data, 0)
+    times = []
+    for step in range(steps):
+        ids_BP, mask_BP = left_pad(
+            encode_prompts(tokenizer, task.train.batch(step, 16)), tokenizer.pad_token_id
+        )
+        started = time.perf_counter()
+        student.eval()
+        rollout = generate(
+            student, ids_BP, mask_BP, max_new_tokens=length, eos_id=-1, pad_id=tokenizer.pad_token_id
+        )
+        student.train()
+        with torch.inference_mode():
+            teacher_logits_BTV = completion_logits(teacher, rollout)
+        divergence_BT = generalized_jsd(completion_logits(student, rollout), teacher_logits_BTV.clone(), 1.0)
+        mask_BT = rollout.loss_mask_BT
+        Normalizer("token-mean", float(mask_BT.sum()), 16.0)(divergence_BT, mask_BT).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    print(statistics.median(times[warmup:]))
 
 
 if __name__ == "__main__":
