@@ -66,6 +66,28 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--verifier", default="", help="--data: module:function(completion, example) -> bool")
     ev.add_argument("--seed", type=int, default=0)
 
+    gen = commands.add_parser(
+        "generate", help="sample valid completions of a model on a prompt set into JSONL (SFT / seq-KD data)"
+    )
+    gen.add_argument("--model", required=True, help="HF model directory (e.g. the teacher)")
+    prompts = gen.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--task", help="built-in task: its first --limit prompts of --split")
+    prompts.add_argument("--data", help="prompts: JSONL or a dataset (see data.train_file)")
+    gen.add_argument("--split", choices=("train", "test"), default="train", help="--task: which split")
+    gen.add_argument("--limit", type=int, default=0, help="only the first N prompts (--task: default 1000)")
+    gen.add_argument("--out", required=True, help="output JSONL (never overwritten)")
+    gen.add_argument("--n", type=int, default=1, help="completions per prompt (default 1)")
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)"
+    )
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--require", default="", help="a valid completion contains this regex, e.g. '\\\\boxed'")
+    gen.add_argument(
+        "--max-retries", type=int, default=3, help="redraws of an invalid sample (sampling only)"
+    )
+    gen.add_argument("--seed", type=int, default=0)
+
     tasks = commands.add_parser("tasks", help="list built-in tasks, or export one to JSONL")
     tasks.add_argument("--export", metavar="NAME", help="write examples of this task as JSONL")
     tasks.add_argument("--split", choices=("train", "test"), default="train")
@@ -172,6 +194,46 @@ def _eval(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    import re
+
+    from opdistill.config import ModelSpec
+    from opdistill.data import read_examples, write_jsonl
+    from opdistill.generate import generate
+    from opdistill.models import load_model
+    from opdistill.tasks import load_task
+
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} already exists; choose another --out (nothing is overwritten).")
+    if args.n < 1 or args.max_new_tokens < 1 or args.max_retries < 0:
+        raise UserError("--n and --max-new-tokens must be at least 1 and --max-retries at least 0.")
+    try:
+        require = re.compile(args.require) if args.require else None
+    except re.error as err:
+        raise UserError(f"--require {args.require!r} is not a regular expression: {err}.") from None
+    if args.task:
+        task, count = load_task(task=args.task), args.limit or 1000
+        if args.split == "train":
+            examples = [task.train[i] for i in range(count)]
+        else:
+            examples = task.test[:count]
+    else:
+        examples = read_examples(args.data)[: args.limit or None]
+    model, tokenizer = load_model(ModelSpec(path=args.model))
+    kept, counts = generate(
+        model, tokenizer, examples, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, require=require, max_retries=args.max_retries, seed=args.seed, show_progress=True,
+    )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(kept, out)
+    total = len(examples) * args.n
+    drops = ", ".join(f"{reason} {count}" for reason, count in counts.items() if reason != "kept")
+    print(f"opd generate: kept {counts['kept']} of {total} completions in {out}" + (f"; dropped: {drops}" if drops else ""),
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def _tasks(args) -> int:
     from opdistill.data import write_jsonl
     from opdistill.tasks import load_task, task_names
@@ -235,6 +297,7 @@ COMMANDS = {
     "sft": lambda args: _train(args, "sft"),
     "distill": lambda args: _train(args, "distill"),
     "eval": _eval,
+    "generate": _generate,
     "tasks": _tasks,
     "report": _report,
     "objectives": _objectives,
