@@ -214,10 +214,8 @@ def _generate(args) -> int:
         raise UserError(f"--require {args.require!r} is not a regular expression: {err}.") from None
     if args.task:
         task, count = load_task(task=args.task), args.limit or 1000
-        if args.split == "train":
-            examples = [task.train[i] for i in range(count)]
-        else:
-            examples = task.test[:count]
+        test = args.split == "test"
+        examples = task.test[:count] if test else [task.train[i] for i in range(count)]
     else:
         examples = read_examples(args.data)[: args.limit or None]
     model, tokenizer = load_model(ModelSpec(path=args.model))
