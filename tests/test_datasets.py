@@ -178,3 +178,19 @@ def test_bad_data_options_name_the_fix(override, message):
         None, ["data.train_file=d.parquet", "data.columns.prompt=question", "data.streaming=true"]
     )
     assert config.data.columns == {"prompt": "question"} and config.data.streaming
+
+
+def test_opd_eval_reads_the_evaluation_split_of_a_dataset(tmp_path, capsys):
+    """A dataset with only a test split evaluates (opd eval needs no training split)."""
+    import json
+
+    from opdistill import cli
+    from opdistill.demo import asset_dir
+
+    rows = [{"prompt": f"{1000 + i}+{2000 + i}=", "answer": 3000 + 2 * i} for i in range(6)]
+    datasets.DatasetDict(test=datasets.Dataset.from_list(rows)).save_to_disk(tmp_path / "only-test")
+    code = cli.main(["eval", "--model", str(asset_dir("addition-teacher")), "--data", str(tmp_path / "only-test"),
+                     "--max-new-tokens", "52"])  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["greedy_acc"] >= 5 / 6  # the teacher is right ~99% of the time

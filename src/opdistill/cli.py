@@ -166,18 +166,18 @@ def _demo(args) -> int:
 
 def _eval(args) -> int:
     from opdistill.config import ModelSpec
-    from opdistill.data import encode_completion
+    from opdistill.data import EVAL_SPLITS, encode_completion, read_examples
     from opdistill.evaluate import evaluate
     from opdistill.models import load_model
-    from opdistill.tasks import load_task
+    from opdistill.tasks import RegexVerifier, function_verifier, load_task
 
     if args.task:
         task = load_task(task=args.task)
-    else:
-        task = load_task(
-            train_file=args.data, eval_file=args.data, answer_regex=args.answer_regex, verifier=args.verifier
-        )
-    examples = task.test[: args.limit or None]
+        examples, verify = task.test, task.verify
+    else:  # the evaluation split of a dataset (a JSONL file has just the one)
+        examples = read_examples(args.data, splits=EVAL_SPLITS, require_answer=not args.verifier)
+        verify = function_verifier(args.verifier) if args.verifier else RegexVerifier(args.answer_regex)
+    examples = examples[: args.limit or None]
     if not examples:
         raise UserError("no problems to evaluate.")
     ks = [int(k) for k in args.k.split(",") if k] if args.n else []
@@ -188,7 +188,7 @@ def _eval(args) -> int:
     if not max_new:
         lengths = [len(encode_completion(tokenizer, ex.completion)) for ex in examples if ex.completion]
         max_new = max(lengths) + 8 if lengths else 256
-    result = evaluate(model, tokenizer, examples, task.verify, max_new_tokens=max_new, n=args.n, ks=ks,
+    result = evaluate(model, tokenizer, examples, verify, max_new_tokens=max_new, n=args.n, ks=ks,
                       temperature=args.temperature, seed=args.seed)  # fmt: skip
     print(json.dumps({"model": args.model, "data": args.task or args.data, **result}, indent=2))
     return 0
