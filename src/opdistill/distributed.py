@@ -4,7 +4,8 @@ A run started by ``torchrun --nproc_per_node=N`` has N ranks; each samples, has 
 its contiguous share of the step's prompts. The student is replicated with DDP or sharded with FSDP2
 (``fully_shard``, ``train.parallel``); both average gradients over ranks, and the loss is normalised by the
 step's global token count, so each rank's loss is scaled by N: the update is the same as one process's on the
-whole batch. Rank 0 alone writes logs and checkpoints. Without torchrun every function here is a no-op.
+whole batch. Rank 0 alone writes logs and checkpoints. Without torchrun the world is one rank and every
+collective here is a no-op.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def init(prompts_per_step: int) -> World:
     """The process group of a ``torchrun`` launch (gloo on CPU, NCCL on GPUs), or a world of one."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        return World()
+        return ONE_PROCESS
     if prompts_per_step % size:
         raise UserError(
             f"train.prompts_per_step={prompts_per_step} must divide evenly across {size} ranks (torchrun)."
