@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from opdistill.errors import UserError
+from opdistill.types import Rollout
 
 Messages = list[dict[str, str]]
 
@@ -429,6 +430,17 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
     mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], dtype=torch.bool)
     return ids.view(len(rows), width), mask.view(len(rows), width)
+
+
+def rollout_of(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+) -> Rollout:
+    """Given prompt and completion ids laid out as the sampler lays them out (prompts left-padded, completions
+    right-padded; every completion token receives loss), with no behaviour log-probs and nothing truncated."""
+    ids_BP, mask_BP = left_pad(prompts, pad_id)
+    tokens_BT, loss_mask_BT = right_pad(completions, pad_id)
+    truncated_B = torch.zeros(len(prompts), dtype=torch.bool)
+    return Rollout(ids_BP, mask_BP, tokens_BT, loss_mask_BT, torch.zeros(tokens_BT.shape), truncated_B)
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,12 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from opdistill.data import Example, encode_completion, encode_prompts, left_pad, right_pad
+from opdistill.data import Example, encode_completion, encode_prompts, rollout_of
 from opdistill.diagnostics import distinct_answers, distinct_n, pass_at_k, token_entropy
 from opdistill.models import completion_logits
 from opdistill.rollout import sample_prompts
 from opdistill.tasks import Verifier
-from opdistill.types import Rollout
 
 
 def decode_completions(tokenizer, tokens_BT: torch.Tensor, mask_BT: torch.Tensor) -> list[str]:
@@ -93,16 +92,12 @@ def mean_token_entropy(
     prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(n)]
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
-        ids_BP, mask_BP = left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id)
-        tokens_BT, loss_mask_BT = right_pad(
-            [encode_completion(tokenizer, text) for text in completions[start : start + batch_size]],
-            tokenizer.pad_token_id,
-        )
-        rollout = Rollout(ids_BP, mask_BP, tokens_BT, loss_mask_BT, torch.zeros(tokens_BT.shape),
-                          torch.zeros(len(tokens_BT), dtype=torch.bool))  # fmt: skip
-        entropy_BT = token_entropy(completion_logits(model, rollout.to(next(model.parameters()).device)))
-        total += float(entropy_BT[loss_mask_BT.to(entropy_BT.device)].sum())
-        count += int(loss_mask_BT.sum())
+        ids = [encode_completion(tokenizer, text) for text in completions[start : start + batch_size]]
+        rollout = rollout_of(prompts[start : start + batch_size], ids, tokenizer.pad_token_id)
+        rollout = rollout.to(next(model.parameters()).device)
+        entropy_BT = token_entropy(completion_logits(model, rollout))
+        total += float(entropy_BT[rollout.loss_mask_BT].sum())
+        count += int(rollout.loss_mask_BT.sum())
     return total / max(count, 1)
 
 

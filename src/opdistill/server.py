@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import torch
 
+from opdistill.data import rollout_of
 from opdistill.diagnostics import token_entropy
 from opdistill.errors import UserError
 from opdistill.losses import logprobs_at, token_logprobs, topk_logprobs
@@ -262,24 +263,7 @@ class ScoringServer:
 
     def _rollout(self, prompts: list[list[int]], completions: list[list[int]]) -> Rollout:
         """Left-padded prompts, right-padded completions, as the sampler lays them out."""
-        B, P, T = len(prompts), max(map(len, prompts)), max(1, max(map(len, completions)))
-        prompt_ids_BP = torch.full((B, P), self.pad_id, dtype=torch.long)
-        prompt_mask_BP = torch.zeros(B, P, dtype=torch.bool)
-        tokens_BT = torch.full((B, T), self.pad_id, dtype=torch.long)
-        loss_mask_BT = torch.zeros(B, T, dtype=torch.bool)
-        for b, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-            prompt_ids_BP[b, P - len(prompt) :] = torch.tensor(prompt)
-            prompt_mask_BP[b, P - len(prompt) :] = True
-            tokens_BT[b, : len(completion)] = torch.tensor(completion, dtype=torch.long)
-            loss_mask_BT[b, : len(completion)] = True
-        return Rollout(
-            prompt_ids_BP.to(self.device),
-            prompt_mask_BP.to(self.device),
-            tokens_BT.to(self.device),
-            loss_mask_BT.to(self.device),
-            torch.zeros(B, T, device=self.device),
-            torch.zeros(B, dtype=torch.bool, device=self.device),
-        )
+        return rollout_of(prompts, completions, self.pad_id).to(self.device)
 
     def _signal(self, job: _Job, logits_BTV: torch.Tensor, rollout: Rollout) -> dict[str, Any]:
         """The job's answer from its rows of the batch logits, each list cut to the sequence's length."""

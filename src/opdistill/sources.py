@@ -22,9 +22,8 @@ from opdistill.data import (
     ExampleStream,
     encode_completion,
     encode_prompts,
-    left_pad,
     read_jsonl,
-    right_pad,
+    rollout_of,
     write_jsonl,
 )
 from opdistill.distributed import ONE_PROCESS, World
@@ -108,13 +107,8 @@ def batch_source(
         missing = [ex.id or ex.prompt for ex in examples if not ex.completion]
         if missing:
             raise UserError(f"training on dataset completions needs a 'completion'; {missing[0]!r} has none.")
-        ids_BP, mask_BP = left_pad(encode_prompts(tokenizer, examples), pad)
-        tokens_BT, loss_mask_BT = right_pad(
-            [encode_completion(tokenizer, ex.completion) for ex in examples], pad
-        )
-        zeros = torch.zeros(tokens_BT.shape)
-        truncated_B = torch.zeros(len(examples), dtype=torch.bool)
-        return Rollout(ids_BP, mask_BP, tokens_BT, loss_mask_BT, zeros, truncated_B).to(device)
+        completions = [encode_completion(tokenizer, ex.completion) for ex in examples]
+        return rollout_of(encode_prompts(tokenizer, examples), completions, pad).to(device)
 
     def fresh_teacher(step: int) -> tuple[Rollout, dict[str, float]]:
         rollout = sampled(teacher.model, shard(task.train, step), data.teacher_temperature, 1)
