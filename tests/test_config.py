@@ -83,9 +83,9 @@ def test_a_train_file_replaces_the_default_task():
 def test_help_lists_every_key_with_its_default_and_comment():
     lines = describe().splitlines()
     assert "  train.steps=200  optimizer steps (the schedule spans them)" in lines
-    assert len(lines) == sum(
-        len(getattr(Config(), name).__dataclass_fields__) for name in Config.__dataclass_fields__
-    )
+    sections = [getattr(Config(), name) for name in Config.__dataclass_fields__]
+    assert len(lines) == sum(len(getattr(s, "__dataclass_fields__", "x")) for s in sections)  # teachers: 1
+    assert "  teachers={}  more teachers by tag (examples' `teacher`)" in lines
     assert all("  " in line.strip() for line in lines), [line for line in lines if "  " not in line.strip()]
 
 
@@ -129,7 +129,20 @@ def test_token_clip_applies_to_full_vocabulary_objectives_only():
     (["objective.type=jsd", "objective.grpo_coef=1", "rollout.n_per_prompt=4"], "grpo_coef must be >= 0 and applies"),
     (["objective.type=scope", "rollout.on_policy_fraction=0.5"], "sampled_rkl estimates|student's own samples"),
     (["objective.type=sft", "weighting.tip_ratio=0.5"], "apply to distillation objectives"),
-    (["objective.type=jsd", "weighting.kat=true", "rollout.on_policy_fraction=0.5"], "sampler's log-probs"),
+    (["objective.type=jsd", "weighting.kat=true", "rollout.on_policy_fraction=0.5"], "sampling log-probs"),
+    (["objective.type=jsd", "weighting.iw_opd_gamma=0.5", "rollout.skd_topk=4"], "not with rollout.skd_topk"),
+    (["objective.type=sampled_rkl", "trd.mode=prefix"], "own samples; with trd.mode use a full-vocabulary"),
+    (["objective.type=jsd", "objective.grpo_coef=1", "rollout.n_per_prompt=4", "rollout.skd_topk=0"], "grpo_coef must"),
+    (["objective.type=full_rkl", "objective.route_opd=failed_only", "trd.mode=prefix"], "apply to objective.type=sampled_rkl"),
+    (["rollout.skd_topk=4", "teacher.url=http://x:1"], "rollout.skd_topk runs the teacher model in this process"),
+    (["cold_start.samples=8", "teachers={b: {path: x}}"], "cold_start.samples uses the one default teacher"),
+    (["rollout.skd_topk=-2"], "rollout.skd_topk must be -1"),
+    (["trd.mode=prompt", "trd.template='{prompt}'"], "trd.template must contain {draft}"),
+    (["cold_start.require=("], "cold_start.require='\\(' does not compile"),
+    (["data.select_fraction=1.5"], "data.select_fraction and data.select_mix must be in"),
+    (["data.select_fraction=0.5", "data.curriculum=true"], "each choose the prompts: use one"),
+    (["objective.type=sft", "cold_start.samples=8"], "apply to distillation objectives"),
+    (["objective.type=jsd", "data.select_fraction=0.5", "rollout.on_policy_fraction=0.5"], "keep rollout.on_policy_fraction=1"),
     (["objective.type=topk_rkl", "objective.temperature=2"], "temperature applies to full_rkl, full_fkl and jsd"),
     (["objective.type=minillm"], "set objective.discount in"),
     (["objective.type=minillm", "objective.discount=1", "rollout.on_policy_fraction=0.5"], "student's own samples"),

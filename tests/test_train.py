@@ -85,6 +85,10 @@ def _params(run_dir):
             "divergence",
         ),
         (f"full_rkl lora.rank=8 student.path={asset_dir('addition-student')} optim.lr=2e-3", "divergence"),
+        ("full_rkl rollout.skd_topk=2", "divergence"),
+        ("full_fkl trd.mode=prefix trd.cut_topk=2", "divergence"),
+        ("full_rkl data.select_fraction=0.5 data.pool_size=32 data.select_topk=4", "divergence"),
+        ("full_rkl cold_start.samples=32 cold_start.steps=5 cold_start.prompts_per_step=8", "divergence"),
     ],
 )
 def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_path, objective, target):
@@ -98,6 +102,10 @@ def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_pa
         rows[0]
     )
     assert sum(values[-5:]) / 5 < 0.85 * sum(values[:3]) / 3, values
+    if "skd_topk" in objective:  # SKD logs its acceptance rate; some proposals are kept, some replaced
+        assert all(0 < r["skd_acceptance"] < 1 for r in rows), [r["skd_acceptance"] for r in rows]
+    if "trd.mode" in objective:  # TRD refines part of the rollouts, keeping a prefix of each
+        assert any(r["trd_refined"] > 0 for r in rows) and all(0 <= r["trd_prefix_kept"] <= 1 for r in rows)
     assert (tmp_path / "run" / "config.yaml").is_file() and (
         tmp_path / "run" / "final" / "model.safetensors"
     ).is_file()
@@ -109,6 +117,10 @@ def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_pa
     ("objective.type=sft", "data.completions=teacher_pool", "data.pool_size=24"),
     ("objective.type=jsd", "rollout.on_policy_fraction=0.5"),
     ("objective.type=full_rkl", "lora.rank=4"),
+    ("objective.type=jsd", "opsd.teacher=ema", "opsd.ema_decay=0.5", "data.task_options={privileged: rule}"),
+    ("objective.type=full_rkl", "cold_start.samples=16", "cold_start.steps=3", "cold_start.prompts_per_step=4"),
+    ("objective.type=full_rkl", "data.select_fraction=0.5", "data.pool_size=16", "data.select_topk=4"),
+    ("objective.type=jsd", "rollout.skd_topk=2", "trd.mode=prefix"),
     ("objective.type=sead", "data.curriculum=true", "data.pool_size=32", "data.curriculum_samples=2",
      "weighting.kat=true", "weighting.kat_window=4", "weighting.kat_min_position=8"),
 ])  # fmt: skip

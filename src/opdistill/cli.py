@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--answer-regex", default=r"-?\d+(?:\.\d+)?", help="--data: the answer is the last match")
     ev.add_argument("--verifier", default="", help="--data: module:function(completion, example) -> bool")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--task-option", action="append", default=[], metavar="KEY=VALUE",
+        help="a task option (repeatable), as data.task_options, e.g. digits=5 or privileged=rule",
+    )  # fmt: skip
 
     gen = commands.add_parser(
         "generate", help="sample valid completions of a model on a prompt set into JSONL (SFT / seq-KD data)"
@@ -87,12 +91,20 @@ def _parser() -> argparse.ArgumentParser:
         "--max-retries", type=int, default=3, help="redraws of an invalid sample (sampling only)"
     )
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--task-option", action="append", default=[], metavar="KEY=VALUE",
+        help="a task option (repeatable), as data.task_options, e.g. digits=5 or privileged=rule",
+    )  # fmt: skip
 
     tasks = commands.add_parser("tasks", help="list built-in tasks, or export one to JSONL")
     tasks.add_argument("--export", metavar="NAME", help="write examples of this task as JSONL")
     tasks.add_argument("--split", choices=("train", "test"), default="train")
     tasks.add_argument("--n", type=int, default=20, help="examples to export (default 20)")
     tasks.add_argument("--out", help="output file (default stdout)")
+    tasks.add_argument(
+        "--task-option", action="append", default=[], metavar="KEY=VALUE",
+        help="a task option (repeatable), as data.task_options, e.g. digits=5 or privileged=rule",
+    )  # fmt: skip
 
     commands.add_parser(
         "objectives", help="list the objectives, their teacher signal, and the weighting keys"
@@ -164,15 +176,30 @@ def _demo(args) -> int:
     return 0
 
 
+def _task(name: str, options: list[str]):
+    """Built-in task ``name`` with ``KEY=VALUE`` options (values read as YAML, like data.task_options)."""
+    import yaml
+
+    from opdistill.tasks import load_task
+
+    parsed = {}
+    for item in options:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--task-option {item!r} must look like KEY=VALUE, e.g. digits=5.")
+        parsed[key] = yaml.safe_load(value)
+    return load_task(task=name, task_options=parsed)
+
+
 def _eval(args) -> int:
     from opdistill.config import ModelSpec
     from opdistill.data import EVAL_SPLITS, encode_completion, read_examples
     from opdistill.evaluate import evaluate
     from opdistill.models import load_model
-    from opdistill.tasks import RegexVerifier, function_verifier, load_task
+    from opdistill.tasks import RegexVerifier, function_verifier
 
     if args.task:
-        task = load_task(task=args.task)
+        task = _task(args.task, args.task_option)
         examples, verify = task.test, task.verify
     else:  # the evaluation split of a dataset (a JSONL file has just the one)
         examples = read_examples(args.data, splits=EVAL_SPLITS, require_answer=not args.verifier)
@@ -201,7 +228,6 @@ def _generate(args) -> int:
     from opdistill.data import read_examples, write_jsonl
     from opdistill.generate import generate
     from opdistill.models import load_model
-    from opdistill.tasks import load_task
 
     out = Path(args.out)
     if out.exists():
@@ -213,7 +239,7 @@ def _generate(args) -> int:
     except re.error as err:
         raise UserError(f"--require {args.require!r} is not a regular expression: {err}.") from None
     if args.task:
-        task, count = load_task(task=args.task), args.limit or 1000
+        task, count = _task(args.task, args.task_option), args.limit or 1000
         test = args.split == "test"
         examples = task.test[:count] if test else [task.train[i] for i in range(count)]
     else:
@@ -234,13 +260,13 @@ def _generate(args) -> int:
 
 def _tasks(args) -> int:
     from opdistill.data import write_jsonl
-    from opdistill.tasks import load_task, task_names
+    from opdistill.tasks import task_names
 
     if not args.export:
         for name, description in task_names().items():
             print(f"{name:12s} {description}")
         return 0
-    task = load_task(task=args.export)
+    task = _task(args.export, args.task_option)
     examples = task.test[: args.n] if args.split == "test" else [task.train[i] for i in range(args.n)]
     write_jsonl(examples, args.out or "/dev/stdout")
     return 0

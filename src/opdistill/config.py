@@ -94,6 +94,9 @@ class DataConfig:
     curriculum: bool = False  # SEAD's competence gate: train on prompts no harder than c(step) (§7.7)
     curriculum_samples: int = 8  # curriculum: samples of the initial student per pool prompt (difficulty)
     curriculum_start: float = 0.3  # curriculum: c(0); c rises linearly to 1 at 70% of train.steps
+    select_fraction: float = 0.0  # teacher-aligned prompt selection (§11.3): keep this top share of the pool
+    select_topk: int = 16  # selection: k of the step-0 student-teacher top-k overlap that scores a prompt
+    select_mix: float = 0.5  # selection: share of each step's prompts drawn at random from the pool instead
 
     def __post_init__(self):
         if self.curriculum_samples < 1 or not 0 <= self.curriculum_start <= 1:
@@ -112,6 +115,10 @@ class DataConfig:
             )
         if self.shuffle_buffer < 1:
             raise UserError("data.shuffle_buffer must be at least 1.")
+        if not 0 <= self.select_fraction <= 1 or not 0 <= self.select_mix <= 1 or self.select_topk < 1:
+            raise UserError(
+                "data.select_fraction and data.select_mix must be in [0, 1] and data.select_topk at least 1."
+            )
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,7 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling threshold
     max_new_tokens: int = 64  # completions stop at EOS or here (then counted as truncated)
     on_policy_fraction: float = 1.0  # GKD λ: share of steps on student samples (else data.completions)
+    skd_topk: int = -1  # SKD §9.2: tokens outside the teacher's top-K are resampled (-1 off, 0 all), e.g. 25
 
     def __post_init__(self):
         if self.n_per_prompt < 1 or self.max_new_tokens < 1:
@@ -129,6 +137,8 @@ class RolloutConfig:
             raise UserError("rollout.temperature must be >= 0 and rollout.top_p in (0, 1].")
         if not 0 <= self.on_policy_fraction <= 1:
             raise UserError("rollout.on_policy_fraction must be in [0, 1].")
+        if self.skd_topk < -1:
+            raise UserError("rollout.skd_topk must be -1 (off), 0 (teacher sampling) or a top-K width.")
 
 
 @dataclass(frozen=True)
@@ -348,6 +358,83 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class OpsdConfig:
+    # OPSD (ALGORITHMS §6): the teacher is the student's own weights, shown the example's `privileged` field,
+    # which the student never sees; teacher and student scores line up by response position.
+    teacher: Literal["off", "frozen", "ema", "live"] = "off"  # frozen: the initial student | ema | live
+    ema_decay: float = 0.999  # teacher=ema: teacher <- d x teacher + (1 - d) x student after every step
+    template: str = "{privileged}{prompt}"  # the self-teacher's last user turn, from the example's fields
+    system: str = ""  # if set, a system turn put first in the self-teacher's prompt, e.g. "{privileged}"
+
+    def __post_init__(self):
+        if not 0 <= self.ema_decay < 1:
+            raise UserError("opsd.ema_decay must be in [0, 1).")
+        for name in ("template", "system"):
+            text = getattr(self, name)
+            try:
+                text.format(privileged="", prompt="")
+            except (KeyError, IndexError, ValueError) as err:
+                raise UserError(
+                    f"opsd.{name}={text!r} may use only {{privileged}} and {{prompt}} ({err!r})."
+                ) from None
+        if "{prompt}" not in self.template:
+            raise UserError("opsd.template must contain {prompt}, e.g. '{privileged}{prompt}'.")
+        if self.teacher != "off" and "{privileged}" not in self.template + self.system:
+            raise UserError(
+                "opsd.template or opsd.system must contain {privileged}: what the self-teacher sees."
+            )
+
+
+TRD_TEMPLATE = (
+    "{prompt}\n\nA draft answer:\n{draft}\n\nWrite a corrected answer: keep what is right in the draft "
+    "and fix it from its first error on.\n"
+)
+
+
+@dataclass(frozen=True)
+class TrdConfig:
+    # TRD (ALGORITHMS §9.3): the teacher refines each student rollout and the student distils along the refined
+    # trajectory. prefix: keep the student's tokens up to the first one outside the teacher's top-cut_topk,
+    # the teacher writes the rest; prompt: the teacher rewrites the whole draft from `template`.
+    mode: Literal["off", "prefix", "prompt"] = "off"  # prefix (any teacher) | prompt (instruction teachers)
+    cut_topk: int = 4  # prefix: the first student token outside the teacher's top-K ends the kept prefix
+    temperature: float = 0.0  # the teacher's sampling temperature for the refinement (0 = greedy)
+    template: str = TRD_TEMPLATE  # mode=prompt: the teacher's prompt, from {prompt} and the student's {draft}
+    select: Literal["verified", "always"] = "verified"  # verified: keep y_r only if it passes (else y_o)
+    max_nll_gap: float = 0.0  # support check: y_r's student NLL/token at most y_o's + this (0 = off)
+
+    def __post_init__(self):
+        if self.cut_topk < 1 or self.temperature < 0 or self.max_nll_gap < 0:
+            raise UserError("trd.cut_topk must be >= 1, trd.temperature and trd.max_nll_gap >= 0.")
+        if self.mode == "prompt" and "{draft}" not in self.template:
+            raise UserError("trd.template must contain {draft} (and usually {prompt}).")
+
+
+@dataclass(frozen=True)
+class ColdStartConfig:
+    # Off-policy cold start (ALGORITHMS §11.2): before distillation, SFT the student on validity-filtered
+    # teacher samples of the first `samples` training prompts; distillation then never sees those prompts.
+    samples: int = 0  # teacher samples to generate and SFT on (0 = no cold start)
+    steps: int = 100  # SFT steps on them
+    prompts_per_step: int = 64  # SFT batch size
+    lr: float = 1e-3  # SFT learning rate (constant after 10 warmup steps)
+    temperature: float = 1.0  # teacher sampling temperature (invalid samples are redrawn up to 3 times)
+    require: str = ""  # validity: the completion must contain a match of this regex (e.g. \\boxed in YAML)
+
+    def __post_init__(self):
+        if self.samples < 0 or self.steps < 1 or self.prompts_per_step < 1 or self.lr <= 0:
+            raise UserError(
+                "cold_start.samples must be >= 0, cold_start.steps and prompts_per_step >= 1, lr > 0."
+            )
+        if self.temperature < 0:
+            raise UserError("cold_start.temperature must be >= 0.")
+        try:
+            re.compile(self.require)
+        except re.error as err:
+            raise UserError(f"cold_start.require={self.require!r} does not compile: {err}.") from None
+
+
+@dataclass(frozen=True)
 class Config:
     student: ModelSpec = field(default_factory=ModelSpec)
     teacher: ModelSpec = field(default_factory=lambda: ModelSpec(preset="d64l2"))
@@ -358,49 +445,114 @@ class Config:
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    opsd: OpsdConfig = field(default_factory=OpsdConfig)
+    trd: TrdConfig = field(default_factory=TrdConfig)
+    cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    teachers: dict[str, ModelSpec] = field(default_factory=dict)  # more teachers by tag (examples' `teacher`)
 
     def __post_init__(self):
         objective, weighting, rollout = self.objective, self.weighting, self.rollout
+        # what puts tokens into a batch that the student did not sample
+        not_sampled = [
+            name
+            for name, on in (
+                ("rollout.on_policy_fraction < 1", rollout.on_policy_fraction < 1),
+                ("rollout.skd_topk", rollout.skd_topk >= 0),
+                ("trd.mode", self.trd.mode != "off"),
+            )
+            if on
+        ]
         student_samples = objective.type in ("sampled_rkl", "k2", "minillm") or objective.ref_kl_coef
-        if student_samples and rollout.on_policy_fraction < 1:
+        if student_samples and not_sampled:
             raise UserError(
                 f"objective.type={objective.type} (and ref_kl_coef) estimate from the student's own samples; "
-                "with rollout.on_policy_fraction < 1 use a full-vocabulary objective (full_rkl, full_fkl, jsd)."
+                f"with {not_sampled[0]} use a full-vocabulary objective (full_rkl, full_fkl, jsd)."
             )
-        if objective.needs_reward and rollout.on_policy_fraction < 1:
+        if objective.needs_reward and not_sampled:
             raise UserError(
                 "verifier rewards (grpo_coef, route_opd, scope, dasd) are computed on the student's own samples: "
-                "keep rollout.on_policy_fraction=1."
+                f"not with {not_sampled[0]}."
             )
+        teacher_model = [
+            name
+            for name, on in (
+                (f"data.completions={self.data.completions}", self.data.completions != "dataset"),
+                ("rollout.skd_topk", rollout.skd_topk >= 0),
+                ("trd.mode", self.trd.mode != "off"),
+                ("cold_start.samples", self.cold_start.samples > 0),
+                ("data.select_fraction", self.data.select_fraction > 0),
+            )
+            if on
+        ]
+        if teacher_model and self.teacher.url:
+            raise UserError(
+                f"{teacher_model[0]} runs the teacher model in this process, and a remote teacher (teacher.url) "
+                "only scores: give a local teacher.path."
+            )
+        if teacher_model and self.teachers:
+            raise UserError(f"{teacher_model[0]} uses the one default teacher: not with several teachers.")
         if (objective.grpo_coef or objective.type == "dasd") and rollout.n_per_prompt < 2:
             raise UserError(
                 "a GRPO advantage is 0 with one sample per prompt: set rollout.n_per_prompt to 4 or more."
             )
-        distill_only = weighting != WeightingConfig() or objective.ref_kl_coef or self.data.curriculum
+        distill_only = (
+            weighting != WeightingConfig()
+            or objective.ref_kl_coef
+            or self.data.curriculum
+            or self.data.select_fraction
+            or rollout.skd_topk >= 0
+            or self.trd.mode != "off"
+            or self.cold_start.samples
+        )
         if distill_only and objective.type == "sft":
             raise UserError(
-                "weighting.*, objective.ref_kl_coef and data.curriculum apply to distillation objectives, "
-                "not objective.type=sft."
+                "weighting.*, objective.ref_kl_coef, data.curriculum, data.select_fraction, rollout.skd_topk, trd "
+                "and cold_start apply to distillation objectives, not objective.type=sft."
             )
-        if self.data.curriculum and rollout.on_policy_fraction < 1:
+        if self.data.curriculum and self.data.select_fraction:
+            raise UserError("data.curriculum and data.select_fraction each choose the prompts: use one.")
+        if (self.data.curriculum or self.data.select_fraction) and rollout.on_policy_fraction < 1:
             raise UserError(
-                "data.curriculum selects the prompts the student samples on: keep rollout.on_policy_fraction=1."
+                "data.curriculum and data.select_fraction choose the prompts the student samples on: keep "
+                "rollout.on_policy_fraction=1."
             )
-        if (weighting.iw_opd_gamma or weighting.kat) and rollout.on_policy_fraction < 1:
+        if (weighting.iw_opd_gamma or weighting.kat) and not_sampled:
             raise UserError(
-                "weighting.iw_opd_gamma and weighting.kat read the sampler's log-probs, which off-policy "
-                "completions do not have: keep rollout.on_policy_fraction=1."
-            )
-        if self.teacher.url and self.data.completions != "dataset":
-            raise UserError(
-                f"data.completions={self.data.completions} samples from the teacher, and a remote teacher "
-                "(teacher.url) only scores: give a local teacher.path or use data.completions=dataset."
+                "weighting.iw_opd_gamma and weighting.kat read the student's sampling log-probs, which tokens "
+                f"it did not sample do not have: not with {not_sampled[0]}."
             )
         kat_span = weighting.kat_min_position + weighting.kat_patience * weighting.kat_window
         if weighting.kat and rollout.max_new_tokens < kat_span:
             raise UserError(
                 f"weighting.kat can only trap responses of at least kat_min_position + kat_patience x kat_window = "
                 f"{kat_span} tokens, longer than rollout.max_new_tokens={rollout.max_new_tokens}: lower them."
+            )
+
+        self._check_opsd()
+
+    def _check_opsd(self) -> None:
+        opsd = self.opsd.teacher
+        if opsd == "off":
+            return
+        if (
+            self.objective.type == "sft"
+            or self.rollout.on_policy_fraction < 1
+            or self.data.completions != "dataset"
+        ):
+            raise UserError(
+                f"opsd.teacher={opsd} scores the student's own samples with its own weights: use a distillation "
+                "objective with rollout.on_policy_fraction=1 and data.completions=dataset."
+            )
+        separate = self.rollout.skd_topk >= 0 or self.trd.mode != "off" or self.cold_start.samples
+        if self.teachers or separate or self.data.select_fraction:
+            raise UserError(
+                f"opsd.teacher={opsd} is the only teacher: it does not combine with teachers, rollout.skd_topk, "
+                "trd.mode, cold_start or data.select_fraction (they need a separate teacher model)."
+            )
+        if opsd == "ema" and (self.lora.rank or self.train.parallel == "fsdp"):
+            raise UserError(
+                "opsd.teacher=ema averages full, unsharded weights: use opsd.teacher=frozen with lora.rank or "
+                "train.parallel=fsdp."
             )
 
     def diagnostics_due(self, step: int) -> bool:
@@ -510,7 +662,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a mapping, e.g. {{digits: 4}}; got {value!r}.")
-        return dict(value)
+        _, value_hint = typing.get_args(hint)
+        if value_hint is Any:
+            return dict(value)
+        return {key: _coerce(value_hint, item, f"{where}.{key}") for key, item in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -530,6 +685,12 @@ def describe() -> str:
     lines, defaults, hints = [], Config(), typing.get_type_hints(Config)
     for section in dataclasses.fields(Config):
         cls = hints[section.name]
+        if not isinstance(cls, type) or not dataclasses.is_dataclass(cls):  # teachers: tag -> teacher.* keys
+            comment = re.search(
+                rf"^\s+{section.name}:[^#\n]*#\s*(.+)$", inspect.getsource(Config), flags=re.M
+            )
+            lines.append(f"  {section.name}={{}}  {comment.group(1) if comment else ''}".rstrip())
+            continue
         comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M))
         default = getattr(defaults, section.name)
         for f in dataclasses.fields(cls):

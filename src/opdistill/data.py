@@ -3,6 +3,7 @@ example streams, and the one place text becomes token ids."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import deque
@@ -26,6 +27,7 @@ class Example:
     completion: str = ""  # target completion for SFT
     privileged: str = ""  # context only a self-teacher sees
     id: str = ""
+    teacher: str = ""  # which teacher scores this example (a key of `teachers`; empty = `teacher`)
 
     def messages(self) -> Messages:
         if isinstance(self.prompt, str):
@@ -38,7 +40,25 @@ class Example:
         return "".join(parts + [self.answer, self.completion, self.privileged])
 
 
-EXAMPLE_FIELDS = ("prompt", "answer", "completion", "privileged", "id")
+def privileged_view(example: Example, template: str, system: str = "") -> Example:
+    """The example as an OPSD self-teacher sees it (ALGORITHMS §6): its last user turn rewritten by ``template``
+    (``{privileged}``, ``{prompt}``), and a first system turn from ``system`` when that is not empty."""
+    messages = [(m["role"], m["content"]) for m in example.messages()]
+    users = [i for i, (role, _) in enumerate(messages) if role == "user"]
+    if not users:
+        raise UserError(
+            f"example {example.id or example.prompt!r} has no user turn to show its privileged context in."
+        )
+    last = users[-1]
+    messages[last] = ("user", template.format(privileged=example.privileged, prompt=messages[last][1]))
+    if system:
+        messages.insert(0, ("system", system.format(privileged=example.privileged, prompt="")))
+    if len(messages) == 1 and isinstance(example.prompt, str):
+        return dataclasses.replace(example, prompt=messages[0][1])
+    return dataclasses.replace(example, prompt=tuple(messages))
+
+
+EXAMPLE_FIELDS = ("prompt", "answer", "completion", "privileged", "id", "teacher")
 TRAIN_SPLITS = ("train",)  # the split a dataset with several gives for training, unless one is named
 EVAL_SPLITS = ("test", "validation")  # ... and for evaluation: the first of these it has
 # file suffix -> the `datasets` builder that reads it (a .json file is JSONL unless it holds one JSON array)
@@ -212,7 +232,7 @@ def parse_record(
             "messages."
         )
     fields: dict[str, Any] = {"prompt": prompt}
-    for name in ("answer", "completion", "privileged", "id"):
+    for name in ("answer", "completion", "privileged", "id", "teacher"):
         value = values.get(name, "")
         if isinstance(value, int | float) and not isinstance(value, bool) and name in ("answer", "id"):
             value = str(value)
@@ -304,7 +324,11 @@ def write_jsonl(examples: Sequence[Example], path: str | Path) -> None:
         for ex in examples:
             obj: dict[str, Any] = {"prompt": ex.prompt if isinstance(ex.prompt, str) else ex.messages()}
             obj.update(
-                {k: getattr(ex, k) for k in ("answer", "completion", "privileged", "id") if getattr(ex, k)}
+                {
+                    k: getattr(ex, k)
+                    for k in ("answer", "completion", "privileged", "id", "teacher")
+                    if getattr(ex, k)
+                }
             )
             handle.write(json.dumps(obj) + "\n")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -34,6 +35,51 @@ def sample_next_token(
     return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(-1)
 
 
+class Guide(Protocol):
+    """Steers ``generate`` token by token, e.g. SKD's teacher that verifies the student's proposals
+    (speculative.py). ``generate`` calls ``start`` once, after the student's prefill, with the left-padded
+    prompts, their attention mask and position ids and the ``rows = (first, total)`` it samples; then, at every
+    step, ``choose`` with the student's draw and the mask of rows that have already ended (their token becomes
+    pad whatever is chosen), which returns the final tokens and their log-probs under the distribution each
+    was drawn from; before the student's next forward, ``advance`` with the final tokens and the attention
+    mask and position ids of that forward, so a guide with its own model sees exactly the student's prefix;
+    and ``finish`` once the last token is drawn, to free what it held for this rollout (a KV cache)."""
+
+    def start(
+        self,
+        prompt_ids_BP: torch.Tensor,
+        attention_BP: torch.Tensor,
+        position_BP: torch.Tensor,
+        rows: tuple[int, int],
+    ) -> None: ...
+
+    def choose(
+        self, token_B: torch.Tensor, logp_B: torch.Tensor, done_B: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def advance(
+        self, token_B: torch.Tensor, attention_BL: torch.Tensor, position_B1: torch.Tensor
+    ) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class StudentOnly:
+    """The default guide: every student token is kept (plain on-policy sampling)."""
+
+    def start(self, prompt_ids_BP, attention_BP, position_BP, rows) -> None:
+        pass
+
+    def choose(self, token_B, logp_B, done_B) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_B, logp_B
+
+    def advance(self, token_B, attention_BL, position_B1) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
 @torch.no_grad()  # not inference_mode: the sampled tokens later enter the student's autograd graph
 def generate(
     model,
@@ -48,6 +94,7 @@ def generate(
     generator: torch.Generator | None = None,
     rows: tuple[int, int] | None = None,
     all_finished: Callable[[bool], bool] = bool,
+    guide: Guide | None = None,
 ) -> Rollout:
     """Sample completions for left-padded prompts, one new token per forward thanks to the KV cache.
 
@@ -55,25 +102,30 @@ def generate(
     ``rows = (first, total)`` says these are rows first.. of a batch of ``total`` split across ranks: each
     token step draws ``total`` uniforms and uses this batch's slice, so a row's sample is the same for any
     split (world size) of the batch. ``all_finished`` turns "every row here has ended" into "every rank's
-    have": the ranks of an FSDP2-sharded model must run the same number of forwards.
+    have": the ranks of an FSDP2-sharded model must run the same number of forwards. ``guide`` may replace
+    each token the model draws (see ``Guide``); ``sampler_logp_BT`` then holds the log-prob under whichever
+    distribution the kept token came from.
     """
     B, device = prompt_ids_BP.shape[0], prompt_ids_BP.device
     first, total = rows or (0, B)
+    guide = guide or StudentOnly()
     attention_BL = prompt_mask_BP.long()
-    position_B1 = (attention_BL.cumsum(-1) - 1).clamp(min=0)
+    position_BP = (attention_BL.cumsum(-1) - 1).clamp(min=0)
     out = model(
         input_ids=prompt_ids_BP,
         attention_mask=attention_BL,
-        position_ids=position_B1,
+        position_ids=position_BP,
         use_cache=True,
         logits_to_keep=1,
     )
-    position_B1 = position_B1[:, -1:]
+    guide.start(prompt_ids_BP, attention_BL, position_BP, (first, total))
+    position_B1 = position_BP[:, -1:]
     tokens, logps = [], []
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         uniform_B = torch.rand(total, generator=generator)[first : first + B]
         token_B, logp_B = sample_next_token(out.logits[:, -1], temperature, top_p, uniform_B.to(device))
+        token_B, logp_B = guide.choose(token_B, logp_B, done_B)
         token_B = token_B.masked_fill(done_B, pad_id)
         tokens.append(token_B)
         logps.append(logp_B.masked_fill(done_B, 0.0))
@@ -89,6 +141,8 @@ def generate(
             past_key_values=out.past_key_values,
             use_cache=True,
         )
+        guide.advance(token_B, attention_BL, position_B1)
+    guide.finish()
     tokens_BT = torch.stack(tokens, dim=1)
     # a token receives loss if it was generated before (or is) the row's first EOS
     is_eos_BT = tokens_BT == eos_id
@@ -115,6 +169,7 @@ def sample_prompts(
     generator: torch.Generator | None = None,
     rows: tuple[int, int] | None = None,
     all_finished: Callable[[bool], bool] = bool,
+    guide: Guide | None = None,
 ) -> Rollout:
     """Left-pad token-id prompts and ``generate`` with the model in eval mode (its mode is restored after), on
     the model's device."""
@@ -125,7 +180,7 @@ def sample_prompts(
     try:
         return generate(
             model, ids_BP, mask_BP, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, generator=generator, rows=rows, all_finished=all_finished,
+            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, generator=generator, rows=rows, all_finished=all_finished, guide=guide,
         )  # fmt: skip
     finally:
         model.train(was_training)

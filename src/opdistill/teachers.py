@@ -34,10 +34,11 @@ class Teacher(Protocol):
 
 
 class LocalTeacher:
-    """A frozen HF model in this process; one forward over prompt ⊕ completion per rollout."""
+    """An HF model in this process; one forward over prompt ⊕ completion per rollout. It is frozen, unless it is
+    the student itself (``frozen=False``: OPSD's live self-teacher scores with the current weights)."""
 
-    def __init__(self, model):
-        self.model = model.eval().requires_grad_(False)
+    def __init__(self, model, frozen: bool = True):
+        self.model = model.eval().requires_grad_(False) if frozen else model
 
     @torch.no_grad()
     def score(
@@ -359,6 +360,13 @@ def make_teacher(
     model, tokenizer = load_model(spec)
     check_same_tokenizer(student_tokenizer, tokenizer)
     return LocalTeacher(cast(torch.nn.Module, model).to(device))
+
+
+@torch.no_grad()
+def ema_update(teacher, student, decay: float) -> None:
+    """OPSD's EMA self-teacher: every weight becomes ``decay x teacher + (1 - decay) x student``."""
+    for mine, theirs in zip(teacher.parameters(), student.parameters(), strict=True):  # tied weights once
+        mine.lerp_(theirs.to(mine.dtype), 1 - decay)
 
 
 def rollout_sequences(rollout: Rollout) -> tuple[list[list[int]], list[list[int]]]:

@@ -7,6 +7,7 @@ One step: take prompts → get completions (student samples them for OPD; datase
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -18,6 +19,7 @@ import torch
 
 from opdistill import distributed, losses, monitor, shaping, sources
 from opdistill.checkpoint import latest_checkpoint, load_state, save_checkpoint, truncate_jsonl
+from opdistill.coldstart import cold_start, disjoint
 from opdistill.config import Config, save_config
 from opdistill.distributed import ONE_PROCESS, World
 from opdistill.errors import UserError
@@ -27,7 +29,7 @@ from opdistill.objectives import objective_loss
 from opdistill.progress import NullProgress, ProgressBar
 from opdistill.runlog import Board, Log
 from opdistill.tasks import Task, corpus_text, task_from_config
-from opdistill.teachers import LocalTeacher, make_teacher
+from opdistill.teachers import LocalTeacher, Teacher, ema_update, make_teacher
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 COUNTERS = (
@@ -92,27 +94,50 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
     corpus = () if config.student.path or checkpoint else corpus_text(task)
     student, tokenizer = load_student(config.student, config.lora, corpus, config.train.seed, checkpoint)
     world.place(student).train()
-    teacher = None
-    if distill or config.data.completions != "dataset":
+
+    def initial_student():  # the student as the run started, frozen (what a resumed run rebuilds)
+        model, _ = load_model(
+            config.student, () if config.student.path else corpus_text(task), config.train.seed
+        )
+        return LocalTeacher(world.place(model))
+
+    teachers: dict[str, Teacher] = {}  # by the tag examples name them with ("" = the default teacher)
+    self_teacher, ema_model = config.opsd.teacher, None
+    if self_teacher == "live":
+        teachers[""] = LocalTeacher(student, frozen=False)
+    elif self_teacher != "off":  # frozen, or the EMA's start (a resumed EMA continues from its checkpoint)
+        initial = initial_student()
+        if "self_teacher" in state:
+            initial.model.load_state_dict(state.pop("self_teacher"))
+        teachers[""], ema_model = initial, initial.model if self_teacher == "ema" else None
+    elif distill or config.data.completions != "dataset":
         requests = [config.teacher_request] + [config.diagnostics_request] * bool(
             config.train.diagnostics_every
         )
-        teacher = make_teacher(config.teacher, tokenizer, requests, world.device)
-        widest, vocab = max(config.teacher_request.topk, config.objective.student_topk), len(tokenizer)
-        if widest > vocab:
-            raise UserError(
-                f"a top-K of {widest} ids is more than the vocabulary ({vocab} ids): "
-                "lower objective.topk / objective.baseline_topk."
-            )
-    reference = None
-    if config.objective.ref_kl_coef:  # StableOPD's reference: the student as the run started, frozen
-        reference_model, _ = load_model(
-            config.student, () if config.student.path else corpus_text(task), config.train.seed
+        specs = {"": config.teacher, **config.teachers}
+        teachers = {tag: make_teacher(spec, tokenizer, requests, world.device) for tag, spec in specs.items()}
+    widest, vocab = max(config.teacher_request.topk, config.objective.student_topk), len(tokenizer)
+    if teachers and widest > vocab:
+        raise UserError(
+            f"a top-K of {widest} ids is more than the vocabulary ({vocab} ids): "
+            "lower objective.topk / objective.baseline_topk."
         )
-        reference = LocalTeacher(world.place(reference_model))
+
+    def resumable() -> dict:  # what a checkpoint must hold besides model and optimizer: the EMA teacher too
+        ema = {} if ema_model is None else {"self_teacher": ema_model.state_dict()}
+        return {**state, **ema}
+
+    # StableOPD's reference for the ref-KL term
+    reference = initial_student() if config.objective.ref_kl_coef else None
     # the loss runs through `model` (DDP / FSDP2 under torchrun); sampling, scoring and evaluation use `student`
     model = distributed.wrap(student, world, config.train.parallel)
-    make_batch = sources.batch_source(config, task, tokenizer, student, teacher, out, state, world, reference)
+    if config.cold_start.samples:  # SFT on teacher samples first; distillation then avoids their prompts
+        seen = cold_start(config, task, tokenizer, model, teachers[""], out, world, train_step,
+                          resume=resume, state=state, show_progress=show_progress)  # fmt: skip
+        task = dataclasses.replace(task, train=disjoint(task.train, seen))
+    make_batch = sources.batch_source(
+        config, task, tokenizer, student, teachers, out, state, world, reference
+    )
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],  # LoRA: the adapters only
         lr=config.optim.lr,
@@ -157,6 +182,8 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
                 if config.diagnostics_due(step):  # on the policy that sampled the batch, before the update
                     batch.metrics.update(monitor.diagnose(config, student, tokenizer, batch))
                 metrics = train_step(config, model, optimizer, batch, world)
+                if ema_model is not None:
+                    ema_update(ema_model, student, config.opsd.ema_decay)
                 batch_metrics = distributed.reduce_metrics(batch.metrics, world, COUNTERS)
                 finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
                 state["bad_steps"] = 0 if finite else state["bad_steps"] + 1  # a bad step was skipped
@@ -188,10 +215,10 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
                 session_steps += 1
                 final = state["step"] >= config.train.steps or _out_of_time(config, state)
                 if config.train.save_every and state["step"] % config.train.save_every == 0 and not final:
-                    _checkpoint(config, out, model, tokenizer, optimizer, state, world)
+                    _checkpoint(config, out, model, tokenizer, optimizer, resumable(), world)
                 stop = distributed.all_sum(float(bool(stop_requested)), world) > 0  # any rank interrupted
                 if not final and (stop or (stop_after is not None and session_steps >= stop_after)):
-                    _checkpoint(config, out, model, tokenizer, optimizer, state, world)
+                    _checkpoint(config, out, model, tokenizer, optimizer, resumable(), world)
                     return {"stopped_at": state["step"], "out": str(out), "complete": False}
     finally:
         for sig, handler in previous_handlers.items():
@@ -199,7 +226,7 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
 
     if task.test and last_eval.get("step") != state["step"]:
         last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state, world)
-    model_state = _checkpoint(config, out, model, tokenizer, optimizer, state, world)
+    model_state = _checkpoint(config, out, model, tokenizer, optimizer, resumable(), world)
     if world.is_main:
         save_model(student, tokenizer, out / "final", model_state and dict(model_state))
     world.barrier()

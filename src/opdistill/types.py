@@ -30,7 +30,7 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask_BP, self.loss_mask_BT], dim=1)
 
-    def select(self, rows: slice) -> Rollout:
+    def select(self, rows: slice | torch.Tensor) -> Rollout:
         return Rollout(*(getattr(self, name)[rows] for name in self.__dataclass_fields__))
 
     def to(self, device: torch.device) -> Rollout:
@@ -61,10 +61,23 @@ class TeacherSignal:
     logits_BTV: torch.Tensor | None = None  # L2: full teacher logits (loss log-softmaxes them chunk by chunk)
     entropy_BT: torch.Tensor | None = None  # exact teacher entropy in nats
 
-    def select(self, rows: slice) -> TeacherSignal:
+    def select(self, rows: slice | torch.Tensor) -> TeacherSignal:
         return dataclasses.replace(
             self, **{name: value[rows] for name, value in vars(self).items() if value is not None}
         )
+
+    @staticmethod
+    def gather(parts: list[tuple[torch.Tensor, TeacherSignal]], rows: int) -> TeacherSignal:
+        """One signal of ``rows`` rows from signals of some of them: ``(index_B, signal)`` pairs that cover each
+        row once (the teachers of a routed batch). Every part must carry the same fields."""
+        index_B = torch.cat([index for index, _ in parts])
+        order_B = torch.empty_like(index_B)
+        order_B[index_B] = torch.arange(rows, device=index_B.device)
+        fields = {}
+        for name, value in vars(parts[0][1]).items():
+            if value is not None:
+                fields[name] = torch.cat([getattr(signal, name) for _, signal in parts])[order_B]
+        return TeacherSignal(**fields)
 
 
 @dataclass

@@ -7,18 +7,31 @@ Each step adds the i-th digits (from the right) and the incoming carry and write
 after ``>`` comes the answer, read back from the steps in reverse. Operands are zero-padded, so all
 prompts have one length. A problem belongs to the test split iff crc32(prompt) % 10 == 0, so the
 splits are disjoint by construction, whatever the sizes and seeds.
+
+The two OPSD regimes (ALGORITHMS §6.7) as options: ``privileged=rule`` gives every example the same
+privileged context ``>>``, a shared rule: write the answer reversed (``...>0115``), which the answer
+and completion follow; ``privileged=answer`` gives each example its own answer as context (``>5110,``),
+instance-specific. ``shown=true`` puts the context in the prompt (``>>4721+0389=``, what the OPSD
+self-teacher sees with the default ``opsd.template``); ``mix_plain`` is the share of training examples
+that are the plain task instead (no context, the default answer): SFT on such a mix gives a model that
+follows the context when it is there, which OPSD then distils into the context-free student.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import zlib
 
-from opdistill.data import Example
+from opdistill.data import Example, privileged_view
 from opdistill.tasks import RegexVerifier
 
-DESCRIPTION = "N-digit addition with a written carry chain (options: digits=4, test_size=1000)"
+DESCRIPTION = (
+    "N-digit addition with a written carry chain (options: digits=4, test_size=1000; OPSD regimes: "
+    "privileged=rule|answer, shown=false, mix_plain=0.0)"
+)
 TEST_SEED = 12345
+RULE = ">>"  # privileged=rule: the shared context (asks for the answer reversed; no new characters)
 
 
 def problem(a: int, b: int, digits: int) -> Example:
@@ -30,6 +43,19 @@ def problem(a: int, b: int, digits: int) -> Example:
         carry = total // 10
     answer = str(a + b)
     return Example(prompt=prompt, answer=answer, completion=",".join(steps) + ">" + answer)
+
+
+def with_context(ex: Example, privileged: str, shown: bool) -> Example:
+    """``ex`` in an OPSD regime: its privileged context (the rule, or its own answer), in the prompt if shown."""
+    if privileged == "rule":
+        answer = ex.answer[::-1]
+        chain = ex.completion.rpartition(">")[0]
+        ex = Example(prompt=ex.prompt, answer=answer, completion=f"{chain}>{answer}", privileged=RULE)
+    elif privileged == "answer":
+        ex = dataclasses.replace(ex, privileged=f">{ex.answer},")
+    if shown and ex.privileged:
+        return dataclasses.replace(privileged_view(ex, "{privileged}{prompt}"), privileged="")
+    return ex
 
 
 def is_test(prompt: str) -> bool:
@@ -47,19 +73,37 @@ def _draw(rng: random.Random, digits: int, test: bool) -> Example:
 class AdditionStream:
     """Endless training problems; ``stream[i]`` depends only on (seed, i) and is never a test problem."""
 
-    def __init__(self, digits: int, seed: int):
+    def __init__(
+        self, digits: int, seed: int, privileged: str = "", shown: bool = False, mix_plain: float = 0.0
+    ):
         self.digits, self.seed = digits, seed
+        self.privileged, self.shown, self.mix_plain = privileged, shown, mix_plain
 
     def __getitem__(self, index: int) -> Example:
-        return _draw(random.Random(f"addition-{self.digits}-{self.seed}-{index}"), self.digits, test=False)
+        rng = random.Random(f"addition-{self.digits}-{self.seed}-{index}")
+        ex = _draw(rng, self.digits, test=False)
+        if self.privileged and rng.random() >= self.mix_plain:
+            return with_context(ex, self.privileged, self.shown)
+        return ex
 
     def batch(self, step: int, size: int) -> list[Example]:
         return [self[i] for i in range(step * size, (step + 1) * size)]
 
 
-def build(seed: int, digits: int = 4, test_size: int = 1000):
+def build(
+    seed: int,
+    digits: int = 4,
+    test_size: int = 1000,
+    privileged: str = "",
+    shown: bool = False,
+    mix_plain: float = 0.0,
+):
     if not 1 <= digits <= 30:
         raise TypeError(f"digits must be between 1 and 30, got {digits}")
+    if privileged not in ("", "rule", "answer") or not 0 <= mix_plain <= 1:
+        raise TypeError(
+            f"privileged must be rule or answer and mix_plain in [0, 1], got {privileged!r}, {mix_plain}"
+        )
     rng = random.Random(f"addition-test-{digits}-{TEST_SEED}")
     test, seen = [], set()
     for _ in range(100 * test_size):  # bounded: tiny digit counts have fewer test problems than asked
@@ -68,5 +112,6 @@ def build(seed: int, digits: int = 4, test_size: int = 1000):
         ex = _draw(rng, digits, test=True)
         if ex.prompt not in seen:
             seen.add(ex.prompt)
-            test.append(ex)
-    return AdditionStream(digits, seed), test, RegexVerifier(r">(\d+)")
+            test.append(with_context(ex, privileged, shown) if privileged else ex)
+    stream = AdditionStream(digits, seed, privileged, shown, mix_plain)
+    return stream, test, RegexVerifier(r">(\d+)")

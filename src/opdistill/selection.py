@@ -1,0 +1,191 @@
+"""Teacher-aligned prompt selection (ALGORITHMS.md §11.3, [D] score): rank a pool of training prompts by how
+well the initial student's top-k agrees with the teacher's along the student's own rollout, keep the top
+share, and mix it with prompts drawn from the whole pool, so the student is not trained on the teacher's
+favourite prompts alone (which collapses its entropy, Li, Zuo, He et al. 2026).
+
+score(x) = mean over the response tokens t of one student rollout of |TopK_S(t) ∩ TopK_T(t)| / k.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from opdistill.coldstart import prompt_key
+from opdistill.config import Config
+from opdistill.data import Example, encode_prompts, parse_record
+from opdistill.diagnostics import topk_overlap
+from opdistill.distributed import ONE_PROCESS, World
+from opdistill.models import completion_logits
+from opdistill.rollout import sample_prompts
+from opdistill.tasks import Task
+from opdistill.types import Rollout, SignalRequest
+
+# B x T x V logits of one scoring forward (256 MB in fp32): bounds memory on a real vocabulary
+LOGITS_PER_FORWARD = 2**26
+
+
+def overlap_scores(
+    student,
+    teacher,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    topk: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 256,
+) -> list[float]:
+    """score(x) of §11.3 for each example, in [0, 1]: one rollout of ``student`` (an HF model) per prompt, then
+    the mean top-``topk`` overlap (``diagnostics.topk_overlap``) of student and ``teacher`` (anything with
+    ``Teacher.score``: a local or remote teacher that serves its top-K) over the rollout's loss tokens (EOS
+    included). ``topk`` is capped at the vocabulary. Deterministic in ``seed``."""
+    return _overlap_scores(
+        student, teacher, tokenizer, examples, topk=topk, max_new_tokens=max_new_tokens,
+        temperature=temperature, seed=seed, batch_size=batch_size,
+    )[0]  # fmt: skip
+
+
+@torch.no_grad()
+def _overlap_scores(
+    student, teacher, tokenizer, examples: Sequence[Example], *, topk: int, max_new_tokens: int,
+    temperature: float, seed: int, batch_size: int = 256,
+) -> tuple[list[float], dict[str, int]]:  # fmt: skip
+    """``overlap_scores``, and the run's token counters it adds to (the student's samples, the teacher's scoring)."""
+    generator = torch.Generator().manual_seed(seed)
+    scores: list[float] = []
+    tokens = {"student_sampled_tokens": 0, "teacher_scored_tokens": 0}
+    for start in range(0, len(examples), batch_size):
+        prompts = encode_prompts(tokenizer, examples[start : start + batch_size])
+        rollout = sample_prompts(
+            student, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+            generator=generator,
+        )  # fmt: skip
+        scores.extend(_rollout_overlap(student, teacher, rollout, topk))
+        tokens["student_sampled_tokens"] += int(rollout.loss_mask_BT.sum())
+        tokens["teacher_scored_tokens"] += int(rollout.attention_mask.sum())
+    return scores, tokens
+
+
+def _rollout_overlap(student, teacher, rollout: Rollout, topk: int) -> list[float]:
+    """Per-row mean overlap of one rollout, scored a few rows at a time: the student's [B, T, V] logits and the
+    teacher's are materialised whole, which a real vocabulary would not fit for hundreds of rows."""
+    vocab = student.config.vocab_size
+    k = min(topk, vocab)
+    rows = max(1, LOGITS_PER_FORWARD // (rollout.tokens_BT.shape[1] * vocab))
+    request = SignalRequest(topk=k)
+    was_training = student.training
+    student.eval()
+    try:
+        scores: list[float] = []
+        for start in range(0, rollout.tokens_BT.shape[0], rows):
+            part = rollout.select(slice(start, start + rows))
+            student_ids_BTK = completion_logits(student, part).topk(k, dim=-1).indices
+            teacher_ids_BTK = teacher.score(part, request).topk_ids_BTK
+            overlap_BT = topk_overlap(student_ids_BTK, teacher_ids_BTK.to(student_ids_BTK.device))
+            mask_BT = part.loss_mask_BT.float()  # at least the first token (EOS or not) of every row
+            scores.extend(((overlap_BT * mask_BT).sum(1) / mask_BT.sum(1).clamp(min=1)).tolist())
+    finally:
+        student.train(was_training)
+    return scores
+
+
+def top_fraction(scores: Sequence[float], fraction: float) -> list[int]:
+    """Indices of the ``max(1, round(fraction x n))`` highest scores, best first; equal scores keep pool order."""
+    count = max(1, round(fraction * len(scores)))
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:count]
+
+
+class SelectedStream:
+    """Each step's prompts (ALGORITHMS §11.3): a share ``mix`` drawn uniformly from the whole pool, the rest
+    from the selected prompts, both with replacement, as a function of (seed, step) so resume replays them.
+    ``size x mix`` is rounded stochastically (floor, plus one with probability its fraction), so the share is
+    exact on average for any batch size; the two parts are shuffled together, so every rank's shard mixes."""
+
+    def __init__(self, pool: list[Example], selected: list[int], mix: float, seed: int):
+        if not pool or not selected:
+            raise ValueError("prompt selection needs a non-empty pool and selection")
+        self.pool, self.selected, self.mix, self.seed = pool, selected, mix, seed
+
+    def batch(self, step: int, size: int) -> list[Example]:
+        rng = random.Random(f"select-{self.seed}-{step}")
+        share = size * self.mix
+        from_pool = int(share) + (rng.random() < share - int(share))
+        picks = [rng.randrange(len(self.pool)) for _ in range(from_pool)]
+        picks += [self.selected[rng.randrange(len(self.selected))] for _ in range(size - from_pool)]
+        rng.shuffle(picks)
+        return [self.pool[i] for i in picks]
+
+
+def selected_prompts(
+    config: Config,
+    task: Task,
+    tokenizer,
+    student,
+    teacher,
+    out: Path,
+    world: World = ONE_PROCESS,
+    *,
+    state: dict | None = None,
+) -> SelectedStream:
+    """The selection over the distinct prompts among the first ``data.pool_size`` training ones, scored by the student as it is now
+    (call it before the first step) against ``teacher`` at ``data.select_topk``, on one rollout per prompt at
+    ``rollout.temperature``. Every rank computes it, rank 0 writes ``out/selection.jsonl`` (one line per pool
+    prompt: the example's fields, ``score``, ``selected``); a run that finds the file reads it back, so a
+    resumed run keeps the initial student's selection. With ``state``, the time and tokens count against the
+    run, as the curriculum's do."""
+    data = config.data
+    path = out / "selection.jsonl"
+    cached = path.is_file()
+    world.barrier()  # every rank has looked before rank 0 writes
+    if cached:
+        return read_selection(path, data.select_mix, config.train.seed)
+    started = time.perf_counter()
+    distinct: dict[str, Example] = {}
+    for i in range(data.pool_size):  # a small file repeats itself: each prompt is scored once
+        example = task.train[i]
+        distinct.setdefault(prompt_key(example), example)
+    pool = list(distinct.values())
+    scores, tokens = _overlap_scores(
+        student, teacher, tokenizer, pool, topk=data.select_topk, max_new_tokens=config.rollout.max_new_tokens,
+        temperature=config.rollout.temperature, seed=config.train.seed,
+    )  # fmt: skip
+    selected = top_fraction(scores, data.select_fraction)
+    if world.is_main:
+        chosen = set(selected)
+        path.write_text(
+            "".join(json.dumps({**example_record(ex), "score": s, "selected": i in chosen}) + "\n"
+                    for i, (ex, s) in enumerate(zip(pool, scores, strict=True)))
+        )  # fmt: skip
+    if state is not None:
+        state["elapsed_s"] += time.perf_counter() - started
+        for key, count in tokens.items():
+            state[key] += count
+    return SelectedStream(pool, selected, data.select_mix, config.train.seed)
+
+
+def read_selection(path: Path, mix: float, seed: int) -> SelectedStream:
+    """The stream ``selected_prompts`` wrote to ``path`` (the selected prompts best first, as it chose them)."""
+    pool, scores, chosen = [], [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        record = json.loads(line)
+        scores.append(record.pop("score"))
+        if record.pop("selected"):
+            chosen.append(len(pool))
+        pool.append(parse_record(record, f"{path}:{number}"))
+    return SelectedStream(pool, sorted(chosen, key=lambda i: (-scores[i], i)), mix, seed)
+
+
+def example_record(example: Example) -> dict:
+    """An example as a JSONL object (``data.write_jsonl``'s layout: chat prompts as message lists)."""
+    record: dict = {"prompt": example.prompt if isinstance(example.prompt, str) else example.messages()}
+    for name in ("answer", "completion", "privileged", "id", "teacher"):
+        if getattr(example, name):
+            record[name] = getattr(example, name)
+    return record

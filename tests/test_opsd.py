@@ -1,0 +1,170 @@
+"""OPSD's self-teacher (privileged context, response-position alignment, frozen / EMA / live weights) and
+multi-teacher routing: the Scorer that decides who scores each row of a step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from opdistill import train
+from opdistill.config import load_config
+from opdistill.data import Example, privileged_view, rollout_of
+from opdistill.demo import asset_dir
+from opdistill.errors import UserError
+from opdistill.sources import Scorer
+from opdistill.teachers import LocalTeacher, ema_update
+from opdistill.types import SignalRequest
+
+STUDENT, TEACHER = asset_dir("addition-student"), asset_dir("addition-teacher")
+
+
+def test_privileged_view_rewrites_the_last_user_turn_and_can_add_a_system_turn():
+    ex = Example(prompt="12+34=", privileged=">>")
+    assert privileged_view(ex, "{privileged}{prompt}").prompt == ">>12+34="
+    chat = Example(
+        prompt=(("system", "be brief"), ("user", "hi"), ("assistant", "yo"), ("user", "sum")), privileged="46"
+    )
+    view = privileged_view(chat, "{prompt} (answer: {privileged})", system="Reference: {privileged}")
+    assert view.prompt == (
+        ("system", "Reference: 46"), ("system", "be brief"), ("user", "hi"), ("assistant", "yo"),
+        ("user", "sum (answer: 46)"),
+    )  # fmt: skip
+    with pytest.raises(UserError, match="no user turn"):
+        privileged_view(Example(prompt=(("system", "x"),), privileged="y"), "{privileged}{prompt}")
+
+
+def _rows_and_rollout(tokenizer):
+    rows = [
+        Example(prompt="12+34=", privileged=">46,"),
+        Example(prompt="1+2=", privileged=">>>>>>3,"),  # a teacher prompt much longer than the student's
+        Example(prompt="123+45=", privileged=">"),
+    ]
+    prompts = [
+        [tokenizer.bos_token_id] + tokenizer.encode(ex.prompt, add_special_tokens=False) for ex in rows
+    ]
+    completions = [
+        tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id] for c in ("46", "3>3", "1")
+    ]
+    return rows, rollout_of(prompts, completions, tokenizer.pad_token_id)
+
+
+def test_self_teacher_scores_line_up_with_the_student_by_response_position(make_model, tokenizer):
+    model = make_model(seed=3, preset="d32l2")
+    rows, rollout = _rows_and_rollout(tokenizer)
+    config = load_config(None, ["opsd.teacher=frozen", "objective.type=jsd"])
+    scorer = Scorer(config, tokenizer, model, {"": LocalTeacher(model)})
+    signal, _ = scorer(rollout, rows, SignalRequest(full=True))
+    for b, ex in enumerate(rows):
+        # the teacher's sequence, built independently: BOS, privileged context, prompt, completion (no padding)
+        prompt = [tokenizer.bos_token_id] + tokenizer.encode(
+            ex.privileged + ex.prompt, add_special_tokens=False
+        )
+        completion = rollout.tokens_BT[b][rollout.loss_mask_BT[b]].tolist()
+        with torch.no_grad():
+            logits_LV = model(torch.tensor([prompt + completion])).logits[0]
+        expected_TV = torch.log_softmax(logits_LV[len(prompt) - 1 : len(prompt) - 1 + len(completion)], -1)
+        T = len(completion)
+        got_TV = torch.log_softmax(signal.logits_BTV[b, :T], -1)
+        torch.testing.assert_close(got_TV, expected_TV, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(signal.token_logp_BT[b, :T], expected_TV.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1), atol=1e-5, rtol=1e-5)  # fmt: skip
+    # the context changes the scores (else this test could not tell a teacher that ignores it)
+    plain, _ = Scorer(load_config(None), tokenizer, model, {"": LocalTeacher(model)})(
+        rollout, rows, SignalRequest()
+    )
+    assert not torch.allclose(plain.token_logp_BT, signal.token_logp_BT, atol=1e-3)
+
+
+def test_scorer_errors_name_the_example(make_model, tokenizer):
+    model = make_model()
+    rows, rollout = _rows_and_rollout(tokenizer)
+    config = load_config(None, ["opsd.teacher=frozen"])
+    rows[1] = Example(prompt="1+2=", id="row-1")
+    with pytest.raises(UserError, match="needs a 'privileged' field on every example; 'row-1'"):
+        Scorer(config, tokenizer, model, {"": LocalTeacher(model)})(rollout, rows, SignalRequest())
+    rows[1] = Example(prompt="1+2=", teacher="big")
+    with pytest.raises(UserError, match="names teacher 'big', which is not a key of teachers"):
+        Scorer(load_config(None), tokenizer, model, {"": LocalTeacher(model)})(rollout, rows, SignalRequest())
+
+
+def test_routing_scores_each_row_with_its_teacher_and_reports_per_teacher_metrics(make_model, tokenizer):
+    small, big, student = make_model(seed=1), make_model(seed=2, preset="d32l2"), make_model(seed=3)
+    rows, rollout = _rows_and_rollout(tokenizer)
+    rows = [Example(prompt=ex.prompt, teacher=tag) for ex, tag in zip(rows, ["big", "", "big"], strict=True)]
+    rollout.sampler_logp_BT = -torch.rand(rollout.tokens_BT.shape) * rollout.loss_mask_BT
+    teachers = {"": LocalTeacher(small), "big": LocalTeacher(big)}
+    request = SignalRequest(topk=4, full=True)
+    signal, metrics = Scorer(load_config(None), tokenizer, student, teachers)(rollout, rows, request)
+    for b, tag in enumerate(ex.teacher for ex in rows):
+        alone = teachers[tag].score(rollout.select(slice(b, b + 1)), request)
+        for name in ("token_logp_BT", "topk_ids_BTK", "topk_logp_BTK", "logits_BTV"):
+            torch.testing.assert_close(getattr(signal, name)[b], getattr(alone, name)[0])
+    assert metrics["teacher_sequences/big"] == 2 and metrics["teacher_sequences/default"] == 1
+    mask = rollout.loss_mask_BT[1]
+    kl = (rollout.sampler_logp_BT[1] - signal.token_logp_BT[1])[mask].mean()
+    assert metrics["teacher_kl/default"] == pytest.approx(float(kl), abs=1e-5)
+
+
+def test_ema_update_moves_every_weight_once_including_tied_ones(make_model):
+    teacher, student = make_model(seed=1), make_model(seed=2)
+    assert teacher.get_input_embeddings().weight is teacher.get_output_embeddings().weight  # tied
+    before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    ema_update(teacher, student, 0.9)
+    for name, p in teacher.named_parameters():
+        expected = 0.9 * before[name] + 0.1 * dict(student.named_parameters())[name].detach()
+        torch.testing.assert_close(p.detach(), expected)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["objective.type=sft"], "use a distillation objective"),
+        (["rollout.on_policy_fraction=0.5", "objective.type=jsd"], "rollout.on_policy_fraction=1"),
+        (["teachers={big: {path: x}}"], "is the only teacher"),
+        (["rollout.skd_topk=4"], "is the only teacher"),
+        (["opsd.teacher=ema", "lora.rank=4"], "averages full, unsharded weights"),
+        (["opsd.template=<{privileged}>"], "must contain {prompt}"),
+        (["opsd.template='{prompt}{hint}'"], "may use only {privileged} and {prompt}"),
+        (["opsd.template='{prompt}'"], "must contain {privileged}"),
+    ],
+)
+def test_opsd_config_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, ["opsd.teacher=frozen", *overrides])
+
+
+def _run_config(tmp_path, *overrides):
+    return load_config(None, [
+        f"student.path={STUDENT}", "data.task_options={privileged: rule}", "objective.type=jsd",
+        "train.prompts_per_step=16", "rollout.max_new_tokens=52", "train.eval_every=0", "train.eval_size=20",
+        "optim.lr=1e-3", "optim.warmup_steps=2", f"train.out_dir={tmp_path / 'run'}", *overrides,
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["frozen", "ema", "live"])
+def test_an_opsd_run_lowers_its_divergence(tmp_path, mode):
+    """The shipped student, shown the shared rule `>>` as its teacher: the rule-free student moves toward it."""
+    train.run(_run_config(tmp_path, f"opsd.teacher={mode}", "train.steps=20"), show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    values = [r["divergence"] for r in rows]
+    assert len(values) == 20 and values[0] > 1e-3
+    assert sum(values[-4:]) / 4 < 0.7 * sum(values[:3]) / 3, values
+
+
+def test_multi_teacher_run_logs_per_teacher_metrics(tmp_path):
+    data = tmp_path / "tagged.jsonl"
+    lines = [
+        {"prompt": f"{a:04d}+{a * 7 % 10000:04d}=", "teacher": "big" if a % 2 else ""} for a in range(1, 40)
+    ]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = load_config(None, [
+        f"student.path={STUDENT}", f"teacher.path={STUDENT}", f"teachers={{big: {{path: {TEACHER}}}}}",
+        f"data.train_file={data}", "train.prompts_per_step=8", "train.steps=3", "rollout.max_new_tokens=52",
+        "train.eval_every=0", f"train.out_dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+    train.run(config, show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["teacher_sequences/big"] + r["teacher_sequences/default"] == 8 for r in rows)
+    # step 1 samples from the initial student, which the default teacher (the same weights) scores as itself
+    assert abs(rows[0]["teacher_kl/default"]) < 1e-4 and rows[0]["teacher_kl/big"] > 0.01
