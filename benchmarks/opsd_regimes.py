@@ -3,7 +3,7 @@
     python benchmarks/opsd_regimes.py [--out build/opsd] [--base-steps 800] [--steps 200] [--seed 0]
 
 For each regime (rule: every example shares the context ">>", answer reversed; answer: each example's own
-answer as context) it runs configs/opsd_<regime>_base.yaml (SFT of the shipped student on a 50/50 mix of
+answer as context, answers written without the carry chain) it runs configs/opsd_<regime>_base.yaml (SFT of the shipped student on a 50/50 mix of
 context-shown and plain prompts) and then configs/opsd_<regime>.yaml (OPSD with the frozen self-teacher),
 each under --out, and evaluates the base and the OPSD student greedily on the 1,000 held-out problems
 with the context hidden (the student's test condition) and shown (the self-teacher's view). A run whose
@@ -25,8 +25,10 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def accuracy(model_dir: Path, regime: str, shown: bool) -> float:
+    """Greedy held-out accuracy on the regime's task (its OPSD config's options), context shown or hidden."""
     model, tokenizer = load_model(ModelSpec(path=str(model_dir)))
-    task = load_task("addition", {"digits": 4, "privileged": regime, "shown": shown})
+    options = load_config(CONFIGS / f"opsd_{regime}.yaml").data.task_options
+    task = load_task("addition", {**options, "shown": shown})
     return evaluate(model, tokenizer, task.test, task.verify, max_new_tokens=52)["greedy_acc"]
 
 

@@ -8,7 +8,9 @@ import torch
 from opdistill.config import ModelSpec
 from opdistill.models import char_tokenizer, tiny_model
 
-torch.set_num_threads(2)
+# Models this small gain nothing from a second intra-op thread, and on a busy machine its spin-waits made tests
+# 15-40x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -25,15 +25,6 @@ REQUIRE = r">1\d{4}$"  # a five-digit answer: about half of the 4-digit sums, th
 SAMPLES, STEPS = 32, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small gain nothing from a second thread, and on a shared machine its spin-waits cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Untouchable:
     """Stands for a model or function that must not be used: using it raises."""
 

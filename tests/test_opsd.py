@@ -168,3 +168,20 @@ def test_multi_teacher_run_logs_per_teacher_metrics(tmp_path):
     assert all(r["teacher_sequences/big"] + r["teacher_sequences/default"] == 8 for r in rows)
     # step 1 samples from the initial student, which the default teacher (the same weights) scores as itself
     assert abs(rows[0]["teacher_kl/default"]) < 1e-4 and rows[0]["teacher_kl/big"] > 0.01
+
+
+def test_addition_regime_options():
+    from opdistill.tasks import load_task
+
+    rule = load_task("addition", {"privileged": "rule"})
+    ex = rule.test[0]
+    assert ex.privileged == ">>" and ex.completion.endswith(">" + ex.answer)
+    plain_answer = str(sum(int(x) for x in ex.prompt.rstrip("=").split("+")))
+    assert ex.answer == plain_answer[::-1] and rule.verify(ex.completion, ex)
+    shown = load_task("addition", {"privileged": "rule", "shown": True}).test[0]
+    assert shown.prompt == ">>" + ex.prompt and not shown.privileged and shown.answer == ex.answer
+    hint = load_task("addition", {"privileged": "answer", "chain": False}).test[0]
+    assert hint.privileged == f">{plain_answer}," and hint.completion == ">" + plain_answer
+    mixed = load_task("addition", {"privileged": "answer", "shown": True, "mix_plain": 0.5}).train
+    shown_share = sum(mixed[i].prompt.startswith(">") for i in range(2000)) / 2000
+    assert 0.45 < shown_share < 0.55

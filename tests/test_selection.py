@@ -17,16 +17,6 @@ from opdistill.selection import SelectedStream, overlap_scores, selected_prompts
 from opdistill.tasks import RegexVerifier, Task, load_task
 from opdistill.teachers import LocalTeacher
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small gain nothing from a second thread, and on a shared machine its spin-waits cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PROMPTS = [
     Example(prompt=f"{a:02d}+{b:02d}=") for a, b in zip(range(3, 99, 7), range(90, 0, -6), strict=False)
 ]

@@ -15,16 +15,6 @@ TEXTS = ["12+34=", "5=", "1+1=", "777+2=", "9=", "3+3=", "40+1=", "8+88="]  # fo
 STUDENT_SEED, GUIDE_SEED, STEPS = 11, 5, 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second intra-op thread, and on a shared, busy machine its
-    spin-waits made these tests about 15x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def models(make_model):
     """A student and a teacher that differ in seed and size (one KV cache each, of different shapes)."""

@@ -15,6 +15,8 @@ instance-specific. ``shown=true`` puts the context in the prompt (``>>4721+0389=
 self-teacher sees with the default ``opsd.template``); ``mix_plain`` is the share of training examples
 that are the plain task instead (no context, the default answer): SFT on such a mix gives a model that
 follows the context when it is there, which OPSD then distils into the context-free student.
+``chain=false`` drops the carry chain (``4721+0389=`` → ``>5110``): the answer must come at once, which a
+small model mostly cannot do, so a shown answer is information it cannot derive.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from opdistill.tasks import RegexVerifier
 
 DESCRIPTION = (
     "N-digit addition with a written carry chain (options: digits=4, test_size=1000; OPSD regimes: "
-    "privileged=rule|answer, shown=false, mix_plain=0.0)"
+    "privileged=rule|answer, shown=false, mix_plain=0.0; chain=true: false = the answer alone)"
 )
 TEST_SEED = 12345
 RULE = ">>"  # privileged=rule: the shared context (asks for the answer reversed; no new characters)
 
 
-def problem(a: int, b: int, digits: int) -> Example:
+def problem(a: int, b: int, digits: int, chain: bool = True) -> Example:
     prompt = f"{a:0{digits}d}+{b:0{digits}d}="
     steps, carry = [], 0
     for da, db in zip(reversed(f"{a:0{digits}d}"), reversed(f"{b:0{digits}d}"), strict=True):
@@ -42,7 +44,7 @@ def problem(a: int, b: int, digits: int) -> Example:
         steps.append(f"{da}+{db}+{carry}={total:02d}")
         carry = total // 10
     answer = str(a + b)
-    return Example(prompt=prompt, answer=answer, completion=",".join(steps) + ">" + answer)
+    return Example(prompt=prompt, answer=answer, completion=",".join(steps) * chain + ">" + answer)
 
 
 def with_context(ex: Example, privileged: str, shown: bool) -> Example:
@@ -62,10 +64,10 @@ def is_test(prompt: str) -> bool:
     return zlib.crc32(prompt.encode()) % 10 == 0
 
 
-def _draw(rng: random.Random, digits: int, test: bool) -> Example:
+def _draw(rng: random.Random, digits: int, test: bool, chain: bool = True) -> Example:
     while True:
         a, b = rng.randrange(10**digits), rng.randrange(10**digits)
-        ex = problem(a, b, digits)
+        ex = problem(a, b, digits, chain)
         if is_test(f"{a:0{digits}d}+{b:0{digits}d}=") == test:
             return ex
 
@@ -74,14 +76,20 @@ class AdditionStream:
     """Endless training problems; ``stream[i]`` depends only on (seed, i) and is never a test problem."""
 
     def __init__(
-        self, digits: int, seed: int, privileged: str = "", shown: bool = False, mix_plain: float = 0.0
+        self,
+        digits: int,
+        seed: int,
+        privileged: str = "",
+        shown: bool = False,
+        mix_plain: float = 0.0,
+        chain: bool = True,
     ):
-        self.digits, self.seed = digits, seed
+        self.digits, self.seed, self.chain = digits, seed, chain
         self.privileged, self.shown, self.mix_plain = privileged, shown, mix_plain
 
     def __getitem__(self, index: int) -> Example:
         rng = random.Random(f"addition-{self.digits}-{self.seed}-{index}")
-        ex = _draw(rng, self.digits, test=False)
+        ex = _draw(rng, self.digits, test=False, chain=self.chain)
         if self.privileged and rng.random() >= self.mix_plain:
             return with_context(ex, self.privileged, self.shown)
         return ex
@@ -97,6 +105,7 @@ def build(
     privileged: str = "",
     shown: bool = False,
     mix_plain: float = 0.0,
+    chain: bool = True,
 ):
     if not 1 <= digits <= 30:
         raise TypeError(f"digits must be between 1 and 30, got {digits}")
@@ -109,9 +118,9 @@ def build(
     for _ in range(100 * test_size):  # bounded: tiny digit counts have fewer test problems than asked
         if len(test) == test_size:
             break
-        ex = _draw(rng, digits, test=True)
+        ex = _draw(rng, digits, test=True, chain=chain)
         if ex.prompt not in seen:
             seen.add(ex.prompt)
             test.append(with_context(ex, privileged, shown) if privileged else ex)
-    stream = AdditionStream(digits, seed, privileged, shown, mix_plain)
+    stream = AdditionStream(digits, seed, privileged, shown, mix_plain, chain)
     return stream, test, RegexVerifier(r">(\d+)")
