@@ -100,6 +100,18 @@ def test_eval_and_tasks_on_the_builtin_task(tmp_path):
     assert exported.returncode == 0
     lines = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and set(lines[0]) == {"prompt", "answer", "completion"}
+    # a tagged second slice appended to the first on stdout: the multi-teacher recipe's data
+    mixed = tmp_path / "mixed.jsonl"
+    command = [sys.executable, "-m", "opdistill.cli", "tasks", "--export", "addition", "--n", "3"]
+    with mixed.open("w") as handle:
+        subprocess.run(command, stdout=handle, check=True)
+    with mixed.open("a") as handle:
+        subprocess.run(
+            [*command, "--skip", "3", "--tag", "weak", "--task-option", "digits=2"], stdout=handle, check=True
+        )
+    rows = [json.loads(line) for line in mixed.read_text().splitlines()]
+    assert [r.get("teacher", "") for r in rows] == ["", "", "", "weak", "weak", "weak"]
+    assert len({r["prompt"] for r in rows}) == 6 and len(rows[-1]["prompt"]) == len("12+34=")
 
 
 @pytest.mark.parametrize(

@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_argument("--export", metavar="NAME", help="write examples of this task as JSONL")
     tasks.add_argument("--split", choices=("train", "test"), default="train")
     tasks.add_argument("--n", type=int, default=20, help="examples to export (default 20)")
+    tasks.add_argument("--skip", type=int, default=0, help="start after the first N examples (default 0)")
+    tasks.add_argument("--tag", default="", help="set each example's teacher field (see `teachers`)")
     tasks.add_argument("--out", help="output file (default stdout)")
     tasks.add_argument(
         "--task-option", action="append", default=[], metavar="KEY=VALUE",
@@ -259,6 +261,8 @@ def _generate(args) -> int:
 
 
 def _tasks(args) -> int:
+    import dataclasses
+
     from opdistill.data import write_jsonl
     from opdistill.tasks import task_names
 
@@ -267,8 +271,11 @@ def _tasks(args) -> int:
             print(f"{name:12s} {description}")
         return 0
     task = _task(args.export, args.task_option)
-    examples = task.test[: args.n] if args.split == "test" else [task.train[i] for i in range(args.n)]
-    write_jsonl(examples, args.out or "/dev/stdout")
+    span = range(args.skip, args.skip + args.n)
+    examples = task.test[span.start : span.stop] if args.split == "test" else [task.train[i] for i in span]
+    if args.tag:
+        examples = [dataclasses.replace(ex, teacher=args.tag) for ex in examples]
+    write_jsonl(examples, args.out)
     return 0
 
 

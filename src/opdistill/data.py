@@ -3,9 +3,11 @@ example streams, and the one place text becomes token ids."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
+import sys
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -319,17 +321,12 @@ def _dataset_source(
     return DatasetSource(spec, rows, columns)
 
 
-def write_jsonl(examples: Sequence[Example], path: str | Path) -> None:
-    with Path(path).open("w", encoding="utf-8") as handle:
+def write_jsonl(examples: Sequence[Example], path: str | Path | None) -> None:
+    """Examples as JSONL lines (only the fields they have) into ``path``, or onto stdout when it is None."""
+    with Path(path).open("w", encoding="utf-8") if path else contextlib.nullcontext(sys.stdout) as handle:
         for ex in examples:
             obj: dict[str, Any] = {"prompt": ex.prompt if isinstance(ex.prompt, str) else ex.messages()}
-            obj.update(
-                {
-                    k: getattr(ex, k)
-                    for k in ("answer", "completion", "privileged", "id", "teacher")
-                    if getattr(ex, k)
-                }
-            )
+            obj.update({k: getattr(ex, k) for k in EXAMPLE_FIELDS[1:] if getattr(ex, k)})
             handle.write(json.dumps(obj) + "\n")
 
 
