@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from opdistill.data import left_pad
+from opdistill.decode import decoder_for
 from opdistill.types import Rollout
 
 
@@ -96,7 +97,8 @@ def generate(
     all_finished: Callable[[bool], bool] = bool,
     guide: Guide | None = None,
 ) -> Rollout:
-    """Sample completions for left-padded prompts, one new token per forward thanks to the KV cache.
+    """Sample completions for left-padded prompts, one new token per decode step over a KV cache (decode.py:
+    the lean step where it computes what the model does, else the model's own forward).
 
     A row stops at its first EOS (which is kept and receives loss); the batch stops when every row has.
     ``rows = (first, total)`` says these are rows first.. of a batch of ``total`` split across ranks: each
@@ -111,12 +113,9 @@ def generate(
     guide = guide or StudentOnly()
     attention_BL = prompt_mask_BP.long()
     position_BP = (attention_BL.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=prompt_ids_BP,
-        attention_mask=attention_BL,
-        position_ids=position_BP,
-        use_cache=True,
-        logits_to_keep=1,
+    decoder = decoder_for(model)
+    logits_BV = decoder.prefill(
+        prompt_ids_BP, attention_BL, position_BP, prompt_ids_BP.shape[1] + max_new_tokens
     )
     guide.start(prompt_ids_BP, attention_BL, position_BP, (first, total))
     position_B1 = position_BP[:, -1:]
@@ -124,7 +123,7 @@ def generate(
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         uniform_B = torch.rand(total, generator=generator)[first : first + B]
-        token_B, logp_B = sample_next_token(out.logits[:, -1], temperature, top_p, uniform_B.to(device))
+        token_B, logp_B = sample_next_token(logits_BV, temperature, top_p, uniform_B.to(device))
         token_B, logp_B = guide.choose(token_B, logp_B, done_B)
         token_B = token_B.masked_fill(done_B, pad_id)
         tokens.append(token_B)
@@ -134,13 +133,7 @@ def generate(
             break
         attention_BL = torch.cat([attention_BL, torch.ones(B, 1, dtype=torch.long, device=device)], dim=1)
         position_B1 = position_B1 + 1
-        out = model(
-            input_ids=token_B[:, None],
-            attention_mask=attention_BL,
-            position_ids=position_B1,
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
+        logits_BV = decoder.step(token_B, attention_BL, position_B1)
         guide.advance(token_B, attention_BL, position_B1)
     guide.finish()
     tokens_BT = torch.stack(tokens, dim=1)
