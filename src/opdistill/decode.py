@@ -12,7 +12,7 @@ logits equal HF's to float tolerance (tests/test_decode.py). Anything else — o
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,36 @@ class HFDecoder:
         return out.logits[:, -1]
 
 
+class Block(NamedTuple):
+    """One decoder layer's weights, as the lean step reads them."""
+
+    norm_in: torch.Tensor
+    wq: torch.Tensor
+    bq: torch.Tensor | None
+    wk: torch.Tensor
+    bk: torch.Tensor | None
+    wv: torch.Tensor
+    bv: torch.Tensor | None
+    wo: torch.Tensor
+    q_norm: torch.Tensor | None  # Qwen3's per-head norms
+    k_norm: torch.Tensor | None
+    norm_post: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @classmethod
+    def of(cls, layer) -> Block:
+        attn, mlp = layer.self_attn, layer.mlp
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        return cls(
+            layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight,
+            attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias, attn.o_proj.weight,
+            None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight,
+            layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+        )  # fmt: skip
+
+
 class LeanDecoder:
     """The decode step of a Llama / Qwen2 / Qwen3 model as flat tensor calls over its weights, with a cache
     preallocated for the whole rollout. The prompt goes through HF's forward once (its cache is copied in)."""
@@ -54,16 +84,7 @@ class LeanDecoder:
         self.embed = body.embed_tokens.weight
         self.final_norm = body.norm.weight
         self.head_weight, self.head_bias = model.lm_head.weight, model.lm_head.bias
-        self.layers = []
-        for layer in body.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-            self.layers.append((
-                layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight,
-                attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias, attn.o_proj.weight,
-                None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight,
-                layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-            ))  # fmt: skip
+        self.blocks = [Block.of(layer) for layer in body.layers]
         self.head_dim, self.scaling = body.layers[0].self_attn.head_dim, body.layers[0].self_attn.scaling
         self.rotary = body.rotary_emb
 
@@ -112,39 +133,24 @@ class LeanDecoder:
         cos, sin = self.cos[0, position_B1][:, None], self.sin[0, position_B1][:, None]  # [B, 1, 1, D]
         mask_B11L = attention_BL.bool()[:, None, None]
         at = self.length
-        for (
-            norm_in,
-            wq,
-            bq,
-            wk,
-            bk,
-            wv,
-            bv,
-            wo,
-            q_norm,
-            k_norm,
-            norm_post,
-            gate,
-            up,
-            down,
-        ), keys, values in zip(self.layers, self.keys, self.values, strict=True):
-            x = self._rms(h, norm_in)
-            q = F.linear(x, wq, bq).view(B, 1, self.heads, self.head_dim)
-            k = F.linear(x, wk, bk).view(B, 1, self.kv_heads, self.head_dim)
-            if q_norm is not None:
-                q, k = self._rms(q, q_norm), self._rms(k, k_norm)
+        for b, keys, values in zip(self.blocks, self.keys, self.values, strict=True):
+            x = self._rms(h, b.norm_in)
+            q = F.linear(x, b.wq, b.bq).view(B, 1, self.heads, self.head_dim)
+            k = F.linear(x, b.wk, b.bk).view(B, 1, self.kv_heads, self.head_dim)
+            if b.q_norm is not None and b.k_norm is not None:  # Qwen3
+                q, k = self._rms(q, b.q_norm), self._rms(k, b.k_norm)
             q, k = self._rotate(q.transpose(1, 2), cos, sin), self._rotate(k.transpose(1, 2), cos, sin)
             keys[:, :, at : at + 1] = k
             values[:, :, at : at + 1] = (
-                F.linear(x, wv, bv).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+                F.linear(x, b.wv, b.bv).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             )
             attended = F.scaled_dot_product_attention(
                 q, keys[:, :, :L], values[:, :, :L], attn_mask=mask_B11L, scale=self.scaling,
                 enable_gqa=self.kv_heads != self.heads,
             )  # fmt: skip
-            h = h + F.linear(attended.transpose(1, 2).reshape(B, 1, -1), wo)
-            x = self._rms(h, norm_post)
-            h = h + F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+            h = h + F.linear(attended.transpose(1, 2).reshape(B, 1, -1), b.wo)
+            x = self._rms(h, b.norm_post)
+            h = h + F.linear(F.silu(F.linear(x, b.gate)) * F.linear(x, b.up), b.down)
         self.length = at + 1
         return F.linear(self._rms(h, self.final_norm), self.head_weight, self.head_bias)[:, -1]
 
