@@ -98,6 +98,21 @@ def test_tensorboard_receives_every_scalar_of_steps_and_evaluations(tiny_run, tm
     assert "train/kl_by_position" not in scalars
 
 
+def test_tensorboard_after_a_crash_and_resume_holds_each_step_once(tiny_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_run(
+        "train.steps=5", "train.save_every=2", "train.tensorboard=true", "train.keep_checkpoints=0"
+    )
+    train.run(config, stop_after=3, show_progress=False)  # steps 1-3 logged; checkpoints at 2 and 3
+    # a crash after step 3 was logged but before its checkpoint: the run resumes from step 2
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_2")
+    train.run(config, resume=True, show_progress=False)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/teacher_kl")] == [1, 2, 3, 4, 5]
+
+
 def test_kl_agreement_trap_alarm():
     assert _run(
         [_record(1, kl_trap_rate=0.1), _record(2, kl_trap_rate=0.3), _record(3, kl_trap_rate=0.5)]

@@ -12,9 +12,10 @@ from opdistill.errors import UserError
 class Board:
     """TensorBoard scalars beside the JSONL logs when ``train.tensorboard`` is on: every number of a step's
     record under ``train/``, of an evaluation under ``eval/``, at the step; lists (per-position buckets)
-    stay in metrics.jsonl only."""
+    stay in metrics.jsonl only. A resumed run passes ``purge_step`` (its first step): what the interrupted
+    session logged from that step on is hidden, as metrics.jsonl is truncated, so no step appears twice."""
 
-    def __init__(self, out: Path, enabled: bool):
+    def __init__(self, out: Path, enabled: bool, purge_step: int | None = None):
         self.writer = None
         if enabled:
             try:
@@ -23,7 +24,7 @@ class Board:
                 raise UserError(
                     "train.tensorboard=true needs the tensorboard package: pip install tensorboard"
                 ) from None
-            self.writer = SummaryWriter(str(out / "tensorboard"))
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 
     def __enter__(self) -> Board:
         return self

@@ -164,7 +164,9 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
     if periodic_eval and state["step"] == 0:  # where the curves start: the model before training
         last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state, world)
     try:
-        with bar, Board(out, config.train.tensorboard and world.is_main) as board, Log(out, world) as log:
+        resumed_at = state["step"] + 1 if resume else None  # the first step this session logs
+        board = Board(out, config.train.tensorboard and world.is_main, resumed_at)
+        with bar, board, Log(out, world) as log:
             if last_eval:  # the step-0 evaluation, made before the loop
                 board.log("eval", last_eval)
             while state["step"] < config.train.steps and not _out_of_time(config, state):
