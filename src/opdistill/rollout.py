@@ -39,7 +39,8 @@ def sample_next_token(
 class Guide(Protocol):
     """Steers ``generate`` token by token, e.g. SKD's teacher that verifies the student's proposals
     (speculative.py). ``generate`` calls ``start`` once, after the student's prefill, with the left-padded
-    prompts, their attention mask and position ids and the ``rows = (first, total)`` it samples; then, at every
+    prompts, their attention mask and position ids, the ``rows = (first, total)`` it samples and the longest
+    sequence the rollout can reach (prompt + max_new_tokens, for a preallocated cache); then, at every
     step, ``choose`` with the student's draw and the mask of rows that have already ended (their token becomes
     pad whatever is chosen), which returns the final tokens and their log-probs under the distribution each
     was drawn from; before the student's next forward, ``advance`` with the final tokens and the attention
@@ -52,6 +53,7 @@ class Guide(Protocol):
         attention_BP: torch.Tensor,
         position_BP: torch.Tensor,
         rows: tuple[int, int],
+        max_len: int,
     ) -> None: ...
 
     def choose(
@@ -68,7 +70,7 @@ class Guide(Protocol):
 class StudentOnly:
     """The default guide: every student token is kept (plain on-policy sampling)."""
 
-    def start(self, prompt_ids_BP, attention_BP, position_BP, rows) -> None:
+    def start(self, prompt_ids_BP, attention_BP, position_BP, rows, max_len) -> None:
         pass
 
     def choose(self, token_B, logp_B, done_B) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,11 +115,9 @@ def generate(
     guide = guide or StudentOnly()
     attention_BL = prompt_mask_BP.long()
     position_BP = (attention_BL.cumsum(-1) - 1).clamp(min=0)
-    decoder = decoder_for(model)
-    logits_BV = decoder.prefill(
-        prompt_ids_BP, attention_BL, position_BP, prompt_ids_BP.shape[1] + max_new_tokens
-    )
-    guide.start(prompt_ids_BP, attention_BL, position_BP, (first, total))
+    decoder, max_len = decoder_for(model), prompt_ids_BP.shape[1] + max_new_tokens
+    logits_BV = decoder.prefill(prompt_ids_BP, attention_BL, position_BP, max_len)
+    guide.start(prompt_ids_BP, attention_BL, position_BP, (first, total), max_len)
     position_B1 = position_BP[:, -1:]
     tokens, logps = [], []
     done_B = torch.zeros(B, dtype=torch.bool, device=device)

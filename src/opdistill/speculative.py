@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from opdistill.decode import decoder_for
 from opdistill.rollout import sample_next_token
 
 
@@ -21,9 +22,9 @@ class SpeculativeGuide:
     place are broken as ``torch.topk`` breaks them. A replacement is a fresh teacher sample, which may by
     chance be the student's token; it still counts as replaced.
 
-    The teacher keeps its own KV cache over exactly the student's prefix (same prompt ids, attention mask and
-    position ids; then the final tokens), so it costs one teacher decode per token. Its uniforms come from its
-    own ``generator``, and every step draws ``total`` of them and uses this batch's rows, as ``generate``
+    The teacher keeps its own KV cache (decode.py: the lean step where it applies) over exactly the student's
+    prefix (same prompt ids, attention mask and position ids; then the final tokens), so it costs one teacher
+    decode per token. Its uniforms come from its own ``generator``, and every step draws ``total`` of them and uses this batch's rows, as ``generate``
     does: a row's sample is the same for any split of the batch across ranks, and the student's draws are
     those of plain sampling (with ``generator=None`` both would share the global stream, which breaks this).
     ``teacher`` is put in eval mode.
@@ -45,7 +46,8 @@ class SpeculativeGuide:
         self.teacher = teacher.eval()
         self.topk, self.temperature, self.top_p, self.generator = topk, temperature, top_p, generator
         self.rows = (0, 0)
-        self.out = None  # the teacher's last forward: logits for the next token and its KV cache
+        self.out = None  # the teacher's decoder over this rollout (its KV cache), see decode.py
+        self.logits_BV = None  # the teacher's logits for the next token
         self.real: list[torch.Tensor] = []  # per step, [B]: rows whose token is real (not after EOS)
         self.replaced: list[torch.Tensor] = []  # per step, [B]: real tokens the teacher replaced
 
@@ -55,23 +57,19 @@ class SpeculativeGuide:
         attention_BP: torch.Tensor,
         position_BP: torch.Tensor,
         rows: tuple[int, int],
+        max_len: int,
     ) -> None:
         self.rows, self.real, self.replaced = rows, [], []
-        self.out = self.teacher(
-            input_ids=prompt_ids_BP,
-            attention_mask=attention_BP,
-            position_ids=position_BP,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        self.out = decoder_for(self.teacher)
+        self.logits_BV = self.out.prefill(prompt_ids_BP, attention_BP, position_BP, max_len)
 
     def choose(
         self, token_B: torch.Tensor, logp_B: torch.Tensor, done_B: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.out is not None, "generate calls start before choose"
+        assert self.logits_BV is not None, "generate calls start before choose"
         first, total = self.rows
         B = token_B.shape[0]
-        logits_BV = self.out.logits[:, -1]
+        logits_BV = self.logits_BV
         # drawn every step, whatever is replaced, so the guide's stream stays aligned with the step index
         uniform_B = torch.rand(total, generator=self.generator)[first : first + B].to(token_B.device)
         teacher_B, teacher_logp_B = sample_next_token(logits_BV, self.temperature, self.top_p, uniform_B)
@@ -86,16 +84,10 @@ class SpeculativeGuide:
 
     def advance(self, token_B: torch.Tensor, attention_BL: torch.Tensor, position_B1: torch.Tensor) -> None:
         assert self.out is not None, "generate calls start before advance"
-        self.out = self.teacher(
-            input_ids=token_B[:, None],
-            attention_mask=attention_BL,
-            position_ids=position_B1,
-            past_key_values=self.out.past_key_values,
-            use_cache=True,
-        )
+        self.logits_BV = self.out.step(token_B, attention_BL, position_B1)
 
     def finish(self) -> None:
-        self.out = None  # the teacher's KV cache is not kept past the rollout
+        self.out = self.logits_BV = None  # the teacher's KV cache is not kept past the rollout
 
     @property
     def replaced_BT(self) -> torch.Tensor:
