@@ -13,6 +13,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from opdistill import decode
 from opdistill import rollout as rollout_module
 from opdistill.config import LoraConfig
 from opdistill.data import left_pad
@@ -28,10 +29,11 @@ SIZES = dict(
 
 def _model(arch: str, **extra):
     """Tiny models of each lean architecture: grouped-query attention (2 KV heads for 4), Qwen2's q/k/v biases,
-    Qwen3's per-head q/k norms, untied and tied heads."""
+    Llama's attention biases (q/k/v and output), Qwen3's per-head q/k norms, untied and tied heads."""
     torch.manual_seed(0)
     cls, config = {
         "llama": (LlamaForCausalLM, LlamaConfig(**SIZES, num_key_value_heads=2, tie_word_embeddings=False)),
+        "llama-biased": (LlamaForCausalLM, LlamaConfig(**SIZES, num_key_value_heads=2, attention_bias=True)),
         "qwen2": (Qwen2ForCausalLM, Qwen2Config(**SIZES, num_key_value_heads=2, tie_word_embeddings=True)),
         "qwen3": (Qwen3ForCausalLM, Qwen3Config(**SIZES, num_key_value_heads=2, head_dim=8, **extra)),
     }[arch]
@@ -55,7 +57,7 @@ def _steps(decoder, ids_BP, mask_BP, tokens_TB) -> torch.Tensor:
     return torch.stack(logits)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama-biased", "qwen2", "qwen3"])
 def test_lean_steps_give_the_hf_logits(arch):
     model = _model(arch)
     assert LeanDecoder.supports(model)
@@ -83,7 +85,7 @@ def test_sampling_is_the_same_with_either_decoder(make_model, tokenizer, monkeyp
     torch.testing.assert_close(lean.sampler_logp_BT, hf.sampler_logp_BT)
 
 
-def test_models_the_lean_step_does_not_cover_take_the_hf_path(make_model):
+def test_models_the_lean_step_does_not_cover_take_the_hf_path(make_model, monkeypatch):
     assert isinstance(decoder_for(make_model()), LeanDecoder)
     lora = apply_lora(make_model(), LoraConfig(rank=4))
     assert not LeanDecoder.supports(lora) and isinstance(decoder_for(lora), HFDecoder)
@@ -92,3 +94,6 @@ def test_models_the_lean_step_does_not_cover_take_the_hf_path(make_model):
     )
     assert not LeanDecoder.supports(sliding)
     assert not LeanDecoder.supports(torch.nn.Linear(2, 2))
+    small = make_model()
+    monkeypatch.setattr(decode, "LEAN_MAX_PARAMETERS", sum(p.numel() for p in small.parameters()) - 1)
+    assert isinstance(decoder_for(small), HFDecoder)  # its stacked weights would cost more than they save

@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from opdistill import distributed, sources  # sources as a module: it may import this one
 from opdistill.config import Config, ObjectiveConfig
 from opdistill.data import (
@@ -102,12 +100,7 @@ def cold_start(
         )
 
     sft_config = sft_settings(config)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cold.lr,
-        betas=config.optim.betas,
-        weight_decay=config.optim.weight_decay,
-    )
+    optimizer = distributed.adamw(model, cold.lr, config.optim.betas, config.optim.weight_decay)
     stream = ExampleStream(kept, config.train.seed)  # a fresh seeded permutation of the samples each epoch
     first, count = world.share(cold.prompts_per_step)
     device = next(model.parameters()).device

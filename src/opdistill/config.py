@@ -31,6 +31,7 @@ class ModelSpec:
     preset: str = "d32l2"  # fresh tiny model "d{hidden}l{layers}", e.g. d32l2 (34k params), d64l2, d128l4
     arch: Literal["llama", "qwen2"] = "llama"  # architecture of a fresh tiny model
     dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype
+    attention: str = "auto"  # auto: math attention for short sequences on CPU, else SDPA; or sdpa, eager, ...
     url: str = ""  # remote teacher: opd serve-teacher / vLLM base URL (then path is not loaded here)
     api: Literal["opd", "vllm"] = "opd"  # remote teacher protocol: opd serve-teacher | vLLM completions
     served_model: str = ""  # api=vllm: model name sent to vLLM (empty = the one model it serves)

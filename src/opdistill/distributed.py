@@ -184,6 +184,16 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     return weights, get_optimizer_state_dict(model, optimizer, options=options)
 
 
+def adamw(
+    model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (LoRA: the adapters only), fused into one kernel per parameter (as
+    TRL's default ``adamw_torch_fused``) where PyTorch has that kernel, else its multi-tensor loop."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
+
+
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a full optimizer state dict written by ``full_state`` (every rank reads it from the checkpoint)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

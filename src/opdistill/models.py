@@ -30,6 +30,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from opdistill.attention import NAME as ATTENTION_AUTO
 from opdistill.config import LoraConfig, ModelSpec, parse_preset
 from opdistill.errors import UserError
 
@@ -90,7 +91,21 @@ def tiny_model(spec: ModelSpec, tokenizer, seed: int) -> torch.nn.Module:
         model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
     else:
         model = LlamaForCausalLM(LlamaConfig(**kwargs))
-    return model.to(getattr(torch, spec.dtype))
+    return set_attention(model.to(getattr(torch, spec.dtype)), spec.attention)
+
+
+def set_attention(model, attention: str):
+    """``model`` with ``attention`` as its attention implementation (ModelSpec.attention): ``auto`` is
+    attention.py's, for models that take transformers' attention functions (others keep their own)."""
+    if attention == "auto":
+        if not model._supports_attention_backend:
+            return model
+        attention = ATTENTION_AUTO
+    try:
+        model.set_attn_implementation(attention)
+    except (ValueError, KeyError, ImportError) as err:
+        raise UserError(f"attention={attention!r} does not work for this model: {err}") from None
+    return model
 
 
 def load_tokenizer(path: str | Path):
@@ -117,7 +132,7 @@ def load_model(spec: ModelSpec, corpus: Iterable[str] = (), seed: int = 0):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.dtype))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a causal LM from {path}: {err}") from None
-    return model, tokenizer
+    return set_attention(model, spec.attention), tokenizer
 
 
 def load_student(

@@ -138,12 +138,7 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
     make_batch = sources.batch_source(
         config, task, tokenizer, student, teachers, out, state, world, reference
     )
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],  # LoRA: the adapters only
-        lr=config.optim.lr,
-        betas=config.optim.betas,
-        weight_decay=config.optim.weight_decay,
-    )
+    optimizer = distributed.adamw(model, config.optim.lr, config.optim.betas, config.optim.weight_decay)
     if resume:
         distributed.load_optimizer_state(model, optimizer, state.pop("optimizer"))
 

@@ -1,0 +1,63 @@
+"""Attention for small shapes: explicit math (scaled QKᵀ plus an additive mask, softmax, times V) where the
+score tensor is small, PyTorch's SDPA kernels elsewhere. Registered with transformers as ``opd_auto``, the
+default ``attention`` of every model opdistill loads (ModelSpec.attention); the lean decode step
+(decode.py) calls ``attend`` too.
+
+Why: on CPU, SDPA's flash kernel costs more than the plain math when a sequence is a few dozen tokens and a
+head is 8-16 wide, most of all in the backward pass: for the shipped student (64 sequences of about 53
+tokens) a forward + backward takes about a fifth less time with the math (benchmarks/throughput_vs_trl.py
+measures the whole step). The math keeps the [B, H, Q, K] scores for the backward pass, which a flash
+kernel does not, so it runs only while the mask has at most ``MATH_LIMIT`` entries (B·Q·K) and only on
+CPU; larger shapes and other devices keep SDPA (with its ``is_causal`` shortcut when nothing is padded).
+
+transformers builds one mask per forward and hands it to every layer: ``causal_mask`` decides by size
+(an additive float mask for the math, SDPA's boolean mask or None otherwise), and ``forward`` follows the
+mask's dtype, so every layer of one forward takes the same path.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+NAME = "opd_auto"
+MATH_LIMIT = 1 << 18  # mask entries (batch x queries x keys): 64 sequences of 64 tokens
+
+
+def attend(
+    q_BHQD: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale + bias) v per head, [B, H, Q, D]. ``bias`` broadcasts to [B, H, Q, L]: 0 where a
+    query may attend, a large negative number where it may not. K key/value heads serve H query heads in groups
+    (grouped-query attention). The softmax runs in fp32, as transformers' eager attention does."""
+    groups = q_BHQD.shape[1] // k_BKLD.shape[1]
+    k_BHLD, v_BHLD = repeat_kv(k_BKLD, groups), repeat_kv(v_BKLD, groups)
+    # the scale on q, not on the [B, H, Q, L] scores: the same product, on a tensor L/D times smaller
+    scores = torch.matmul(q_BHQD * scale, k_BHLD.transpose(-1, -2)) + bias
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_BHQD.dtype), v_BHLD)
+
+
+def causal_mask(batch_size: int, q_length: int, kv_length: int, **kwargs) -> torch.Tensor | None:
+    """transformers' mask function for ``opd_auto``: the eager (additive float) mask where the math runs,
+    SDPA's otherwise."""
+    device = torch.device(kwargs.get("device", "cpu"))
+    if device.type == "cpu" and batch_size * q_length * kv_length <= MATH_LIMIT:
+        return eager_mask(batch_size, q_length, kv_length, **kwargs)
+    return sdpa_mask(batch_size, q_length, kv_length, **kwargs)
+
+
+def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention function for ``opd_auto`` ([B, H, Q, D] in, [B, Q, H, D] out)."""
+    # a boolean mask or None: the mask function chose SDPA for this size
+    if attention_mask is None or not attention_mask.is_floating_point() or (dropout > 0 and module.training):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return attend(query, key, value, attention_mask, scale).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, forward)
+AttentionMaskInterface.register(NAME, causal_mask)
