@@ -21,7 +21,8 @@ def sample_next_token(
     deterministic). A row's token depends on its own logits and uniform only, not on the rest of the batch."""
     if temperature == 0:
         return logits_BV.argmax(-1), torch.zeros(logits_BV.shape[0], device=logits_BV.device)
-    logp_BV = torch.log_softmax(logits_BV.float() / temperature, dim=-1)
+    logits_BV = logits_BV.float()
+    logp_BV = torch.log_softmax(logits_BV if temperature == 1 else logits_BV / temperature, dim=-1)
     if top_p < 1.0:
         sorted_logp, order = logp_BV.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the top token always stays)
@@ -31,7 +32,7 @@ def sample_next_token(
         logp_BV = torch.log_softmax(logp_BV, dim=-1)
     cdf_BV = logp_BV.exp().cumsum(-1)
     # the first id whose CDF exceeds u: ids of zero probability have empty intervals and are never drawn
-    point_B1 = (uniform_B.to(cdf_BV) * cdf_BV[:, -1])[:, None]
+    point_B1 = uniform_B.to(cdf_BV)[:, None] * cdf_BV[:, -1:]
     token_B = torch.searchsorted(cdf_BV, point_B1, right=True).squeeze(-1).clamp(max=cdf_BV.shape[-1] - 1)
     return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(-1)
 
@@ -83,7 +84,7 @@ class StudentOnly:
         pass
 
 
-@torch.no_grad()  # not inference_mode: the sampled tokens later enter the student's autograd graph
+@torch.no_grad()
 def generate(
     model,
     prompt_ids_BP: torch.Tensor,
@@ -113,29 +114,39 @@ def generate(
     B, device = prompt_ids_BP.shape[0], prompt_ids_BP.device
     first, total = rows or (0, B)
     guide = guide or StudentOnly()
-    attention_BL = prompt_mask_BP.long()
-    position_BP = (attention_BL.cumsum(-1) - 1).clamp(min=0)
-    decoder, max_len = decoder_for(model), prompt_ids_BP.shape[1] + max_new_tokens
-    logits_BV = decoder.prefill(prompt_ids_BP, attention_BL, position_BP, max_len)
-    guide.start(prompt_ids_BP, attention_BL, position_BP, (first, total), max_len)
-    position_B1 = position_BP[:, -1:]
-    tokens, logps = [], []
-    done_B = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        uniform_B = torch.rand(total, generator=generator)[first : first + B]
-        token_B, logp_B = sample_next_token(logits_BV, temperature, top_p, uniform_B.to(device))
-        token_B, logp_B = guide.choose(token_B, logp_B, done_B)
-        token_B = token_B.masked_fill(done_B, pad_id)
-        tokens.append(token_B)
-        logps.append(logp_B.masked_fill(done_B, 0.0))
-        done_B = done_B | (token_B == eos_id)
-        if all_finished(bool(done_B.all())) or step == max_new_tokens - 1:  # no forward for an unused token
-            break
-        attention_BL = torch.cat([attention_BL, torch.ones(B, 1, dtype=torch.long, device=device)], dim=1)
-        position_B1 = position_B1 + 1
-        logits_BV = decoder.step(token_B, attention_BL, position_B1)
-        guide.advance(token_B, attention_BL, position_B1)
-    guide.finish()
+    # the loop runs in inference mode (less bookkeeping per call than no_grad); its results are stacked below,
+    # outside it, into ordinary tensors, which the student's forward may save for its backward
+    with torch.inference_mode():
+        P = prompt_ids_BP.shape[1]
+        decoder, max_len = decoder_for(model), P + max_new_tokens
+        # the attention mask of every forward is a prefix of this one: sampled positions are always attended
+        attention_BM = torch.cat(
+            [prompt_mask_BP.long(), prompt_mask_BP.new_ones(B, max_new_tokens, dtype=torch.long)], 1
+        )
+        attention_BL = attention_BM[:, :P]
+        position_BP = (attention_BL.cumsum(-1) - 1).clamp(min=0)
+        logits_BV = decoder.prefill(prompt_ids_BP, attention_BL, position_BP, max_len)
+        guide.start(prompt_ids_BP, attention_BL, position_BP, (first, total), max_len)
+        position_B1 = position_BP[:, -1:]
+        tokens, logps = [], []
+        done_B = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            uniform_B = torch.rand(total, generator=generator)[first : first + B]
+            token_B, logp_B = sample_next_token(logits_BV, temperature, top_p, uniform_B.to(device))
+            token_B, logp_B = guide.choose(token_B, logp_B, done_B)
+            token_B = token_B.masked_fill(done_B, pad_id)
+            tokens.append(token_B)
+            logps.append(logp_B.masked_fill(done_B, 0.0))
+            done_B = done_B | (token_B == eos_id)
+            if (
+                all_finished(bool(done_B.all())) or step == max_new_tokens - 1
+            ):  # no forward for an unused token
+                break
+            attention_BL = attention_BM[:, : P + step + 1]
+            position_B1 = position_B1 + 1
+            logits_BV = decoder.step(token_B, attention_BL, position_B1)
+            guide.advance(token_B, attention_BL, position_B1)
+        guide.finish()
     tokens_BT = torch.stack(tokens, dim=1)
     # a token receives loss if it was generated before (or is) the row's first EOS
     is_eos_BT = tokens_BT == eos_id
