@@ -7,7 +7,8 @@ shipped 133k-parameter teacher, 64 prompts per step, up to 52 new tokens; period
 diagnostics off), its `step_s` from metrics.jsonl: everything from drawing the prompts to the optimizer
 step. The parts, on the same prompts, seeds and models, each timed alone: (1) sampling the completions
 with the KV-cached sampler, (2) one teacher forward over prompt + completion in inference mode, (3) one
-student forward + backward of the plain reverse KL over the vocabulary and the AdamW step. Everything
+student forward + backward of the plain reverse KL over the vocabulary and the AdamW step (fused, as the
+loop builds it). Everything
 else — tokenising prompts, the teacher's derived tensors, masks, metrics, chunked loss functions — is the
 waste. Repeats interleave a run and a parts pass; the ratio is median step time / median sum of parts
 over the steps after --warmup. Target: at most 1.15x.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from opdistill import train
+from opdistill import distributed, train
 from opdistill.config import load_config
 from opdistill.data import encode_prompts
 from opdistill.models import completion_logits, load_model
@@ -39,7 +40,7 @@ def parts(config, steps: range) -> list[dict[str, float]]:
     teacher, _ = load_model(config.teacher)
     teacher.eval().requires_grad_(False)
     student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.optim.lr)
+    optimizer = distributed.adamw(student, config.optim.lr, config.optim.betas, config.optim.weight_decay)
     task = task_from_config(config.data, config.train.seed)
     timings = []
     for step in steps:
