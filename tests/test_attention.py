@@ -83,3 +83,22 @@ def test_attention_setting_reaches_the_model_and_bad_values_are_refused(tokenize
     assert eager.config._attn_implementation == "eager"
     with pytest.raises(UserError, match="attention='fast_please'"):
         tiny_model(ModelSpec(preset="d16l1", attention="fast_please"), tokenizer, 0)
+
+
+def test_attention_backward_is_the_derivative_of_its_forward():
+    """The written-out backward (attention._Attention) against finite differences, in float64, with grouped
+    query heads and masked keys; and against autograd through the plain math."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    allowed = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    allowed[0, :, :, 0] = False  # a padded first key in the first row
+    allowed[0, :, 0, 0] = True  # (which its own query may see, as a padded query does)
+    bias = torch.zeros(2, 1, 5, 5, dtype=torch.float64).masked_fill(~allowed, -1e9)
+    assert torch.autograd.gradcheck(lambda q, k, v: attention.attend(q, k, v, bias, 0.7), (q, k, v))
+    upstream = torch.randn(2, 4, 5, 3, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((attention.attend(q, k, v, bias, 0.7) * upstream).sum(), (q, k, v))
+    k_rep, v_rep = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    plain = torch.softmax((q @ k_rep.transpose(-1, -2)) * 0.7 + bias, -1) @ v_rep
+    for mine, autograds in zip(got, torch.autograd.grad((plain * upstream).sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(mine, autograds)

@@ -1,7 +1,6 @@
 """Attention for small shapes: explicit math (scaled QKᵀ plus an additive mask, softmax, times V) where the
 score tensor is small, PyTorch's SDPA kernels elsewhere. Registered with transformers as ``opd_auto``, the
-default ``attention`` of every model opdistill loads (ModelSpec.attention); the lean decode step
-(decode.py) calls ``attend`` too.
+default ``attention`` of every model opdistill loads (ModelSpec.attention).
 
 Why: on CPU, SDPA's flash kernel costs more than the plain math when a sequence is a few dozen tokens and a
 head is 8-16 wide, most of all in the backward pass: for the shipped student (64 sequences of about 53
@@ -34,9 +33,47 @@ def attend(
     (grouped-query attention). The softmax runs in fp32, as transformers' eager attention does."""
     groups = q_BHQD.shape[1] // k_BKLD.shape[1]
     k_BHLD, v_BHLD = repeat_kv(k_BKLD, groups), repeat_kv(v_BKLD, groups)
-    # the scale on q, not on the [B, H, Q, L] scores: the same product, on a tensor L/D times smaller
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHQD, k_BHLD, v_BHLD)):
+        return _Attention.apply(q_BHQD, k_BHLD, v_BHLD, bias, scale)
+    return torch.matmul(_weights(q_BHQD, k_BHLD, bias, scale).to(q_BHQD.dtype), v_BHLD)
+
+
+def _weights(q_BHQD, k_BHLD, bias, scale) -> torch.Tensor:
+    """softmax(q kᵀ · scale + bias) in fp32 at least. The scale goes on q, not on the [B, H, Q, L] scores: the
+    same product, on a tensor L/D times smaller."""
     scores = torch.matmul(q_BHQD * scale, k_BHLD.transpose(-1, -2)) + bias
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_BHQD.dtype), v_BHLD)
+    return torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+
+
+def _wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b per head, computed as (bᵀ aᵀ)ᵀ: a product of a [L, L] and an [L, D] matrix is several times faster
+    on CPU when the long side is the output's last one (MKL's batched kernels and D = 8-16)."""
+    return torch.matmul(b.transpose(-1, -2), a.transpose(-1, -2)).transpose(-1, -2)
+
+
+class _Attention(torch.autograd.Function):
+    """``attend`` with its backward written out, every [L, L] x [L, D] product in the fast orientation of
+    ``_wide`` (autograd's own backward of the two matmuls runs three of its four products the slow way).
+    Gradients equal autograd's to float tolerance (tests/test_attention.py)."""
+
+    @staticmethod
+    def forward(ctx, q_BHQD, k_BHLD, v_BHLD, bias, scale):
+        weights = _weights(q_BHQD, k_BHLD, bias, scale)  # saved in its fp32, as autograd saves a softmax's
+        ctx.save_for_backward(q_BHQD, k_BHLD, v_BHLD, weights)
+        ctx.scale = scale
+        return _wide(weights.to(q_BHQD.dtype), v_BHLD)
+
+    @staticmethod
+    def backward(ctx, grad_BHQD):
+        q_BHQD, k_BHLD, v_BHLD, weights = ctx.saved_tensors
+        dtype = q_BHQD.dtype
+        grad_v = _wide(weights.to(dtype).transpose(-1, -2), grad_BHQD)
+        grad_weights = torch.matmul(grad_BHQD, v_BHLD.transpose(-1, -2)).to(weights.dtype)
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+        grad_scores = grad_scores.to(dtype)
+        grad_q = _wide(grad_scores, k_BHLD) * ctx.scale
+        grad_k = _wide(grad_scores.transpose(-1, -2), q_BHQD * ctx.scale)
+        return grad_q, grad_k, grad_v, None, None
 
 
 def causal_mask(batch_size: int, q_length: int, kv_length: int, **kwargs) -> torch.Tensor | None:

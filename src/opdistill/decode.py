@@ -116,7 +116,7 @@ class LeanDecoder:
                 return False
         # plain nn.Linear only (not PEFT's LoRA layers), with whole tensors (FSDP2 shards into DTensors and
         # gathers them in module hooks, which a lean step would bypass)
-        return all(type(m) is torch.nn.Linear and not isinstance(m.weight, DTensor) for m in linears)
+        return all(type(m) is torch.nn.Linear for m in linears) and not sharded(model)
 
     def prefill(self, ids_BP, attention_BP, position_BP, max_len: int) -> torch.Tensor:
         B, P = ids_BP.shape
@@ -180,6 +180,11 @@ class LeanDecoder:
         if x.dtype == torch.float32:
             return F.rms_norm(x, x.shape[-1:], weight, self.eps)
         return weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+
+def sharded(model) -> bool:
+    """Whether ``model``'s weights are FSDP2 shards (DTensors), gathered by its module hooks at each forward."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def decoder_for(model, lean: bool = True) -> HFDecoder | LeanDecoder:

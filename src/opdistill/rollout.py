@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 
 from opdistill.data import left_pad
-from opdistill.decode import decoder_for
+from opdistill.decode import decoder_for, sharded
 from opdistill.types import Rollout
 
 
@@ -115,8 +115,9 @@ def generate(
     first, total = rows or (0, B)
     guide = guide or StudentOnly()
     # the loop runs in inference mode (less bookkeeping per call than no_grad); its results are stacked below,
-    # outside it, into ordinary tensors, which the student's forward may save for its backward
-    with torch.inference_mode():
+    # outside it, into ordinary tensors, which the student's forward may save for its backward. Not for FSDP2:
+    # it gathers weights into buffers that it updates again outside inference mode, which that forbids.
+    with torch.inference_mode(not sharded(model)):
         P = prompt_ids_BP.shape[1]
         decoder, max_len = decoder_for(model), P + max_new_tokens
         # the attention mask of every forward is a prefix of this one: sampled positions are always attended
