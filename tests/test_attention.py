@@ -45,9 +45,13 @@ def _logits_and_grads(model, rollout):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("build", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    "build", ["llama", "qwen2", "qwen3", "llama-d64l2"]
+)  # heads of 8 (the written-out backward) and, d64l2, of 16 (autograd's)
 def test_auto_attention_gives_sdpa_logits_and_gradients(build, tokenizer, monkeypatch):
-    model = _qwen3() if build == "qwen3" else tiny_model(ModelSpec(preset="d32l2", arch=build), tokenizer, 0)
+    arch, _, preset = build.partition("-")
+    spec = ModelSpec(preset=preset or "d32l2", arch=arch)  # type: ignore[arg-type]
+    model = _qwen3() if build == "qwen3" else tiny_model(spec, tokenizer, 0)
     rollout = _rollout()
     set_attention(model, "sdpa")
     want_logits, want_grads = _logits_and_grads(model, rollout)

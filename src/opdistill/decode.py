@@ -152,7 +152,7 @@ class LeanDecoder:
         heads, kv_heads, D = self.heads, self.kv_heads, self.head_dim
         at = self.length
         L = at + Q
-        h = F.embedding(ids_BQ, self.embed)  # [B, Q, hidden]
+        h = F.embedding(ids_BQ.reshape(B * Q), self.embed)  # [B·Q, hidden]: residual adds fold into addmm
         cos, sin = self.cos_M1D[position_BQ], self.sin_M1D[position_BQ]  # [B, Q, 1, D]
         for b, keys, values in zip(self.blocks, self.keys, self.values, strict=True):
             qkv = F.linear(self._rms(h, b.norm_in), b.qkv, b.qkv_bias).view(B, Q, heads + 2 * kv_heads, D)
@@ -169,11 +169,13 @@ class LeanDecoder:
             scores_NXL = torch.baddbmm(bias_NXL, q_NXD, keys[:, :L].transpose(1, 2), alpha=self.scaling)
             weights_NXL = torch.softmax(scores_NXL, dim=-1, dtype=torch.float32).to(qk.dtype)
             attended = torch.bmm(weights_NXL, values[:, :L]).view(B, heads, Q, D).transpose(1, 2)
-            h = h + F.linear(attended.reshape(B, Q, heads * D), b.wo, b.wo_bias)
+            h = torch.addmm(h, attended.reshape(B * Q, heads * D), b.wo.t())
+            if b.wo_bias is not None:
+                h = h + b.wo_bias
             gate, up = F.linear(self._rms(h, b.norm_post), b.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, b.down)
+            h = torch.addmm(h, F.silu(gate) * up, b.down.t())
         self.length = L
-        return F.linear(self._rms(h[:, -1], self.final_norm), self.head_weight, self.head_bias)
+        return F.linear(self._rms(h.view(B, Q, -1)[:, -1], self.final_norm), self.head_weight, self.head_bias)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """HF's RMSNorm: normalised in fp32, cast back, then scaled (one call when x is fp32)."""
