@@ -142,7 +142,8 @@ class LeanDecoder:
         return self._run(ids_BP, position_BP, bias_NPP.repeat(1, groups, 1))
 
     def step(self, token_B, attention_BL, position_B1) -> torch.Tensor:
-        return self._run(token_B[:, None], position_B1, self.bias_N1M[..., : attention_BL.shape[1]])
+        # attention_BL is all ones past the prompt: the cache's own mask (bias_N1M) already says as much
+        return self._run(token_B[:, None], position_B1, self.bias_N1M[..., : self.length + 1])
 
     def _run(self, ids_BQ, position_BQ, bias_NXL) -> torch.Tensor:
         """Q new tokens per row through every layer, their keys and values into the cache after the ``length``
