@@ -46,7 +46,13 @@ import time
 
 import torch
 
-from opdistill.losses import CHUNK_ELEMENTS, generalized_jsd, token_logprobs, topk_divergence, topk_logprobs
+from opdistill.objectives.losses import (
+    CHUNK_ELEMENTS,
+    generalized_jsd,
+    token_logprobs,
+    topk_divergence,
+    topk_logprobs,
+)
 
 MB = 1e6
 FIXED_MMAP = {

@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from opdistill import train
 from opdistill.config import load_config
+from opdistill.training import loop
 
 G4 = ["rollout.n_per_prompt=4", "train.prompts_per_step=16"]  # verifier objectives: 4 samples per prompt
 ROWS: dict[str, list[str]] = {
@@ -75,7 +75,7 @@ def main() -> None:
             *overrides, f"train.steps={args.steps}", f"train.seed={args.seed}", "train.eval_every=0",
             "train.eval_size=1000", "train.save_every=0", f"train.out_dir={out}", "train.threads=2",
         ])  # fmt: skip
-        result = train.run(config, show_progress=False)
+        result = loop.run(config, show_progress=False)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         accuracy = result["final_eval"]["greedy_acc"]
         kl = f"{rows[0]['teacher_kl']:.3f} → {rows[-1]['teacher_kl']:.3f}"

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from opdistill import train
 from opdistill.config import ModelSpec, load_config
-from opdistill.evaluate import evaluate
+from opdistill.data.tasks import load_task
 from opdistill.models import load_model
-from opdistill.tasks import load_task
+from opdistill.observe.evaluate import evaluate
+from opdistill.training import loop
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -48,13 +48,13 @@ def main() -> None:
             config = load_config(CONFIGS / f"opsd_{regime}_base.yaml", [
                 f"train.steps={args.base_steps}", f"train.out_dir={base}", "train.eval_every=0",
             ])  # fmt: skip
-            train.run(config)
+            loop.run(config)
         if not (opsd / "final").is_dir():
             config = load_config(CONFIGS / f"opsd_{regime}.yaml", [
                 f"student.path={base / 'final'}", f"train.steps={args.steps}", f"train.seed={args.seed}",
                 f"train.out_dir={opsd}",
             ])  # fmt: skip
-            train.run(config)
+            loop.run(config)
         hidden = [accuracy(d / "final", regime, shown=False) for d in (base, opsd)]
         shown = [accuracy(d / "final", regime, shown=True) for d in (base, opsd)]
         rows.append(f"| {regime} | {hidden[0]:.3f} | **{hidden[1]:.3f}** | {shown[0]:.3f} | {shown[1]:.3f} |")

@@ -45,11 +45,11 @@ from pathlib import Path
 
 import torch
 
-from opdistill import train
 from opdistill.config import Config, ModelSpec, load_config
-from opdistill.evaluate import evaluate
+from opdistill.data.tasks import task_from_config
 from opdistill.models import load_model
-from opdistill.tasks import task_from_config
+from opdistill.observe.evaluate import evaluate
+from opdistill.training import loop
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "distill_addition.yaml"
@@ -121,12 +121,12 @@ def run_method(method: str, seed: int, args: argparse.Namespace) -> dict:
         if out.exists():
             sys.exit(f"{out} holds an unfinished run: remove it or choose another --out.")
         started = time.perf_counter()
-        result = train.run(config, show_progress=False)
-        result = {k: result[k] for k in ("steps", "elapsed_s", "final_eval", *train.COUNTERS)}
+        result = loop.run(config, show_progress=False)
+        result = {k: result[k] for k in ("steps", "elapsed_s", "final_eval", *loop.COUNTERS)}
         result["wall_s"] = time.perf_counter() - started  # evaluation included
         (out / "result.json").write_text(json.dumps(result, indent=2))
     result = json.loads((out / "result.json").read_text())
-    rows = {0: dict.fromkeys(train.COUNTERS, 0)}
+    rows = {0: dict.fromkeys(loop.COUNTERS, 0)}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         rows[record["step"]] = record

@@ -95,11 +95,11 @@ def length_worker(length: int, steps: int, warmup: int) -> None:
     import torch
 
     from opdistill.config import load_config
-    from opdistill.data import encode_prompts, left_pad
-    from opdistill.losses import Normalizer, generalized_jsd
+    from opdistill.data.examples import encode_prompts, left_pad
+    from opdistill.data.tasks import task_from_config
     from opdistill.models import completion_logits, load_model
-    from opdistill.rollout import generate
-    from opdistill.tasks import task_from_config
+    from opdistill.objectives.losses import Normalizer, generalized_jsd
+    from opdistill.sampling.rollout import generate
 
     torch.set_num_threads(2)
     config = load_config("configs/distill_addition.yaml")

@@ -142,9 +142,10 @@ def time_module_forward(module, clock: StepClock, key: str) -> None:
 
 def opdistill_worker(row: Row, args) -> dict[str, Any]:
     """One opdistill run of ``args.steps`` steps; phases timed by wrapping module functions (src is untouched)."""
-    from opdistill import sources, teachers
-    from opdistill import train as train_module
     from opdistill.config import load_config
+    from opdistill.teachers import local as teachers
+    from opdistill.training import loop as train_module
+    from opdistill.training import sources
 
     clock = StepClock()
     unpatched = []
@@ -212,9 +213,9 @@ def trl_worker(row: Row, args) -> dict[str, Any]:
     from transformers import TrainerCallback
 
     from opdistill.config import ModelSpec, load_config
-    from opdistill.evaluate import evaluate
+    from opdistill.data.tasks import task_from_config
     from opdistill.models import check_same_tokenizer, load_model
-    from opdistill.tasks import task_from_config
+    from opdistill.observe.evaluate import evaluate
 
     student, tokenizer = load_model(ModelSpec(path=args.student))
     teacher, teacher_tokenizer = load_model(ModelSpec(path=args.teacher))

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from opdistill import distributed, train
 from opdistill.config import load_config
-from opdistill.data import encode_prompts
+from opdistill.data.examples import encode_prompts
+from opdistill.data.tasks import task_from_config
 from opdistill.models import completion_logits, load_model
-from opdistill.rollout import sample_prompts
-from opdistill.tasks import task_from_config
+from opdistill.sampling.rollout import sample_prompts
+from opdistill.training import distributed, loop
 
 
 def parts(config, steps: range) -> list[dict[str, float]]:
@@ -89,7 +89,7 @@ def main() -> None:
             "train.eval_size=1", "train.diagnostics_every=0", "train.save_every=0", "train.threads=2",
             f"train.out_dir={out}",
         ])  # fmt: skip
-        train.run(config, show_progress=False)
+        loop.run(config, show_progress=False)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup :]
         step_s += [r["step_s"] for r in rows]
         tokens += [r["loss_tokens"] for r in rows]

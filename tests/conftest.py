@@ -30,8 +30,8 @@ def make_model(tokenizer):
 def tiny_run(tmp_path):
     """Config factory for a short distillation run against the shipped teacher: a fresh d16l1 student, 4
     prompts per step, no periodic evaluation, under ``tmp_path/<out>``; later overrides win."""
+    from opdistill.cli.demo import asset_dir
     from opdistill.config import load_config
-    from opdistill.demo import asset_dir
 
     def make(*overrides: str, out: str = "run"):
         return load_config(None, [

@@ -9,7 +9,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from opdistill import attention
 from opdistill.config import ModelSpec
-from opdistill.data import left_pad
+from opdistill.data.examples import left_pad
 from opdistill.errors import UserError
 from opdistill.models import completion_logits, set_attention, tiny_model
 from opdistill.types import Rollout

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from opdistill.demo import asset_dir
+from opdistill.cli.demo import asset_dir
 
 TEACHER = str(asset_dir("addition-teacher"))
 

@@ -9,17 +9,24 @@ import re
 import pytest
 import torch
 
-from opdistill import losses
-from opdistill.coldstart import SkippingStream, cold_start, disjoint, prompt_key
+from opdistill.cli.demo import asset_dir
 from opdistill.config import Config, ModelSpec, replace
-from opdistill.data import Example, ExampleStream, encode_completion, encode_prompts, read_jsonl, rollout_of
-from opdistill.demo import asset_dir
-from opdistill.distributed import ONE_PROCESS
+from opdistill.data.examples import (
+    Example,
+    ExampleStream,
+    encode_completion,
+    encode_prompts,
+    read_jsonl,
+    rollout_of,
+)
+from opdistill.data.tasks import corpus_text, load_task
 from opdistill.errors import UserError
 from opdistill.models import check_same_tokenizer, completion_logits, load_model
-from opdistill.tasks import corpus_text, load_task
-from opdistill.teachers import LocalTeacher
-from opdistill.train import train_step
+from opdistill.objectives import losses
+from opdistill.teachers.local import LocalTeacher
+from opdistill.training.coldstart import SkippingStream, cold_start, disjoint, prompt_key
+from opdistill.training.distributed import ONE_PROCESS
+from opdistill.training.loop import train_step
 
 REQUIRE = r">1\d{4}$"  # a five-digit answer: about half of the 4-digit sums, the teacher's others are dropped
 SAMPLES, STEPS = 32, 16

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from opdistill.data import Example, ExampleStream, read_jsonl, write_jsonl
+from opdistill.data.examples import Example, ExampleStream, read_jsonl, write_jsonl
+from opdistill.data.tasks import RegexVerifier, function_verifier, load_task
+from opdistill.data.tasks.addition import is_test, problem
 from opdistill.errors import UserError
-from opdistill.tasks import RegexVerifier, function_verifier, load_task
-from opdistill.tasks.addition import is_test, problem
 
 
 def _write(tmp_path, lines):

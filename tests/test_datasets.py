@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from opdistill.data import (
+from opdistill.data.examples import (
     Example,
     JsonlSource,
     LazyExampleStream,
@@ -15,8 +15,8 @@ from opdistill.data import (
     read_jsonl,
     write_jsonl,
 )
+from opdistill.data.tasks import corpus_text, load_task
 from opdistill.errors import UserError
-from opdistill.tasks import corpus_text, load_task
 
 datasets = pytest.importorskip("datasets")
 datasets.disable_progress_bars()
@@ -184,12 +184,12 @@ def test_opd_eval_reads_the_evaluation_split_of_a_dataset(tmp_path, capsys):
     """A dataset with only a test split evaluates (opd eval needs no training split)."""
     import json
 
-    from opdistill import cli
-    from opdistill.demo import asset_dir
+    from opdistill.cli import app
+    from opdistill.cli.demo import asset_dir
 
     rows = [{"prompt": f"{1000 + i}+{2000 + i}=", "answer": 3000 + 2 * i} for i in range(6)]
     datasets.DatasetDict(test=datasets.Dataset.from_list(rows)).save_to_disk(tmp_path / "only-test")
-    code = cli.main(["eval", "--model", str(asset_dir("addition-teacher")), "--data", str(tmp_path / "only-test"),
+    code = app.main(["eval", "--model", str(asset_dir("addition-teacher")), "--data", str(tmp_path / "only-test"),
                      "--max-new-tokens", "52"])  # fmt: skip
     assert code == 0
     result = json.loads(capsys.readouterr().out)

@@ -13,13 +13,13 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from opdistill import decode
-from opdistill import rollout as rollout_module
 from opdistill.config import LoraConfig
-from opdistill.data import left_pad
-from opdistill.decode import HFDecoder, LeanDecoder, decoder_for
+from opdistill.data.examples import left_pad
 from opdistill.models import apply_lora
-from opdistill.rollout import sample_prompts
+from opdistill.sampling import decode
+from opdistill.sampling import rollout as rollout_module
+from opdistill.sampling.decode import HFDecoder, LeanDecoder, decoder_for
+from opdistill.sampling.rollout import sample_prompts
 
 SIZES = dict(
     vocab_size=18, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

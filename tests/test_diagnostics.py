@@ -9,7 +9,7 @@ import string
 import pytest
 import torch
 
-from opdistill.diagnostics import (
+from opdistill.observe.diagnostics import (
     abs_log_ratio_quantiles,
     distinct_answers,
     distinct_n,
@@ -272,7 +272,7 @@ def test_gap_recovery_and_alarms():
 
 
 def test_pass_k_ladder_doubles_up_to_n():
-    from opdistill.evaluate import pass_k_ladder
+    from opdistill.observe.evaluate import pass_k_ladder
 
     assert (
         pass_k_ladder(1) == [1] and pass_k_ladder(16) == [1, 2, 4, 8, 16] and pass_k_ladder(6) == [1, 2, 4, 6]

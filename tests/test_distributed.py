@@ -16,10 +16,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from opdistill import train
 from opdistill.config import ModelSpec, load_config
 from opdistill.models import load_model
-from opdistill.server import ScoringServer
+from opdistill.teachers.server import ScoringServer
+from opdistill.training import loop
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "opdistill" / "assets"
 CONFIG = {
@@ -60,7 +60,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     config_path = root / "config.yaml"
     config_path.write_text(yaml.safe_dump(CONFIG))
     one = root / "one"
-    train.run(load_config(config_path, [f"train.out_dir={one}"]), show_progress=False)
+    loop.run(load_config(config_path, [f"train.out_dir={one}"]), show_progress=False)
     out = {"one": one, "ddp": root / "ddp", "fsdp": root / "fsdp", "config": config_path}
     _torchrun(config_path, f"train.out_dir={out['ddp']}")
     teacher, tokenizer = load_model(ModelSpec(path=CONFIG["teacher"]["path"]))

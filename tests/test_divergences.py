@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from opdistill.losses import Normalizer, generalized_jsd
+from opdistill.objectives.losses import Normalizer, generalized_jsd
 
 V = 9
 

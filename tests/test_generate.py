@@ -6,14 +6,14 @@ import re
 
 import pytest
 
-from opdistill import cli
-from opdistill import generate as generation
+from opdistill.cli import app
+from opdistill.cli.demo import asset_dir
 from opdistill.config import ModelSpec
-from opdistill.data import read_jsonl
-from opdistill.demo import asset_dir
-from opdistill.generate import invalid_reason
+from opdistill.data.examples import read_jsonl
+from opdistill.data.tasks import load_task
 from opdistill.models import load_model
-from opdistill.tasks import load_task
+from opdistill.sampling import generate as generation
+from opdistill.sampling.generate import invalid_reason
 
 TEACHER = str(asset_dir("addition-teacher"))
 
@@ -40,7 +40,7 @@ def test_a_span_seen_twice_is_still_valid():
 
 def test_teacher_samples_become_training_data(tmp_path, capsys):
     out = tmp_path / "teacher.jsonl"
-    code = cli.main(["generate", "--model", TEACHER, "--task", "addition", "--limit", "12", "--n", "2",
+    code = app.main(["generate", "--model", TEACHER, "--task", "addition", "--limit", "12", "--n", "2",
                      "--temperature", "1", "--max-new-tokens", "52", "--out", str(out)])  # fmt: skip
     assert code == 0 and "kept 24 of 24" in capsys.readouterr().err
     rows = read_jsonl(out)
@@ -49,7 +49,7 @@ def test_teacher_samples_become_training_data(tmp_path, capsys):
     assert all(r.completion and r.answer for r in rows)
     assert sum(task.verify(r.completion, r) for r in rows) >= 20  # the teacher is right ~99% of the time
     assert load_task(train_file=str(out)).train[0].completion  # usable as data.train_file
-    assert cli.main(["generate", "--model", TEACHER, "--task", "addition", "--out", str(out)]) == 2
+    assert app.main(["generate", "--model", TEACHER, "--task", "addition", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
 
 
@@ -81,7 +81,7 @@ def test_invalid_samples_are_redrawn_then_dropped_with_their_reason():
 def test_bad_arguments_are_one_sentence(tmp_path, capsys):
     out = str(tmp_path / "x.jsonl")
     assert (
-        cli.main(["generate", "--model", TEACHER, "--task", "addition", "--require", "(", "--out", out]) == 2
+        app.main(["generate", "--model", TEACHER, "--task", "addition", "--require", "(", "--out", out]) == 2
     )
     assert "not a regular expression" in capsys.readouterr().err
-    assert cli.main(["generate", "--model", TEACHER, "--task", "addition", "--n", "0", "--out", out]) == 2
+    assert app.main(["generate", "--model", TEACHER, "--task", "addition", "--n", "0", "--out", out]) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdistill import losses
+from opdistill.objectives import losses
 
 V = 7
 SUM = losses.Normalizer("sum", 0, 0)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from opdistill.config import ModelSpec
-from opdistill.data import Example, encode_completion, encode_prompts, left_pad, right_pad
+from opdistill.data.examples import Example, encode_completion, encode_prompts, left_pad, right_pad
 from opdistill.errors import UserError
-from opdistill.losses import token_logprobs
 from opdistill.models import char_tokenizer, check_same_tokenizer, completion_logits, load_model, save_model
+from opdistill.objectives.losses import token_logprobs
 from opdistill.types import Rollout, SignalRequest
 
 
@@ -64,7 +64,7 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
 
 
 def test_local_teacher_sends_each_signal_level_only_when_asked(make_model, tokenizer):
-    from opdistill.teachers import LocalTeacher
+    from opdistill.teachers.local import LocalTeacher
 
     teacher = LocalTeacher(make_model(seed=4))
     ids_BP, mask_BP = left_pad([[1, 5, 6]], tokenizer.pad_token_id)

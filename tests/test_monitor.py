@@ -6,8 +6,9 @@ import copy
 import json
 import math
 
-from opdistill import monitor, train
-from opdistill.demo import asset_dir
+from opdistill.cli.demo import asset_dir
+from opdistill.observe import monitor
+from opdistill.training import loop
 
 
 def _record(step, **overrides):
@@ -63,7 +64,7 @@ def test_a_resumed_run_neither_repeats_nor_forgets_an_alarm():
 
 
 def test_an_alarm_in_a_run_is_printed_once_and_kept_in_the_run_directory(tiny_run, tmp_path, capsys):
-    train.run(tiny_run("rollout.max_new_tokens=4", "train.steps=5"), show_progress=False)
+    loop.run(tiny_run("rollout.max_new_tokens=4", "train.steps=5"), show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "alarms.jsonl").read_text().splitlines()]
     assert [(r["step"], r["alarm"].split(":")[0]) for r in rows] == [(3, "truncation_collapse")]
     assert capsys.readouterr().err.count("alarm at step 3: truncation_collapse") == 1
@@ -72,7 +73,7 @@ def test_an_alarm_in_a_run_is_printed_once_and_kept_in_the_run_directory(tiny_ru
 def test_periodic_evaluation_records_pass_at_k_and_diversity(tiny_run, tmp_path):
     config = tiny_run(f"student.path={asset_dir('addition-student')}", "train.steps=2", "train.eval_every=2",
                       "train.eval_size=8", "train.eval_samples=4")  # fmt: skip
-    train.run(config, show_progress=False)
+    loop.run(config, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2]
     for row in rows:
@@ -88,7 +89,7 @@ def test_tensorboard_receives_every_scalar_of_steps_and_evaluations(tiny_run, tm
     config = tiny_run(
         "train.steps=3", "train.eval_every=3", "train.diagnostics_every=2", "train.tensorboard=true"
     )
-    train.run(config, show_progress=False)
+    loop.run(config, show_progress=False)
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     scalars = events.Tags()["scalars"]
@@ -104,10 +105,10 @@ def test_tensorboard_after_a_crash_and_resume_holds_each_step_once(tiny_run, tmp
     config = tiny_run(
         "train.steps=5", "train.save_every=2", "train.tensorboard=true", "train.keep_checkpoints=0"
     )
-    train.run(config, stop_after=3, show_progress=False)  # steps 1-3 logged; checkpoints at 2 and 3
+    loop.run(config, stop_after=3, show_progress=False)  # steps 1-3 logged; checkpoints at 2 and 3
     # a crash after step 3 was logged but before its checkpoint: the run resumes from step 2
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_2")
-    train.run(config, resume=True, show_progress=False)
+    loop.run(config, resume=True, show_progress=False)
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/teacher_kl")] == [1, 2, 3, 4, 5]

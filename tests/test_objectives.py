@@ -9,14 +9,15 @@ import json
 import pytest
 import torch
 
-from opdistill import shaping, sources, train
 from opdistill.config import ModelSpec, load_config
-from opdistill.data import left_pad, right_pad
-from opdistill.losses import token_logprobs
+from opdistill.data.examples import left_pad, right_pad
 from opdistill.models import completion_logits, load_model
-from opdistill.objectives import objective_loss
-from opdistill.sources import StepBatch
-from opdistill.teachers import LocalTeacher
+from opdistill.objectives import shaping
+from opdistill.objectives.losses import token_logprobs
+from opdistill.objectives.objective import objective_loss
+from opdistill.teachers.local import LocalTeacher
+from opdistill.training import loop, sources
+from opdistill.training.sources import StepBatch
 from opdistill.types import Rollout
 
 G = 2  # samples per prompt
@@ -126,7 +127,7 @@ def test_batch_wide_shaping_is_the_same_for_any_micro_batch_size(tiny_run, tmp_p
     for micro in (0, 3):
         config = tiny_run("train.prompts_per_step=8", "rollout.max_new_tokens=52", "train.steps=3",
                           f"train.micro_batch_size={micro}", *overrides, out=str(micro))  # fmt: skip
-        train.run(config, show_progress=False)
+        loop.run(config, show_progress=False)
         model, _ = load_model(ModelSpec(path=str(tmp_path / str(micro) / "final")))
         finals.append(dict(model.named_parameters()))
     for name, param in finals[0].items():
@@ -168,13 +169,13 @@ def test_a_top_k_wider_than_the_vocabulary_is_a_clear_error(tiny_run):
     from opdistill.errors import UserError
 
     with pytest.raises(UserError, match="more than the vocabulary"):
-        train.run(
+        loop.run(
             tiny_run("objective.type=topk_rkl", "objective.topk=64", "train.steps=1"), show_progress=False
         )
 
 
 def test_diagnostics_of_a_student_scored_by_itself_show_perfect_alignment(setup, tokenizer):
-    from opdistill import monitor
+    from opdistill.observe import monitor
 
     student, _, rollout = setup
     config = _config("objective.topk=4", "weighting.kat_window=1", "weighting.kat_patience=2",
@@ -194,7 +195,7 @@ def test_diagnostics_of_a_student_scored_by_itself_show_perfect_alignment(setup,
 
 
 def test_diagnostics_are_logged_at_their_cadence(tiny_run, tmp_path):
-    train.run(tiny_run("objective.type=sampled_rkl", "train.steps=3", "train.diagnostics_every=2"),
+    loop.run(tiny_run("objective.type=sampled_rkl", "train.steps=3", "train.diagnostics_every=2"),
               show_progress=False)  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     keys = {"overlap", "overlap_mass_student", "teacher_high_entropy_rate", "entropy_gap", "kl_by_position",

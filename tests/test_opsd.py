@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from opdistill import train
+from opdistill.cli.demo import asset_dir
 from opdistill.config import load_config
-from opdistill.data import Example, privileged_view, rollout_of
-from opdistill.demo import asset_dir
+from opdistill.data.examples import Example, privileged_view, rollout_of
 from opdistill.errors import UserError
-from opdistill.sources import Scorer
-from opdistill.teachers import LocalTeacher, ema_update
+from opdistill.teachers.local import LocalTeacher, ema_update
+from opdistill.training import loop
+from opdistill.training.sources import Scorer
 from opdistill.types import SignalRequest
 
 STUDENT, TEACHER = asset_dir("addition-student"), asset_dir("addition-teacher")
@@ -159,7 +159,7 @@ def _run_config(tmp_path, *overrides):
 def test_an_opsd_run_lowers_its_divergence(tmp_path, mode, objective, target):
     """The shipped student, shown the shared rule `>>` as its teacher: the rule-free student moves toward it."""
     overrides = [f"opsd.teacher={mode}", "train.steps=20", *f"objective.type={objective}".split()]
-    train.run(_run_config(tmp_path, *overrides), show_progress=False)
+    loop.run(_run_config(tmp_path, *overrides), show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     values = [r[target] for r in rows]
     assert len(values) == len(rows) >= 20 and values[0] > 1e-3
@@ -179,7 +179,7 @@ def test_multi_teacher_run_logs_per_teacher_metrics(tmp_path):
         f"data.train_file={data}", "train.prompts_per_step=16", "train.steps=20", "rollout.max_new_tokens=52",
         "train.eval_every=0", "optim.warmup_steps=2", f"train.out_dir={tmp_path / 'run'}",
     ])  # fmt: skip
-    train.run(config, show_progress=False)
+    loop.run(config, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["teacher_sequences/big"] + r["teacher_sequences/default"] == 16 for r in rows)
     # step 1 samples from the initial student, which the default teacher (the same weights) scores as itself
@@ -189,7 +189,7 @@ def test_multi_teacher_run_logs_per_teacher_metrics(tmp_path):
 
 
 def test_addition_regime_options():
-    from opdistill.tasks import load_task
+    from opdistill.data.tasks import load_task
 
     rule = load_task("addition", {"privileged": "rule"})
     ex = rule.test[0]

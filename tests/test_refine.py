@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from opdistill.cli.demo import asset_dir
 from opdistill.config import ModelSpec, TrdConfig
-from opdistill.data import Example, encode_completion, encode_prompts, rollout_of
-from opdistill.demo import asset_dir
+from opdistill.data.examples import Example, encode_completion, encode_prompts, rollout_of
+from opdistill.data.tasks import addition
 from opdistill.models import load_model, tiny_model
-from opdistill.refine import completion_text, refine, teacher_example
-from opdistill.rollout import sample_prompts
-from opdistill.tasks import addition
+from opdistill.sampling.refine import completion_text, refine, teacher_example
+from opdistill.sampling.rollout import sample_prompts
 from opdistill.types import Rollout
 
 MAX_NEW = 48  # the addition task's completion (47 characters) and its EOS
@@ -82,7 +82,8 @@ def assert_sampler_layout(rollout: Rollout, eos_id: int, pad_id: int, max_new_to
 def test_a_teacher_equal_to_the_student_keeps_every_rollout(addition_setup, monkeypatch):
     _, student, tokenizer, _, rows = addition_setup
     monkeypatch.setattr(
-        "opdistill.refine.sample_prompts", lambda *a, **k: pytest.fail("nothing is cut: nothing to generate")
+        "opdistill.sampling.refine.sample_prompts",
+        lambda *a, **k: pytest.fail("nothing is cut: nothing to generate"),
     )
     # greedy samples sit in the teacher's top-1; samples at temperature 1 in its top-V
     for temperature, cut_topk in ((0.0, 1), (1.0, len(tokenizer))):
@@ -240,7 +241,7 @@ def test_prompt_mode_writes_a_valid_student_trajectory(addition_setup, monkeypat
         prompts[:3], [[five, bos, six, six], [five, bos, eos], [bos] * 4], tokenizer.pad_token_id
     )
     written.truncated_B = torch.tensor([True, False, True])
-    monkeypatch.setattr("opdistill.refine.sample_prompts", lambda *args, **kwargs: written)
+    monkeypatch.setattr("opdistill.sampling.refine.sample_prompts", lambda *args, **kwargs: written)
     short = rollout_of(prompts[:3], [draft[:4] for draft in drafts[:3]], tokenizer.pad_token_id)
     scripted, metrics = refine(
         short, rows[:3], teacher=teacher, student=student, tokenizer=tokenizer, settings=settings,

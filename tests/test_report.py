@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from opdistill import train
+from opdistill.cli.demo import asset_dir
 from opdistill.config import load_config
-from opdistill.demo import asset_dir
-from opdistill.report import write_report
+from opdistill.observe.report import write_report
+from opdistill.training import loop
 
 SECTIONS = ("Runs", "Did the student close the gap?", "Did diversity collapse?", "Alarms",
             "Where does the teacher's signal degrade?")  # fmt: skip
@@ -25,9 +25,9 @@ def recorded(tmp_path_factory):
               "train.prompts_per_step=4", "train.steps=4", "train.eval_every=2", "train.eval_size=8",
               "train.diagnostics_every=1"]  # fmt: skip
     runs = {"healthy": root / "healthy", "truncated": root / "truncated"}
-    train.run(load_config(None, [*common, "train.eval_samples=4", f"train.out_dir={runs['healthy']}"]),
+    loop.run(load_config(None, [*common, "train.eval_samples=4", f"train.out_dir={runs['healthy']}"]),
               show_progress=False)  # fmt: skip
-    train.run(load_config(None, [*common, "rollout.max_new_tokens=4", f"train.out_dir={runs['truncated']}"]),
+    loop.run(load_config(None, [*common, "rollout.max_new_tokens=4", f"train.out_dir={runs['truncated']}"]),
               show_progress=False)  # fmt: skip
     return runs
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from opdistill.data import left_pad
-from opdistill.rollout import generate, sample_next_token, sample_prompts
+from opdistill.data.examples import left_pad
+from opdistill.sampling.rollout import generate, sample_next_token, sample_prompts
 
 
 def test_greedy_and_logp_of_sampled_token():

@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
+from opdistill.cli.demo import asset_dir
 from opdistill.config import Config, ModelSpec, replace
-from opdistill.data import Example, ExampleStream, encode_prompts
-from opdistill.demo import asset_dir
+from opdistill.data.examples import Example, ExampleStream, encode_prompts
+from opdistill.data.selection import SelectedStream, overlap_scores, selected_prompts, top_fraction
+from opdistill.data.tasks import RegexVerifier, Task, load_task
 from opdistill.models import load_model
-from opdistill.selection import SelectedStream, overlap_scores, selected_prompts, top_fraction
-from opdistill.tasks import RegexVerifier, Task, load_task
-from opdistill.teachers import LocalTeacher
+from opdistill.teachers.local import LocalTeacher
 
 PROMPTS = [
     Example(prompt=f"{a:02d}+{b:02d}=") for a, b in zip(range(3, 99, 7), range(90, 0, -6), strict=False)

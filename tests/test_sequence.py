@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from opdistill import losses
+from opdistill.objectives import losses
 
 V, T = 3, 3
 PREFIXES = [p for n in range(T) for p in itertools.product(range(V), repeat=n)]

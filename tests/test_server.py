@@ -19,21 +19,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opdistill import cli, train
+from opdistill.cli import app
+from opdistill.cli.demo import asset_dir
 from opdistill.config import ModelSpec
-from opdistill.data import encode_completion, left_pad, right_pad
-from opdistill.demo import asset_dir
+from opdistill.data.examples import encode_completion, left_pad, right_pad
 from opdistill.errors import UserError
 from opdistill.models import char_tokenizer, load_model, load_tokenizer, tiny_model
-from opdistill.server import ScoringServer
-from opdistill.teachers import (
-    LocalTeacher,
+from opdistill.teachers.base import make_teacher
+from opdistill.teachers.local import LocalTeacher
+from opdistill.teachers.remote import (
     RemoteTeacher,
-    make_teacher,
     parse_vllm_prompt_logprobs,
     rollout_sequences,
     vllm_request,
 )
+from opdistill.teachers.server import ScoringServer
+from opdistill.training import loop
 from opdistill.types import Rollout, SignalRequest, TeacherSignal
 
 EVERYTHING = SignalRequest(topk=4, at_ids=True, entropy=True)
@@ -244,7 +245,7 @@ def test_a_run_through_a_restarted_remote_teacher_completes_as_with_the_local_te
         "rollout.max_new_tokens=24",
         "train.diagnostics_every=2",
     )
-    train.run(tiny_run(*settings, out="local"), show_progress=False)
+    loop.run(tiny_run(*settings, out="local"), show_progress=False)
     remote = tiny_run(*settings, f"teacher.url=http://127.0.0.1:{port}", "teacher.retries=30", out="remote")
     servers = [ScoringServer(model, tokenizer, port=port).start()]
 
@@ -259,7 +260,7 @@ def test_a_run_through_a_restarted_remote_teacher_completes_as_with_the_local_te
     thread = threading.Thread(target=restart_after_step_2)
     thread.start()
     try:
-        result = train.run(remote, show_progress=False)
+        result = loop.run(remote, show_progress=False)
     finally:
         thread.join()
         for running in servers:
@@ -272,7 +273,7 @@ def test_a_run_through_a_restarted_remote_teacher_completes_as_with_the_local_te
 
 
 def test_serve_teacher_with_a_bad_model_dir_is_one_sentence(tmp_path, capsys):
-    assert cli.main(["serve-teacher", "--model", str(tmp_path / "nope")]) == 2
+    assert app.main(["serve-teacher", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("opd serve-teacher: error:") and "nope" in err and len(err.splitlines()) == 1
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdistill.data import left_pad
+from opdistill.data.examples import left_pad
 from opdistill.models import completion_logits
-from opdistill.rollout import generate, sample_next_token, sample_prompts
-from opdistill.speculative import SpeculativeGuide
+from opdistill.sampling.rollout import generate, sample_next_token, sample_prompts
+from opdistill.sampling.speculative import SpeculativeGuide
 
 TEXTS = ["12+34=", "5=", "1+1=", "777+2=", "9=", "3+3=", "40+1=", "8+88="]  # four widths: left padding
 STUDENT_SEED, GUIDE_SEED, STEPS = 11, 5, 10

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdistill import losses
 from opdistill.config import load_config
+from opdistill.objectives import losses
 
 V = 9
 VARIANTS = ("raw", "sg", "renorm", "tail", "pg")

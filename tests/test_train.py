@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from opdistill import train
+from opdistill.cli.demo import asset_dir
 from opdistill.config import ModelSpec, load_config
-from opdistill.demo import asset_dir
 from opdistill.errors import UserError
 from opdistill.models import load_model
+from opdistill.training import loop
 
 
 def _config(tmp_path, *overrides):
@@ -94,7 +94,7 @@ def _params(run_dir):
 def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_path, objective, target):
     config = _config(tmp_path, "train.prompts_per_step=16", "train.steps=30", "optim.lr=1e-2", "optim.warmup_steps=3",
                      *f"objective.type={objective}".split())  # fmt: skip
-    result = train.run(config, show_progress=False)
+    result = loop.run(config, show_progress=False)
     rows = _metrics(tmp_path / "run")
     values = [r[target] for r in rows]
     assert result["complete"] and len(values) == 30
@@ -126,12 +126,12 @@ def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_pa
 ])  # fmt: skip
 def test_resume_is_exact(tmp_path, overrides):
     whole = _config(tmp_path / "a", "train.steps=4", *overrides)
-    train.run(whole, show_progress=False)
+    loop.run(whole, show_progress=False)
     split = _config(tmp_path / "b", "train.steps=4", *overrides)
-    first = train.run(split, stop_after=2, show_progress=False)
+    first = loop.run(split, stop_after=2, show_progress=False)
     assert first == {"stopped_at": 2, "out": str(tmp_path / "b" / "run"), "complete": False}
     assert not (tmp_path / "b" / "run" / "final").exists()
-    train.run(split, resume=True, show_progress=False)
+    loop.run(split, resume=True, show_progress=False)
     assert _metrics(tmp_path / "a" / "run") == _metrics(tmp_path / "b" / "run")
     a, b = _params(tmp_path / "a" / "run"), _params(tmp_path / "b" / "run")
     assert all(torch.equal(a[name], b[name]) for name in a)
@@ -141,7 +141,7 @@ def test_resume_is_exact(tmp_path, overrides):
 def test_gkd_mixing_draws_one_coin_per_step(tmp_path, completions, generated):
     config = _config(tmp_path, "objective.type=jsd", "rollout.on_policy_fraction=0.5", "train.steps=12",
                      f"data.completions={completions}")  # fmt: skip
-    train.run(config, show_progress=False)
+    loop.run(config, show_progress=False)
     rows = _metrics(tmp_path / "run")
     coins = [r["on_policy"] for r in rows]
     assert 0 < sum(coins) < 12  # both kinds of batch occur (the coins of seed 0 at λ = 0.5)
@@ -157,13 +157,13 @@ def test_gkd_mixing_draws_one_coin_per_step(tmp_path, completions, generated):
     off_policy_only = _config(
         tmp_path / "off", "objective.type=jsd", "rollout.on_policy_fraction=0", "train.steps=3"
     )
-    train.run(off_policy_only, show_progress=False)
+    loop.run(off_policy_only, show_progress=False)
     assert [r["on_policy"] for r in _metrics(tmp_path / "off" / "run")] == [0.0, 0.0, 0.0]
 
 
 def test_micro_batches_do_not_change_the_update(tmp_path):
-    train.run(_config(tmp_path / "a", "train.steps=2"), show_progress=False)
-    train.run(_config(tmp_path / "b", "train.steps=2", "train.micro_batch_size=3"), show_progress=False)
+    loop.run(_config(tmp_path / "a", "train.steps=2"), show_progress=False)
+    loop.run(_config(tmp_path / "b", "train.steps=2", "train.micro_batch_size=3"), show_progress=False)
     a, b = _params(tmp_path / "a" / "run"), _params(tmp_path / "b" / "run")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
@@ -172,7 +172,7 @@ def test_micro_batches_do_not_change_the_update(tmp_path):
 def test_non_finite_loss_aborts_after_repeated_bad_steps(tmp_path):
     config = _config(tmp_path, "train.steps=10", "optim.lr=1e30")
     with pytest.raises(UserError, match="not finite for 3 steps in a row"):
-        train.run(config, show_progress=False)
+        loop.run(config, show_progress=False)
     rows = _metrics(tmp_path / "run")
     finite = [math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows]
     assert finite[-3:] == [False] * 3 and len(rows) < 10  # every step is logged, the last three were skipped
@@ -180,26 +180,24 @@ def test_non_finite_loss_aborts_after_repeated_bad_steps(tmp_path):
 
 def test_existing_run_is_never_overwritten(tmp_path):
     config = _config(tmp_path, "train.steps=1")
-    train.run(config, show_progress=False)
+    loop.run(config, show_progress=False)
     with pytest.raises(UserError, match="already holds a run"):
-        train.run(config, show_progress=False)
+        loop.run(config, show_progress=False)
     with pytest.raises(UserError, match="no checkpoint to resume"):
-        train.run(_config(tmp_path / "other", "train.steps=1"), resume=True, show_progress=False)
+        loop.run(_config(tmp_path / "other", "train.steps=1"), resume=True, show_progress=False)
 
 
 def test_learning_rate_schedule():
     config = load_config(
         None, ["optim.warmup_steps=2", "train.steps=12", "optim.min_lr_ratio=0.1", "optim.lr=1.0"]
     )
-    assert train.learning_rate(config, 0, 0) == 0.5
-    assert train.learning_rate(config, 2, 0) == pytest.approx(1.0)
-    assert train.learning_rate(config, 12, 0) == pytest.approx(0.1)
+    assert loop.learning_rate(config, 0, 0) == 0.5
+    assert loop.learning_rate(config, 2, 0) == pytest.approx(1.0)
+    assert loop.learning_rate(config, 12, 0) == pytest.approx(0.1)
     timed = load_config(
         None, ["optim.warmup_steps=0", "train.steps=1000", "train.time_budget_s=10", "optim.lr=1.0"]
     )
-    assert train.learning_rate(timed, 1, 10.0) == pytest.approx(
-        0.1
-    )  # the clock, not the step, ends the decay
+    assert loop.learning_rate(timed, 1, 10.0) == pytest.approx(0.1)  # the clock, not the step, ends the decay
 
 
 def test_sft_stabiliser_adds_coef_times_token_mean_cross_entropy(make_model, tokenizer):
@@ -207,11 +205,11 @@ def test_sft_stabiliser_adds_coef_times_token_mean_cross_entropy(make_model, tok
     exactly -coef * ∇ CE(sft batch)."""
     import copy
 
-    from opdistill.data import left_pad, right_pad
-    from opdistill.losses import token_logprobs
+    from opdistill.data.examples import left_pad, right_pad
     from opdistill.models import completion_logits
-    from opdistill.sources import StepBatch
-    from opdistill.teachers import LocalTeacher
+    from opdistill.objectives.losses import token_logprobs
+    from opdistill.teachers.local import LocalTeacher
+    from opdistill.training.sources import StepBatch
     from opdistill.types import Rollout, SignalRequest
 
     def rollout(prompts, completions):
@@ -229,7 +227,7 @@ def test_sft_stabiliser_adds_coef_times_token_mean_cross_entropy(make_model, tok
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     reference = copy.deepcopy(student)
     optimizer = torch.optim.SGD(student.parameters(), lr=1.0)
-    metrics = train.train_step(config, student, optimizer, StepBatch(on_policy, signal_, {}, sft_rollout=sft))
+    metrics = loop.train_step(config, student, optimizer, StepBatch(on_policy, signal_, {}, sft_rollout=sft))
     assert metrics["divergence"] == pytest.approx(0.0, abs=1e-6) and metrics["sft_nll"] > 0
 
     nll = -token_logprobs(completion_logits(reference, sft), sft.tokens_BT)
@@ -242,7 +240,7 @@ def test_sft_stabiliser_adds_coef_times_token_mean_cross_entropy(make_model, tok
 def test_sft_stabiliser_in_a_run(tmp_path):
     config = _config(tmp_path, "objective.type=sampled_rkl", "objective.sft_coef=0.5", "train.steps=3",
                      "data.completions=teacher")  # fmt: skip
-    train.run(config, show_progress=False)
+    loop.run(config, show_progress=False)
     rows = _metrics(tmp_path / "run")
     assert all(r["sft_nll"] > 0 for r in rows) and rows[-1]["teacher_generated_tokens"] > 0
     assert all(r["student_train_tokens"] > r["student_sampled_tokens"] for r in rows[:1])
@@ -256,7 +254,7 @@ def test_the_loss_is_normalised_by_the_generated_tokens_not_the_dataset_completi
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = _config(tmp_path, f"data.train_file={data}", f"student.path={asset_dir('addition-student')}",
                      "train.steps=2", "rollout.max_new_tokens=12")  # fmt: skip
-    train.run(config, show_progress=False)
+    loop.run(config, show_progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     sampled = [records[0]["student_sampled_tokens"]] + [
         b["student_sampled_tokens"] - a["student_sampled_tokens"]

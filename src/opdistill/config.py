@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
-from opdistill.data import EXAMPLE_FIELDS
+from opdistill.data.examples import EXAMPLE_FIELDS
 from opdistill.errors import UserError
-from opdistill.losses import TopKVariant
+from opdistill.objectives.losses import TopKVariant
 from opdistill.types import SignalRequest
 
 

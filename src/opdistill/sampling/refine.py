@@ -46,10 +46,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from opdistill.config import TrdConfig
-from opdistill.data import Example, encode_completion, encode_prompts, right_pad
-from opdistill.losses import token_logprobs
+from opdistill.data.examples import Example, encode_completion, encode_prompts, right_pad
 from opdistill.models import completion_logits
-from opdistill.rollout import sample_prompts
+from opdistill.objectives.losses import token_logprobs
+from opdistill.sampling.rollout import sample_prompts
 from opdistill.types import Rollout
 
 

@@ -12,11 +12,12 @@ import math
 
 import torch
 
-from opdistill import diagnostics, losses, weighting
 from opdistill.config import Config
-from opdistill.evaluate import decode_completions
 from opdistill.models import completion_logits
-from opdistill.sources import StepBatch
+from opdistill.objectives import losses, weighting
+from opdistill.observe import diagnostics
+from opdistill.observe.evaluate import decode_completions
+from opdistill.training.sources import StepBatch
 
 POSITION_BUCKETS = 10  # per-position diagnostics by decile of each response's own length
 TOKEN_BINS = (0, 100, 500, 2000)  # and by absolute token position: [0, 100), [100, 500), [500, 2k), [2k, ∞)

@@ -17,19 +17,22 @@ from pathlib import Path
 
 import torch
 
-from opdistill import distributed, losses, monitor, shaping, sources
-from opdistill.checkpoint import latest_checkpoint, load_state, save_checkpoint, truncate_jsonl
-from opdistill.coldstart import cold_start, disjoint
 from opdistill.config import Config, save_config
-from opdistill.distributed import ONE_PROCESS, World
+from opdistill.data.tasks import Task, corpus_text, task_from_config
 from opdistill.errors import UserError
-from opdistill.evaluate import evaluate
 from opdistill.models import completion_logits, load_model, load_student, save_model
-from opdistill.objectives import objective_loss
-from opdistill.progress import NullProgress, ProgressBar
-from opdistill.runlog import Board, Log
-from opdistill.tasks import Task, corpus_text, task_from_config
-from opdistill.teachers import LocalTeacher, Teacher, ema_update, make_teacher
+from opdistill.objectives import losses, shaping
+from opdistill.objectives.objective import objective_loss
+from opdistill.observe import monitor
+from opdistill.observe.evaluate import evaluate
+from opdistill.observe.progress import NullProgress, ProgressBar
+from opdistill.observe.runlog import Board, Log
+from opdistill.teachers.base import Teacher, make_teacher
+from opdistill.teachers.local import LocalTeacher, ema_update
+from opdistill.training import distributed, sources
+from opdistill.training.checkpoint import latest_checkpoint, load_state, save_checkpoint, truncate_jsonl
+from opdistill.training.coldstart import cold_start, disjoint
+from opdistill.training.distributed import ONE_PROCESS, World
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 COUNTERS = (

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from opdistill import diagnostics, losses, weighting
 from opdistill.config import Config, ObjectiveConfig
 from opdistill.models import completion_logits
-from opdistill.sources import StepBatch
+from opdistill.objectives import losses, weighting
+from opdistill.observe import diagnostics
+from opdistill.training.sources import StepBatch
 from opdistill.types import Shaping, TeacherSignal
 
 

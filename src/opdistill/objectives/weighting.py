@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from opdistill.losses import at_least_fp32
+from opdistill.objectives.losses import at_least_fp32
 
 SKIP, RKL, FKL = 0, 1, 2  # SEAD zones (§7.7)
 

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
-from opdistill.data import Example, encode_prompts
-from opdistill.evaluate import decode_completions
-from opdistill.progress import NullProgress, ProgressBar
-from opdistill.rollout import sample_prompts
+from opdistill.data.examples import Example, encode_prompts
+from opdistill.observe.evaluate import decode_completions
+from opdistill.observe.progress import NullProgress, ProgressBar
+from opdistill.sampling.rollout import sample_prompts
 
 REPEATED_LINE = 5  # a non-blank line this many times makes a completion invalid (§11.2)
 SPAN, REPEATED_SPAN = 100, 3  # a 100-character span this many times makes it invalid (§11.2)

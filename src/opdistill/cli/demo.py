@@ -18,14 +18,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from opdistill import train
 from opdistill.config import ModelSpec, load_config, replace, save_config
-from opdistill.diagnostics import gap_recovery
+from opdistill.data.tasks import task_from_config
 from opdistill.errors import UserError
-from opdistill.evaluate import evaluate
 from opdistill.models import load_model
-from opdistill.report import write_report
-from opdistill.tasks import task_from_config
+from opdistill.observe.diagnostics import gap_recovery
+from opdistill.observe.evaluate import evaluate
+from opdistill.observe.report import write_report
+from opdistill.training import loop
 
 ASSETS = resources.files("opdistill") / "assets"
 RUNS = {
@@ -93,11 +93,11 @@ def run_demo(
     compute = {}
     for name, (_, sections) in RUNS.items():
         config = replace(base, **sections, train={**sections.get("train", {}), "out_dir": str(out / name)})
-        result = train.run(config, show_progress=show_progress)
+        result = loop.run(config, show_progress=show_progress)
         if not result["complete"]:  # Ctrl-C: the run checkpointed itself; the comparison is void
             raise KeyboardInterrupt
         summary[f"{name}_acc"] = accuracy(out / name / "final")
-        compute[name] = {key: result[key] for key in ("steps", "elapsed_s", *train.COUNTERS)}
+        compute[name] = {key: result[key] for key in ("steps", "elapsed_s", *loop.COUNTERS)}
     summary["student_train_tokens"] = {n: c["student_train_tokens"] for n, c in compute.items()}
     summary["teacher_tokens"] = {
         n: c["teacher_scored_tokens"] + c["teacher_generated_tokens"] for n, c in compute.items()

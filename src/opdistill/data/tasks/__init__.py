@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from opdistill.data import (
+from opdistill.data.examples import (
     EVAL_SPLITS,
     Example,
     ExampleStream,
@@ -90,7 +90,7 @@ class _Limited:
 
 
 def _builtin() -> dict[str, tuple[str, Callable[..., tuple[Stream, list[Example], Verifier]]]]:
-    from opdistill.tasks import addition
+    from opdistill.data.tasks import addition
 
     return {"addition": (addition.DESCRIPTION, addition.build)}
 

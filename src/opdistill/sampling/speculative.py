@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from opdistill.decode import decoder_for
-from opdistill.rollout import sample_next_token
+from opdistill.sampling.decode import decoder_for
+from opdistill.sampling.rollout import sample_next_token
 
 
 class SpeculativeGuide:

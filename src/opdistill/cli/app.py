@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args, objective: str) -> int:
     from opdistill import config as cfg
-    from opdistill import train
+    from opdistill.training import loop
 
     config = cfg.load_config(args.config, args.overrides)
     if objective == "sft":
@@ -159,7 +159,7 @@ def _train(args, objective: str) -> int:
         raise UserError(
             "objective.type=sft is what `opd sft` runs; pick a distillation objective for `opd distill`."
         )
-    result = train.run(config, resume=args.resume)
+    result = loop.run(config, resume=args.resume)
     if not result["complete"]:
         print(f"stopped at step {result['stopped_at']} with a checkpoint; continue with the same command and --resume.",
               file=sys.stderr)  # fmt: skip
@@ -171,7 +171,7 @@ def _train(args, objective: str) -> int:
 def _demo(args) -> int:
     import time
 
-    from opdistill.demo import run_demo
+    from opdistill.cli.demo import run_demo
 
     out = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     run_demo(out, args.budget, args.seed, args.eval_n, args.teacher, args.student, args.prompts)
@@ -182,7 +182,7 @@ def _task(name: str, options: list[str]):
     """Built-in task ``name`` with ``KEY=VALUE`` options (values read as YAML, like data.task_options)."""
     import yaml
 
-    from opdistill.tasks import load_task
+    from opdistill.data.tasks import load_task
 
     parsed = {}
     for item in options:
@@ -195,10 +195,10 @@ def _task(name: str, options: list[str]):
 
 def _eval(args) -> int:
     from opdistill.config import ModelSpec
-    from opdistill.data import EVAL_SPLITS, encode_completion, read_examples
-    from opdistill.evaluate import evaluate
+    from opdistill.data.examples import EVAL_SPLITS, encode_completion, read_examples
+    from opdistill.data.tasks import RegexVerifier, function_verifier
     from opdistill.models import load_model
-    from opdistill.tasks import RegexVerifier, function_verifier
+    from opdistill.observe.evaluate import evaluate
 
     if args.task:
         task = _task(args.task, args.task_option)
@@ -227,9 +227,9 @@ def _generate(args) -> int:
     import re
 
     from opdistill.config import ModelSpec
-    from opdistill.data import read_examples, write_jsonl
-    from opdistill.generate import generate
+    from opdistill.data.examples import read_examples, write_jsonl
     from opdistill.models import load_model
+    from opdistill.sampling.generate import generate
 
     out = Path(args.out)
     if out.exists():
@@ -263,8 +263,8 @@ def _generate(args) -> int:
 def _tasks(args) -> int:
     import dataclasses
 
-    from opdistill.data import write_jsonl
-    from opdistill.tasks import task_names
+    from opdistill.data.examples import write_jsonl
+    from opdistill.data.tasks import task_names
 
     if not args.export:
         for name, description in task_names().items():
@@ -300,7 +300,7 @@ def _objectives(_args) -> int:
 
 
 def _serve_teacher(args) -> int:
-    from opdistill.server import serve
+    from opdistill.teachers.server import serve
 
     if min(args.max_tokens, args.max_batch_tokens, args.max_topk) < 1:
         raise UserError("--max-tokens, --max-batch-tokens and --max-topk must be at least 1.")
@@ -310,7 +310,7 @@ def _serve_teacher(args) -> int:
 
 
 def _report(args) -> int:
-    from opdistill.report import write_report
+    from opdistill.observe.report import write_report
 
     runs = {}
     for run in args.runs:
@@ -334,6 +334,3 @@ COMMANDS = {
     "objectives": _objectives,
     "serve-teacher": _serve_teacher,
 }
-
-if __name__ == "__main__":
-    sys.exit(main())

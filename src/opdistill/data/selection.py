@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from opdistill.coldstart import prompt_key
 from opdistill.config import Config
-from opdistill.data import Example, encode_prompts, parse_record
-from opdistill.diagnostics import topk_overlap
-from opdistill.distributed import ONE_PROCESS, World
+from opdistill.data.examples import Example, encode_prompts, parse_record
+from opdistill.data.tasks import Task
 from opdistill.models import completion_logits
-from opdistill.rollout import sample_prompts
-from opdistill.tasks import Task
+from opdistill.observe.diagnostics import topk_overlap
+from opdistill.sampling.rollout import sample_prompts
+from opdistill.training.coldstart import prompt_key
+from opdistill.training.distributed import ONE_PROCESS, World
 from opdistill.types import Rollout, SignalRequest
 
 # B x T x V logits of one scoring forward (256 MB in fp32): bounds memory on a real vocabulary

@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 
-from opdistill import diagnostics, weighting
 from opdistill.config import Config
-from opdistill.data import (
+from opdistill.data.examples import (
     Example,
     ExampleStream,
     encode_completion,
@@ -29,16 +28,18 @@ from opdistill.data import (
     rollout_of,
     write_jsonl,
 )
-from opdistill.distributed import ONE_PROCESS, World
+from opdistill.data.selection import selected_prompts
+from opdistill.data.tasks import Task
 from opdistill.errors import UserError
-from opdistill.evaluate import decode_completions, sample_completions
 from opdistill.models import completion_logits
-from opdistill.refine import refine
-from opdistill.rollout import sample_prompts
-from opdistill.selection import selected_prompts
-from opdistill.speculative import SpeculativeGuide
-from opdistill.tasks import Task
-from opdistill.teachers import Teacher
+from opdistill.objectives import weighting
+from opdistill.observe import diagnostics
+from opdistill.observe.evaluate import decode_completions, sample_completions
+from opdistill.sampling.refine import refine
+from opdistill.sampling.rollout import sample_prompts
+from opdistill.sampling.speculative import SpeculativeGuide
+from opdistill.teachers.base import Teacher
+from opdistill.training.distributed import ONE_PROCESS, World
 from opdistill.types import Rollout, Shaping, SignalRequest, TeacherSignal
 
 

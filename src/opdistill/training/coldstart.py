@@ -12,9 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from opdistill import distributed, sources  # sources as a module: it may import this one
 from opdistill.config import Config, ObjectiveConfig
-from opdistill.data import (
+from opdistill.data.examples import (
     Example,
     ExampleStream,
     encode_completion,
@@ -23,12 +22,16 @@ from opdistill.data import (
     rollout_of,
     write_jsonl,
 )
-from opdistill.distributed import World
+from opdistill.data.tasks import Stream, Task
 from opdistill.errors import UserError
-from opdistill.generate import generate
-from opdistill.progress import NullProgress, ProgressBar
-from opdistill.tasks import Stream, Task
-from opdistill.teachers import LocalTeacher
+from opdistill.observe.progress import NullProgress, ProgressBar
+from opdistill.sampling.generate import generate
+from opdistill.teachers.local import LocalTeacher
+from opdistill.training import (
+    distributed,  # sources as a module: it may import this one
+    sources,
+)
+from opdistill.training.distributed import World
 
 WARMUP_STEPS = 10  # linear warmup of the SFT learning rate, then constant
 MAX_RETRIES = 3  # an invalid teacher sample is drawn again at most this often (§11.2)
@@ -61,7 +64,7 @@ def cold_start(
     samples, and return the prompt keys (``prompt_key``) it trained on, which distillation must avoid.
 
     ``teacher`` is the run's local teacher (``LocalTeacher``: it samples, so a remote one is refused);
-    ``train_step`` is ``opdistill.train.train_step``. Each rank generates the same samples (seed
+    ``train_step`` is ``opdistill.training.loop.train_step``. Each rank generates the same samples (seed
     ``train.seed``) and trains on its share of each step's ``cold_start.prompts_per_step`` kept samples, walked
     in seeded epochs; rank 0 writes ``out/cold_start.jsonl`` (the kept samples, written last: the cold start
     is complete when it exists) and ``out/cold_start_metrics.jsonl`` (one line per SFT step). ``resume``: the

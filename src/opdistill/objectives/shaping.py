@@ -12,10 +12,11 @@ import math
 
 import torch
 
-from opdistill import diagnostics, losses, weighting
 from opdistill.config import Config
 from opdistill.models import completion_logits
-from opdistill.sources import StepBatch
+from opdistill.objectives import losses, weighting
+from opdistill.observe import diagnostics
+from opdistill.training.sources import StepBatch
 from opdistill.types import Shaping
 
 

@@ -15,7 +15,7 @@ from itertools import pairwise
 
 import torch
 
-from opdistill.losses import at_least_fp32, masked_mean, per_position
+from opdistill.objectives.losses import at_least_fp32, masked_mean, per_position
 
 
 def _entropy(logits_BTV: torch.Tensor) -> torch.Tensor:

@@ -35,11 +35,11 @@ from typing import Any, Literal
 
 import torch
 
-from opdistill.data import rollout_of
-from opdistill.diagnostics import token_entropy
+from opdistill.data.examples import rollout_of
 from opdistill.errors import UserError
-from opdistill.losses import logprobs_at, token_logprobs, topk_logprobs
 from opdistill.models import completion_logits, tokenizer_fingerprint
+from opdistill.objectives.losses import logprobs_at, token_logprobs, topk_logprobs
+from opdistill.observe.diagnostics import token_entropy
 from opdistill.types import Rollout
 
 MAX_TOKENS = 32768  # prompt + completion tokens of one request

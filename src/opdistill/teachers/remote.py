@@ -1,7 +1,6 @@
-"""Teachers score the student's tokens. The loop asks for exactly the signal its objective needs.
+"""Remote teachers: ``opd serve-teacher`` (server.py) or a vLLM OpenAI-compatible server, over HTTP.
 
-``LocalTeacher`` runs the model in this process; ``RemoteTeacher`` asks ``opd serve-teacher`` (server.py) or
-a vLLM server over HTTP. ``make_teacher`` picks one from a ``ModelSpec``."""
+Token ids go out; only L0/L1 signal comes back. The tokenizer is checked against the student's once."""
 
 from __future__ import annotations
 
@@ -13,60 +12,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, cast
+from typing import Any
 
 import torch
 
-from opdistill.config import ModelSpec
-from opdistill.diagnostics import token_entropy
 from opdistill.errors import UserError
-from opdistill.losses import logprobs_at, token_logprobs, topk_logprobs
-from opdistill.models import check_same_tokenizer, completion_logits, load_model, tokenizer_fingerprint
+from opdistill.models import tokenizer_fingerprint
 from opdistill.types import Rollout, SignalRequest, TeacherSignal
-
-
-class Teacher(Protocol):
-    def score(
-        self, rollout: Rollout, request: SignalRequest, ids_BTK: torch.Tensor | None = None
-    ) -> TeacherSignal: ...
-
-
-class LocalTeacher:
-    """An HF model in this process; one forward over prompt ⊕ completion per rollout. It is frozen, unless it is
-    the student itself (``frozen=False``: OPSD's live self-teacher scores with the current weights)."""
-
-    def __init__(self, model, frozen: bool = True):
-        self.model = model.eval().requires_grad_(False) if frozen else model
-
-    @torch.no_grad()
-    def score(
-        self, rollout: Rollout, request: SignalRequest, ids_BTK: torch.Tensor | None = None
-    ) -> TeacherSignal:
-        """L0 always; L1 top-K, L1s log-probs at ``ids_BTK``, L2 logits and the entropy when ``request`` asks.
-        Nothing of size [B, T, V] is kept unless L2 is asked for. The forward runs in inference mode; what is
-        derived from it is computed outside, so the loss may save it for its backward."""
-        with torch.inference_mode():
-            logits_BTV = completion_logits(self.model, rollout)
-        mask_BT = rollout.loss_mask_BT
-        signal = TeacherSignal(token_logp_BT=token_logprobs(logits_BTV, rollout.tokens_BT) * mask_BT)
-        if request.topk:  # at most the vocabulary (diagnostics ask for objective.topk on any vocabulary)
-            signal.topk_ids_BTK, signal.topk_logp_BTK = topk_logprobs(
-                logits_BTV, min(request.topk, logits_BTV.shape[-1])
-            )
-        if request.at_ids:
-            if ids_BTK is None:
-                raise ValueError("the request asks for log-probs at given ids (L1s) but no ids were given")
-            signal.given_ids_BTK, signal.given_logp_BTK = ids_BTK, logprobs_at(logits_BTV, ids_BTK)
-        if request.entropy:
-            signal.entropy_BT = token_entropy(logits_BTV) * mask_BT
-        if request.full:
-            signal.logits_BTV = logits_BTV
-        return signal
-
-
-# --- remote teachers: `opd serve-teacher` or a vLLM OpenAI-compatible server -------------------------------
 
 NEEDS_FULL_LOGITS = (
     "objective.type full_rkl, full_fkl, jsd, minillm or sead, the exact vOPD baseline "
@@ -328,45 +281,6 @@ class RemoteTeacher:
                 f"difference at token {at}: {theirs[at : at + 3]} vs {ours[at : at + 3]}); teacher and student "
                 "must share one tokenizer."
             )
-
-
-def make_teacher(
-    spec: ModelSpec,
-    student_tokenizer,
-    requests: Iterable[SignalRequest] = (),
-    device: torch.device | str = "cpu",
-) -> Teacher:
-    """The teacher ``spec`` names: a ``RemoteTeacher`` when ``spec.url`` is set, else a ``LocalTeacher`` over
-    ``spec.path`` on ``device`` whose tokenizer must equal the student's. A remote teacher is checked against
-    ``requests`` (e.g. the objective's and the diagnostics' requests) now, so an impossible run fails before
-    step 1."""
-    if spec.url:
-        teacher = RemoteTeacher(
-            spec.url,
-            student_tokenizer,
-            api=spec.api,
-            served_model=spec.served_model,
-            timeout_s=spec.timeout_s,
-            retries=spec.retries,
-        )
-        for request in requests:
-            teacher.require(request)
-        return teacher
-    if not spec.path:
-        raise UserError(
-            "this run needs a trained teacher: set teacher.path to its model directory or teacher.url to a "
-            "teacher server."
-        )
-    model, tokenizer = load_model(spec)
-    check_same_tokenizer(student_tokenizer, tokenizer)
-    return LocalTeacher(cast(torch.nn.Module, model).to(device))
-
-
-@torch.no_grad()
-def ema_update(teacher, student, decay: float) -> None:
-    """OPSD's EMA self-teacher: every weight becomes ``decay x teacher + (1 - decay) x student``."""
-    for mine, theirs in zip(teacher.parameters(), student.parameters(), strict=True):  # tied weights once
-        mine.lerp_(theirs.to(mine.dtype), 1 - decay)
 
 
 def rollout_sequences(rollout: Rollout) -> tuple[list[list[int]], list[list[int]]]:

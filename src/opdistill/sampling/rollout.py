@@ -7,8 +7,8 @@ from typing import Protocol
 
 import torch
 
-from opdistill.data import left_pad
-from opdistill.decode import decoder_for, sharded
+from opdistill.data.examples import left_pad
+from opdistill.sampling.decode import decoder_for, sharded
 from opdistill.types import Rollout
 
 

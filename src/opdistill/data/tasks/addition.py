@@ -25,8 +25,8 @@ import dataclasses
 import random
 import zlib
 
-from opdistill.data import Example, privileged_view
-from opdistill.tasks import RegexVerifier
+from opdistill.data.examples import Example, privileged_view
+from opdistill.data.tasks import RegexVerifier
 
 DESCRIPTION = (
     "N-digit addition with a written carry chain (options: digits=4, test_size=1000; OPSD regimes: "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from opdistill.distributed import World
 from opdistill.errors import UserError
+from opdistill.training.distributed import World
 
 
 class Board:

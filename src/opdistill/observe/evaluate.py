@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from opdistill.data import Example, encode_completion, encode_prompts, rollout_of
-from opdistill.diagnostics import distinct_answers, distinct_n, pass_at_k, token_entropy
+from opdistill.data.examples import Example, encode_completion, encode_prompts, rollout_of
+from opdistill.data.tasks import Verifier
 from opdistill.models import completion_logits
-from opdistill.rollout import sample_prompts
-from opdistill.tasks import Verifier
+from opdistill.observe.diagnostics import distinct_answers, distinct_n, pass_at_k, token_entropy
+from opdistill.sampling.rollout import sample_prompts
 
 
 def decode_completions(tokenizer, tokens_BT: torch.Tensor, mask_BT: torch.Tensor) -> list[str]:

@@ -1,0 +1,1 @@
+"""The ``opd`` command: its subcommands and the embedded demo."""

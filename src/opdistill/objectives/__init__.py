@@ -1,0 +1,1 @@
+"""What the student minimises: pure math (losses, weighting), the per-token objective and its shaping."""

@@ -1,0 +1,1 @@
+"""The loop: batches, one update, cold start, checkpoints and torch.distributed."""
