@@ -146,6 +146,7 @@ def opdistill_worker(row: Row, args) -> dict[str, Any]:
     from opdistill.teachers import local as teachers
     from opdistill.training import loop as train_module
     from opdistill.training import sources
+    from opdistill.training import step as step_module
 
     clock = StepClock()
     unpatched = []
@@ -154,8 +155,8 @@ def opdistill_worker(row: Row, args) -> dict[str, Any]:
     for owner, attr, key in [
         (sources, "sample_prompts", "sampling_s"),
         (teachers.LocalTeacher, "score", "teacher_s"),
-        (train_module, "objective_loss", "student_forward_loss_s"),
-        (train_module, "_backward", "forward_backward_s"),
+        (step_module, "objective_loss", "student_forward_loss_s"),
+        (step_module, "_backward", "forward_backward_s"),
     ]:
         if hasattr(owner, attr):
             setattr(owner, attr, clock.timed(key, getattr(owner, attr)))

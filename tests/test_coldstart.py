@@ -16,6 +16,7 @@ from opdistill.data.examples import (
     ExampleStream,
     encode_completion,
     encode_prompts,
+    prompt_key,
     read_jsonl,
     rollout_of,
 )
@@ -24,9 +25,8 @@ from opdistill.errors import UserError
 from opdistill.models import check_same_tokenizer, completion_logits, load_model
 from opdistill.objectives import losses
 from opdistill.teachers.local import LocalTeacher
-from opdistill.training.coldstart import SkippingStream, cold_start, disjoint, prompt_key
+from opdistill.training.coldstart import SkippingStream, cold_start, disjoint
 from opdistill.training.distributed import ONE_PROCESS
-from opdistill.training.loop import train_step
 
 REQUIRE = r">1\d{4}$"  # a five-digit answer: about half of the 4-digit sums, the teacher's others are dropped
 SAMPLES, STEPS = 32, 16
@@ -72,9 +72,7 @@ def run(tmp_path_factory):
     check_same_tokenizer(tokenizer, teacher_tokenizer)
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
     state = {"elapsed_s": 0.0, "student_train_tokens": 0, "teacher_generated_tokens": 0}
-    keys = cold_start(
-        config, task, tokenizer, student, LocalTeacher(teacher), out, ONE_PROCESS, train_step, state=state
-    )
+    keys = cold_start(config, task, tokenizer, student, LocalTeacher(teacher), out, ONE_PROCESS, state=state)
     return dict(config=config, task=task, student=student, tokenizer=tokenizer, before=before, keys=keys,
                 out=out, state=state)  # fmt: skip
 
@@ -107,14 +105,20 @@ def test_a_resumed_run_reads_the_prompts_back_without_training(run):
     weights = {name: p.detach().clone() for name, p in run["student"].named_parameters()}
     assert any(not torch.equal(weights[name], run["before"][name]) for name in weights)  # the SFT trained
     keys = cold_start(
-        run["config"], run["task"], run["tokenizer"], run["student"], Untouchable(), run["out"], ONE_PROCESS,
-        Untouchable(), resume=True,
-    )  # fmt: skip
+        run["config"],
+        run["task"],
+        run["tokenizer"],
+        run["student"],
+        Untouchable(),
+        run["out"],
+        ONE_PROCESS,
+        resume=True,
+    )
     assert keys == run["keys"]
     assert all(torch.equal(p, weights[name]) for name, p in run["student"].named_parameters())
     with pytest.raises(UserError, match="cold_start.jsonl"):
         cold_start(run["config"], run["task"], run["tokenizer"], None, None, run["out"] / "none", ONE_PROCESS,
-                   train_step, resume=True)  # fmt: skip
+                   resume=True)  # fmt: skip
 
 
 def test_a_sample_without_eos_is_not_kept(run, tmp_path):
@@ -123,16 +127,15 @@ def test_a_sample_without_eos_is_not_kept(run, tmp_path):
     config = replace(run["config"], cold_start={"samples": 8}, rollout={"max_new_tokens": 41})
     teacher = LocalTeacher(load_model(ModelSpec(path=str(asset_dir("addition-teacher"))))[0])
     with pytest.raises(UserError, match=r"kept none of the teacher's 8 samples .*\d truncated"):
-        cold_start(
-            config, run["task"], run["tokenizer"], run["student"], teacher, tmp_path, ONE_PROCESS, train_step
-        )
+        cold_start(config, run["task"], run["tokenizer"], run["student"], teacher, tmp_path, ONE_PROCESS)
     assert not (tmp_path / "cold_start.jsonl").exists()
 
 
 def test_a_teacher_that_cannot_sample_is_refused(run, tmp_path):
     with pytest.raises(UserError, match="remote teacher"):
-        cold_start(run["config"], run["task"], run["tokenizer"], run["student"], object(), tmp_path, ONE_PROCESS,
-                   train_step)  # fmt: skip
+        cold_start(
+            run["config"], run["task"], run["tokenizer"], run["student"], object(), tmp_path, ONE_PROCESS
+        )
 
 
 def test_an_endless_stream_skips_the_excluded_prompts_and_keeps_its_order():

@@ -17,8 +17,7 @@ from opdistill.objectives.losses import token_logprobs
 from opdistill.objectives.objective import objective_loss
 from opdistill.teachers.local import LocalTeacher
 from opdistill.training import loop, sources
-from opdistill.training.sources import StepBatch
-from opdistill.types import Rollout
+from opdistill.types import Rollout, StepBatch
 
 G = 2  # samples per prompt
 

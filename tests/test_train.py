@@ -209,8 +209,8 @@ def test_sft_stabiliser_adds_coef_times_token_mean_cross_entropy(make_model, tok
     from opdistill.models import completion_logits
     from opdistill.objectives.losses import token_logprobs
     from opdistill.teachers.local import LocalTeacher
-    from opdistill.training.sources import StepBatch
-    from opdistill.types import Rollout, SignalRequest
+    from opdistill.training.step import train_step
+    from opdistill.types import Rollout, SignalRequest, StepBatch
 
     def rollout(prompts, completions):
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
@@ -227,7 +227,7 @@ def test_sft_stabiliser_adds_coef_times_token_mean_cross_entropy(make_model, tok
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     reference = copy.deepcopy(student)
     optimizer = torch.optim.SGD(student.parameters(), lr=1.0)
-    metrics = loop.train_step(config, student, optimizer, StepBatch(on_policy, signal_, {}, sft_rollout=sft))
+    metrics = train_step(config, student, optimizer, StepBatch(on_policy, signal_, {}, sft_rollout=sft))
     assert metrics["divergence"] == pytest.approx(0.0, abs=1e-6) and metrics["sft_nll"] > 0
 
     nll = -token_logprobs(completion_logits(reference, sft), sft.tokens_BT)

@@ -98,3 +98,30 @@ class Shaping:
             self,
             **{name: value[rows] for name, value in vars(self).items() if isinstance(value, torch.Tensor)},
         )
+
+
+@dataclass
+class StepBatch:
+    rollout: Rollout  # what the objective trains on
+    signal: TeacherSignal | None  # the teacher's scores of it (None for SFT)
+    metrics: dict[str, float]  # lengths, token counters, the GKD coin
+    sft_rollout: Rollout | None = None  # off-policy completions for the SFT-stabiliser (objective.sft_coef)
+    reward_B: torch.Tensor | None = (
+        None  # verifier outcome (1.0 = correct) per sample, when the objective uses it
+    )
+    reference_logp_BT: torch.Tensor | None = (
+        None  # the initial student's log-prob of each token (ref-KL term)
+    )
+    shaping: Shaping | None = None  # per-token weights and masks (shaping.py), set by the loop
+
+    def select(self, rows: slice) -> StepBatch:
+        """The micro-batch of ``rows`` (the SFT-stabiliser's batch is separate and stays whole)."""
+        return StepBatch(
+            self.rollout.select(rows),
+            None if self.signal is None else self.signal.select(rows),
+            self.metrics,
+            self.sft_rollout,
+            None if self.reward_B is None else self.reward_B[rows],
+            None if self.reference_logp_BT is None else self.reference_logp_BT[rows],
+            None if self.shaping is None else self.shaping.select(rows),
+        )

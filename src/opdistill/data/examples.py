@@ -60,6 +60,15 @@ def privileged_view(example: Example, template: str, system: str = "") -> Exampl
     return dataclasses.replace(example, prompt=tuple(messages))
 
 
+def prompt_key(example: Example) -> str:
+    """What makes two prompts the same prompt: its text; for chat messages, a JSON rendering of the
+    (role, content) pairs — except a lone user message, which is the same prompt as its text."""
+    messages = example.messages()
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+
+
 EXAMPLE_FIELDS = ("prompt", "answer", "completion", "privileged", "id", "teacher")
 TRAIN_SPLITS = ("train",)  # the split a dataset with several gives for training, unless one is named
 EVAL_SPLITS = ("test", "validation")  # ... and for evaluation: the first of these it has

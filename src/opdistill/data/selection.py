@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 
 from opdistill.config import Config
-from opdistill.data.examples import Example, encode_prompts, parse_record
+from opdistill.data.examples import Example, encode_prompts, parse_record, prompt_key
 from opdistill.data.tasks import Task
 from opdistill.models import completion_logits
 from opdistill.observe.diagnostics import topk_overlap
 from opdistill.sampling.rollout import sample_prompts
-from opdistill.training.coldstart import prompt_key
 from opdistill.training.distributed import ONE_PROCESS, World
 from opdistill.types import Rollout, SignalRequest
 

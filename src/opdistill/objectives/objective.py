@@ -13,8 +13,7 @@ from opdistill.config import Config, ObjectiveConfig
 from opdistill.models import completion_logits
 from opdistill.objectives import losses, weighting
 from opdistill.observe import diagnostics
-from opdistill.training.sources import StepBatch
-from opdistill.types import Shaping, TeacherSignal
+from opdistill.types import Shaping, StepBatch, TeacherSignal
 
 
 def objective_loss(config: Config, student, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:

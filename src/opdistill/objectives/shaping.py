@@ -16,8 +16,7 @@ from opdistill.config import Config
 from opdistill.models import completion_logits
 from opdistill.objectives import losses, weighting
 from opdistill.observe import diagnostics
-from opdistill.training.sources import StepBatch
-from opdistill.types import Shaping
+from opdistill.types import Shaping, StepBatch
 
 
 def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> Shaping:

@@ -17,7 +17,7 @@ from opdistill.models import completion_logits
 from opdistill.objectives import losses, weighting
 from opdistill.observe import diagnostics
 from opdistill.observe.evaluate import decode_completions
-from opdistill.training.sources import StepBatch
+from opdistill.types import StepBatch
 
 POSITION_BUCKETS = 10  # per-position diagnostics by decile of each response's own length
 TOKEN_BINS = (0, 100, 500, 2000)  # and by absolute token position: [0, 100), [100, 500), [500, 2k), [2k, ∞)

@@ -9,7 +9,6 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from opdistill.config import Config, ObjectiveConfig
@@ -18,6 +17,7 @@ from opdistill.data.examples import (
     ExampleStream,
     encode_completion,
     encode_prompts,
+    prompt_key,
     read_jsonl,
     rollout_of,
     write_jsonl,
@@ -27,23 +27,13 @@ from opdistill.errors import UserError
 from opdistill.observe.progress import NullProgress, ProgressBar
 from opdistill.sampling.generate import generate
 from opdistill.teachers.local import LocalTeacher
-from opdistill.training import (
-    distributed,  # sources as a module: it may import this one
-    sources,
-)
+from opdistill.training import distributed
 from opdistill.training.distributed import World
+from opdistill.training.step import train_step
+from opdistill.types import StepBatch
 
 WARMUP_STEPS = 10  # linear warmup of the SFT learning rate, then constant
 MAX_RETRIES = 3  # an invalid teacher sample is drawn again at most this often (§11.2)
-
-
-def prompt_key(example: Example) -> str:
-    """What makes two prompts the same prompt: its text; for chat messages, a JSON rendering of the
-    (role, content) pairs — except a lone user message, which is the same prompt as its text."""
-    messages = example.messages()
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
 
 
 def cold_start(
@@ -54,7 +44,6 @@ def cold_start(
     teacher,
     out: Path,
     world: World,
-    train_step: Callable,
     *,
     resume: bool = False,
     state: dict | None = None,
@@ -63,8 +52,7 @@ def cold_start(
     """SFT ``model`` (the student the loss runs through: DDP- or FSDP-wrapped under torchrun) on the teacher's
     samples, and return the prompt keys (``prompt_key``) it trained on, which distillation must avoid.
 
-    ``teacher`` is the run's local teacher (``LocalTeacher``: it samples, so a remote one is refused);
-    ``train_step`` is ``opdistill.training.loop.train_step``. Each rank generates the same samples (seed
+    ``teacher`` is the run's local teacher (``LocalTeacher``: it samples, so a remote one is refused). Each rank generates the same samples (seed
     ``train.seed``) and trains on its share of each step's ``cold_start.prompts_per_step`` kept samples, walked
     in seeded epochs; rank 0 writes ``out/cold_start.jsonl`` (the kept samples, written last: the cold start
     is complete when it exists) and ``out/cold_start_metrics.jsonl`` (one line per SFT step). ``resume``: the
@@ -118,7 +106,7 @@ def cold_start(
             examples = stream.batch(step, cold.prompts_per_step)[first : first + count]
             completions = [encode_completion(tokenizer, ex.completion) for ex in examples]
             rollout = rollout_of(encode_prompts(tokenizer, examples), completions, tokenizer.pad_token_id)
-            batch = sources.StepBatch(rollout.to(device), None, {})
+            batch = StepBatch(rollout.to(device), None, {})
             metrics = train_step(sft_config, model, optimizer, batch, world)
             bad_steps = 0 if _finite(metrics) else bad_steps + 1  # train_step skipped that update
             if bad_steps >= config.train.max_bad_steps:

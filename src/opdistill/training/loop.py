@@ -12,7 +12,6 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,9 +19,8 @@ import torch
 from opdistill.config import Config, save_config
 from opdistill.data.tasks import Task, corpus_text, task_from_config
 from opdistill.errors import UserError
-from opdistill.models import completion_logits, load_model, load_student, save_model
-from opdistill.objectives import losses, shaping
-from opdistill.objectives.objective import objective_loss
+from opdistill.models import load_model, load_student, save_model
+from opdistill.objectives import shaping
 from opdistill.observe import monitor
 from opdistill.observe.evaluate import evaluate
 from opdistill.observe.progress import NullProgress, ProgressBar
@@ -32,7 +30,8 @@ from opdistill.teachers.local import LocalTeacher, ema_update
 from opdistill.training import distributed, sources
 from opdistill.training.checkpoint import latest_checkpoint, load_state, save_checkpoint, truncate_jsonl
 from opdistill.training.coldstart import cold_start, disjoint
-from opdistill.training.distributed import ONE_PROCESS, World
+from opdistill.training.distributed import World
+from opdistill.training.step import train_step
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 COUNTERS = (
@@ -135,7 +134,7 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
     # the loss runs through `model` (DDP / FSDP2 under torchrun); sampling, scoring and evaluation use `student`
     model = distributed.wrap(student, world, config.train.parallel)
     if config.cold_start.samples:  # SFT on teacher samples first; distillation then avoids their prompts
-        seen = cold_start(config, task, tokenizer, model, teachers[""], out, world, train_step,
+        seen = cold_start(config, task, tokenizer, model, teachers[""], out, world,
                           resume=resume, state=state, show_progress=show_progress)  # fmt: skip
         task = dataclasses.replace(task, train=disjoint(task.train, seen))
     make_batch = sources.batch_source(
@@ -231,94 +230,6 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
         save_model(student, tokenizer, out / "final", model_state and dict(model_state))
     world.barrier()
     return {"out": str(out), "complete": True, "steps": state["step"], "final_eval": last_eval, **state}
-
-
-def train_step(
-    config: Config, model, optimizer, batch: sources.StepBatch, world: World = ONE_PROCESS
-) -> dict:
-    """Backward over micro-batches, each loss normalised by the whole step's counts over all micro-batches and
-    ranks (so neither micro-batching nor world size changes the update), plus the optional SFT-stabiliser term;
-    then clip and AdamW. A non-finite loss or gradient skips the update; the returned metrics say so."""
-    objective, rollout = config.objective, batch.rollout
-    optimizer.zero_grad(set_to_none=True)
-    loss_mask_BT = rollout.loss_mask_BT if batch.shaping is None else batch.shaping.mask_BT
-    tokens = distributed.all_sum(float(loss_mask_BT.sum()), world)
-    rows = distributed.all_sum(float(rollout.tokens_BT.shape[0]), world)
-    normalizer = losses.Normalizer(objective.aggregation, tokens, rows, objective.aggregation_constant)
-    sft = batch.sft_rollout
-    totals = _backward(
-        model, loss_mask_BT, normalizer, lambda part: objective_loss(config, model, batch.select(part)),
-        config.train.micro_batch_size, world, last=sft is None,
-    )  # fmt: skip
-    trained_tokens = int(rollout.attention_mask.sum())
-    if sft is not None:  # the SFT-stabiliser (ALGORITHMS §5.5): token-mean CE on its own batch
-        sft_tokens = distributed.all_sum(float(sft.loss_mask_BT.sum()), world)
-        sft_normalizer = losses.Normalizer(
-            "token-mean", sft_tokens, distributed.all_sum(float(len(sft.tokens_BT)), world)
-        )
-
-        def sft_loss(part: slice):
-            mb = sft.select(part)
-            nll_BT = -losses.token_logprobs(completion_logits(model, mb), mb.tokens_BT)
-            return objective.sft_coef * nll_BT, {"sft_nll": losses.masked_mean(nll_BT, mb.loss_mask_BT)}
-
-        sft_totals = _backward(
-            model, sft.loss_mask_BT, sft_normalizer, sft_loss, config.train.micro_batch_size, world, last=True
-        )
-        totals["loss"] += sft_totals.pop("loss")
-        totals.update(sft_totals)
-        trained_tokens += int(sft.attention_mask.sum())
-    totals["loss"] = distributed.all_sum(totals["loss"], world)  # every rank takes the same decision below
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
-    grad_norm = float(getattr(total_norm, "full_tensor", lambda: total_norm)())  # FSDP2: a DTensor
-    if math.isfinite(totals["loss"]) and math.isfinite(grad_norm):
-        if config.optim.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(model.parameters(), config.optim.grad_clip, total_norm)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {
-        **totals,
-        "grad_norm": grad_norm,
-        "loss_tokens": int(tokens),
-        "student_train_tokens": trained_tokens,
-    }
-
-
-PerTokenLoss = Callable[[slice], tuple[torch.Tensor, dict[str, float]]]
-
-
-def _backward(
-    model,
-    loss_mask_BT: torch.Tensor,
-    normalizer: losses.Normalizer,
-    per_token_loss: PerTokenLoss,
-    micro_batch_size: int,
-    world: World,
-    last: bool,
-) -> dict[str, float]:
-    """Accumulate gradients of ``normalizer(per_token_loss(rows))`` over micro-batches of this rank's rows; returns
-    this rank's summed loss and token-weighted metrics (min/max for ``*_min``/``*_max``). Ranks average their
-    gradients, so each rank's loss counts ``world.size`` times; they sync once, in the step's ``last`` backward."""
-    rows = loss_mask_BT.shape[0]
-    micro = micro_batch_size or rows
-    tokens = max(float(loss_mask_BT.sum()), 1.0)
-    totals: dict[str, float] = {"loss": 0.0}
-    for start in range(0, rows, micro):
-        part = slice(start, start + micro)
-        per_token_BT, metrics = per_token_loss(part)
-        loss = normalizer(per_token_BT, loss_mask_BT[part])
-        with distributed.gradient_sync(model, sync=last and start + micro >= rows):
-            (loss * world.size).backward()
-        totals["loss"] += float(loss.detach())
-        share = float(loss_mask_BT[part].sum()) / tokens
-        for key, value in metrics.items():
-            if key.endswith(("_min", "_max")):
-                pick = min if key.endswith("_min") else max
-                totals[key] = pick(totals[key], value) if key in totals else value
-            else:
-                totals[key] = totals.get(key, 0.0) + share * value
-    return totals
 
 
 def _out_of_time(config: Config, state: dict) -> bool:

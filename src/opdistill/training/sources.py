@@ -10,7 +10,6 @@ import json
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,34 +39,7 @@ from opdistill.sampling.rollout import sample_prompts
 from opdistill.sampling.speculative import SpeculativeGuide
 from opdistill.teachers.base import Teacher
 from opdistill.training.distributed import ONE_PROCESS, World
-from opdistill.types import Rollout, Shaping, SignalRequest, TeacherSignal
-
-
-@dataclass
-class StepBatch:
-    rollout: Rollout  # what the objective trains on
-    signal: TeacherSignal | None  # the teacher's scores of it (None for SFT)
-    metrics: dict[str, float]  # lengths, token counters, the GKD coin
-    sft_rollout: Rollout | None = None  # off-policy completions for the SFT-stabiliser (objective.sft_coef)
-    reward_B: torch.Tensor | None = (
-        None  # verifier outcome (1.0 = correct) per sample, when the objective uses it
-    )
-    reference_logp_BT: torch.Tensor | None = (
-        None  # the initial student's log-prob of each token (ref-KL term)
-    )
-    shaping: Shaping | None = None  # per-token weights and masks (shaping.py), set by the loop
-
-    def select(self, rows: slice) -> StepBatch:
-        """The micro-batch of ``rows`` (the SFT-stabiliser's batch is separate and stays whole)."""
-        return StepBatch(
-            self.rollout.select(rows),
-            None if self.signal is None else self.signal.select(rows),
-            self.metrics,
-            self.sft_rollout,
-            None if self.reward_B is None else self.reward_B[rows],
-            None if self.reference_logp_BT is None else self.reference_logp_BT[rows],
-            None if self.shaping is None else self.shaping.select(rows),
-        )
+from opdistill.types import Rollout, SignalRequest, StepBatch, TeacherSignal
 
 
 def batch_source(
