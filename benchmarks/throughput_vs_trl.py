@@ -155,7 +155,7 @@ def opdistill_worker(row: Row, args) -> dict[str, Any]:
     for owner, attr, key in [
         (sources, "sample_prompts", "sampling_s"),
         (teachers.LocalTeacher, "score", "teacher_s"),
-        (step_module, "objective_loss", "student_forward_loss_s"),
+        (step_module, "micro_batch_loss", "student_forward_loss_s"),
         (step_module, "_backward", "forward_backward_s"),
     ]:
         if hasattr(owner, attr):

@@ -172,7 +172,7 @@ def test_interrupted_run_checkpoints_and_resumes(tmp_path):
 
 
 def test_objectives_lists_every_objective_with_its_teacher_signal():
-    from opdistill.config import OBJECTIVES
+    from opdistill.objectives.registry import OBJECTIVES
 
     listing = opd("objectives")
     assert listing.returncode == 0, listing.stderr

@@ -14,9 +14,9 @@ from opdistill.data.examples import left_pad, right_pad
 from opdistill.models import completion_logits, load_model
 from opdistill.objectives import shaping
 from opdistill.objectives.losses import token_logprobs
-from opdistill.objectives.objective import objective_loss
 from opdistill.teachers.local import LocalTeacher
 from opdistill.training import loop, sources
+from opdistill.training.step import micro_batch_loss
 from opdistill.types import Rollout, StepBatch
 
 G = 2  # samples per prompt
@@ -52,7 +52,7 @@ def _loss(config, student, teacher, rollout, reward=None, reference=None):
     """The normalised loss and metrics of one step's batch."""
     batch = _batch(config, student, teacher, rollout, reward, reference)
     assert batch.shaping is not None
-    per_token_BT, metrics = objective_loss(config, student, batch)
+    per_token_BT, metrics = micro_batch_loss(config, student, batch)
     mask_BT = batch.shaping.mask_BT
     return (per_token_BT * mask_BT).sum() / mask_BT.sum(), metrics
 
@@ -80,7 +80,7 @@ def test_scope_trains_correct_samples_by_likelihood_and_failed_ones_by_reverse_k
     student, teacher, rollout = setup
     config = _config("objective.type=scope")
     correct = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    per_token_BT, _ = objective_loss(config, student, _batch(config, student, teacher, rollout, correct))
+    per_token_BT, _ = micro_batch_loss(config, student, _batch(config, student, teacher, rollout, correct))
     signal_ = teacher.score(rollout, config.teacher_request)
     # at the sampler's parameters ρ = 1: a correct row's token loss is -w (prompt 0 has one correct row: w = 1)
     mask_BT = rollout.loss_mask_BT
@@ -154,7 +154,7 @@ def test_a_loss_window_also_ends_the_reward_stream_and_a_position_limit_masks(se
     student, teacher, rollout = setup
     config = _config("objective.discount=1", "weighting.loss_window=1")
     batch = _batch(config, student, teacher, rollout)
-    per_token_BT, _ = objective_loss(config, student, batch)
+    per_token_BT, _ = micro_batch_loss(config, student, batch)
     assert batch.shaping is not None and batch.shaping.mask_BT.sum(1).tolist() == [1, 1, 1, 1]
     # with only token 0 left, its return is its own reward: A_0 = log p_T(y_0) - log p_S(y_0), at ρ = 1
     signal_ = teacher.score(rollout, config.teacher_request)

@@ -12,7 +12,6 @@ import inspect
 import re
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +21,7 @@ import yaml
 from opdistill.data.examples import EXAMPLE_FIELDS
 from opdistill.errors import UserError
 from opdistill.objectives.losses import TopKVariant
+from opdistill.objectives.registry import OBJECTIVES, names_where
 from opdistill.types import SignalRequest
 
 
@@ -54,23 +54,6 @@ def parse_preset(preset: str) -> tuple[int, int] | None:
 
 
 SftTargets = Literal["dataset", "teacher", "teacher_pool"]
-Objective = Literal[
-    "full_rkl", "full_fkl", "jsd", "topk_rkl", "sead", "sampled_rkl", "k2", "minillm", "scope", "dasd", "sft"
-]
-# objective.type -> (optimizer branch, what it is); `opd objectives` prints this with the teacher signal
-OBJECTIVES = {
-    "full_rkl": ("direct", "KL(p_S ‖ p_T) over the vocabulary at each visited state (GKD β = 1), §3"),
-    "full_fkl": ("direct", "KL(p_T ‖ p_S) over the vocabulary (GKD β = 0), §3"),
-    "jsd": ("direct", "generalized JSD_β over the vocabulary (GKD; objective.jsd_beta), §3"),
-    "topk_rkl": ("direct", "reverse KL on K ids per position: topk_variant, topk_support, §5"),
-    "sead": ("direct", "entropy zones skip / reverse KL / forward KL, annealed toward forward KL, §7.7"),
-    "sampled_rkl": ("PG", "advantage -(log p_S - log p_T) of the sampled token, IS or PPO-clipped, §2"),
-    "k2": ("direct", "½ (log p_S - log p_T)² of the sampled token, back-propagated (KDRL), §1.4"),
-    "minillm": ("both", "full reverse KL + PG on the length-normalised future reward (MiniLLM), §4"),
-    "scope": ("PG", "verifier: correct samples by likelihood, failed by sampled_rkl, PPL-weighted, §7.3"),
-    "dasd": ("PG", "verifier: GRPO advantage + entropy-routed, direction-adaptive teacher term, §7.4"),
-    "sft": ("-", "cross-entropy on dataset or teacher completions (what `opd sft` runs)"),
-}
 Route = Literal["all", "failed_only", "correct_only"]
 Window = Literal["first", "last", "random"]
 TopKSupport = Literal["student", "teacher", "union", "intersect"]
@@ -144,7 +127,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    type: Objective = "full_rkl"  # what the student minimises: `opd objectives` lists them all
+    type: str = "full_rkl"  # what the student minimises: `opd objectives` lists them all
     jsd_beta: float = 0.5  # β of type=jsd: 0 = forward KL, 1 = reverse KL (TRL convention)
     topk: int = 16  # K of topk_rkl and of the top-K baseline (ids per position)
     topk_variant: TopKVariant = "sg"  # topk_rkl: raw (T1, biased) | sg | renorm | tail | pg | fkl, see docs
@@ -171,6 +154,19 @@ class ObjectiveConfig:
     aggregation_constant: float = 1.0  # divisor of aggregation=constant
 
     def __post_init__(self):
+        if self.type not in OBJECTIVES:
+            choices = ", ".join(repr(name) for name in OBJECTIVES)
+            close = difflib.get_close_matches(self.type, OBJECTIVES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"objective.type must be one of {choices}; got {self.type!r}.{hint}")
+        record = OBJECTIVES[self.type]
+
+        def hybrid(r):
+            return r.rlvr_hybrid
+
+        def policy_gradient(r):
+            return r.branch in ("PG", "both")
+
         if not 0 <= self.jsd_beta <= 1 or self.temperature <= 0:
             raise UserError("objective.jsd_beta must be in [0, 1] and objective.temperature above 0.")
         if self.pg_clip < 0 or self.pg_clip_high < 0 or (self.dual_clip and self.dual_clip <= 1):
@@ -181,54 +177,46 @@ class ObjectiveConfig:
             raise UserError(
                 "objective.dual_clip needs objective.pg_clip (dual clip bounds the PPO-clipped loss)."
             )
-        if self.baseline == "vopd" and (self.type != "sampled_rkl" or self.discount > 0):
+        if self.baseline == "vopd" and (not record.rlvr_hybrid or self.discount > 0):
             raise UserError(
                 "objective.baseline=vopd applies to objective.type=sampled_rkl with objective.discount=0."
             )
-        if self.token_clip < 0 or (self.token_clip and self.direct_beta is None and self.type != "topk_rkl"):
+        if self.token_clip < 0 or (self.token_clip and not record.clippable):
             raise UserError(
-                "objective.token_clip must be >= 0 and applies to full_rkl, full_fkl, jsd and topk_rkl."
+                f"objective.token_clip must be >= 0 and applies to {names_where(lambda r: r.clippable)}."
             )
         if self.topk < 1 or self.baseline_topk < 0:
             raise UserError("objective.topk must be at least 1 and objective.baseline_topk at least 0.")
-        single_id = self.topk == 1 and self.topk_support in ("student", "teacher", "intersect")
-        if self.type == "topk_rkl" and self.topk_variant == "renorm" and single_id:
-            warnings.warn(
-                "objective.topk=1 with topk_variant=renorm: both sides renormalise to 1 on a single id, "
-                "so the loss and its gradient are identically 0. Use K >= 4 (Rethinking OPD §6.3).",
-                stacklevel=2,
-            )
-        if self.sft_coef < 0 or (self.sft_coef and self.type == "sft"):
+        if self.sft_coef < 0 or (self.sft_coef and not record.distills):
             raise UserError(
                 "objective.sft_coef must be >= 0 and is a term added to a distillation objective."
             )
         if self.aggregation_constant <= 0:
             raise UserError("objective.aggregation_constant must be above 0.")
-        pg_branch = self.type in ("sampled_rkl", "minillm", "scope", "dasd")
-        if self.grpo_coef < 0 or (self.grpo_coef and self.type != "sampled_rkl"):
-            raise UserError("objective.grpo_coef must be >= 0 and applies to objective.type=sampled_rkl.")
-        if (self.route_opd != "all" or self.route_rl != "all") and self.type != "sampled_rkl":
-            raise UserError("objective.route_opd and route_rl apply to objective.type=sampled_rkl.")
-        if (self.pg_clip or self.dual_clip) and not pg_branch:
+        if self.grpo_coef < 0 or (self.grpo_coef and not record.rlvr_hybrid):
             raise UserError(
-                "objective.pg_clip applies to the policy-gradient types: sampled_rkl, minillm, scope, dasd."
+                f"objective.grpo_coef must be >= 0 and applies to objective.type={names_where(hybrid)}."
+            )
+        if (self.route_opd != "all" or self.route_rl != "all") and not record.rlvr_hybrid:
+            raise UserError(
+                f"objective.route_opd and route_rl apply to objective.type={names_where(hybrid)}."
+            )
+        if (self.pg_clip or self.dual_clip) and not policy_gradient(record):
+            raise UserError(
+                f"objective.pg_clip applies to the policy-gradient types: {names_where(policy_gradient)}."
             )
         if self.temperature != 1 and self.direct_beta is None:
             raise UserError(
-                "objective.temperature applies to full_rkl, full_fkl and jsd (both sides at τ); the other types "
+                f"objective.temperature applies to {names_where(lambda r: r.beta is not None)} (both sides at τ); "
+                "the other types "
                 "use the untempered distributions. Use temperature=1."
             )
         if self.baseline_topk and self.baseline != "vopd":
             raise UserError(
                 "objective.baseline_topk sets the vopd baseline's support: set objective.baseline=vopd."
             )
-        if self.type == "minillm" and self.discount <= 0:
-            raise UserError(
-                "minillm's long-term term is the discounted future reward: set objective.discount in (0, 1] "
-                "(MiniLLM uses 1)."
-            )
-        if self.type in ("scope", "dasd") and (self.kl_coef != 1 or self.discount):
-            raise UserError(f"objective.kl_coef and discount do not apply to objective.type={self.type}.")
+        if record.check is not None:  # what only this objective's settings must satisfy
+            record.check(self)
         if self.scope_tau <= 0 or self.dasd_beta < 0 or not 0 < self.dasd_rho < 1 or self.ref_kl_coef < 0:
             raise UserError(
                 "objective.scope_tau must be > 0, dasd_beta >= 0, dasd_rho in (0, 1) and ref_kl_coef >= 0."
@@ -236,20 +224,21 @@ class ObjectiveConfig:
 
     @property
     def direct_beta(self) -> float | None:
-        """β of the full-vocabulary divergence, or None for the sampled and SFT objectives."""
-        return {"full_rkl": 1.0, "full_fkl": 0.0, "jsd": self.jsd_beta}.get(self.type)
+        """β of the full-vocabulary divergence, or None for the sampled, top-K and SFT objectives."""
+        beta = OBJECTIVES[self.type].beta
+        return None if beta is None else beta(self)
 
     @property
     def needs_reward(self) -> bool:
         """Whether each sample needs its verifier outcome (RLVR hybrids, SCOPE, DASD)."""
-        return bool(self.grpo_coef) or self.route_opd != "all" or self.type in ("scope", "dasd")
+        return bool(self.grpo_coef) or self.route_opd != "all" or OBJECTIVES[self.type].needs_reward
 
     @property
     def student_topk(self) -> int:
         """How many of the student's top ids per position the teacher must score (L1s), 0 for none."""
         if self.baseline == "vopd" and self.baseline_topk:
             return self.baseline_topk
-        return self.topk if self.type == "topk_rkl" and self.topk_support in ("student", "union") else 0
+        return self.topk if OBJECTIVES[self.type].request(self).at_ids else 0
 
     @property
     def ppo_clip(self) -> tuple[float, float] | None:
@@ -463,7 +452,8 @@ class Config:
             )
             if on
         ]
-        student_samples = objective.type in ("sampled_rkl", "k2", "minillm") or objective.ref_kl_coef
+        record = OBJECTIVES[objective.type]
+        student_samples = record.student_samples or objective.ref_kl_coef
         if student_samples and not_sampled:
             raise UserError(
                 f"objective.type={objective.type} (and ref_kl_coef) estimate from the student's own samples; "
@@ -492,7 +482,7 @@ class Config:
             )
         if teacher_model and self.teachers:
             raise UserError(f"{teacher_model[0]} uses the one default teacher: not with several teachers.")
-        if (objective.grpo_coef or objective.type == "dasd") and rollout.n_per_prompt < 2:
+        if (objective.grpo_coef or record.needs_group) and rollout.n_per_prompt < 2:
             raise UserError(
                 "a GRPO advantage is 0 with one sample per prompt: set rollout.n_per_prompt to 4 or more."
             )
@@ -505,7 +495,7 @@ class Config:
             or self.trd.mode != "off"
             or self.cold_start.samples
         )
-        if distill_only and objective.type == "sft":
+        if distill_only and not record.distills:
             raise UserError(
                 "weighting.*, objective.ref_kl_coef, data.curriculum, data.select_fraction, rollout.skd_topk, trd "
                 "and cold_start apply to distillation objectives, not objective.type=sft."
@@ -536,7 +526,7 @@ class Config:
         if opsd == "off":
             return
         if (
-            self.objective.type == "sft"
+            not OBJECTIVES[self.objective.type].distills
             or self.rollout.on_policy_fraction < 1
             or self.data.completions != "dataset"
         ):
@@ -558,7 +548,7 @@ class Config:
 
     def diagnostics_due(self, step: int) -> bool:
         every = self.train.diagnostics_every
-        return self.objective.type != "sft" and bool(every) and step % every == 0
+        return OBJECTIVES[self.objective.type].distills and bool(every) and step % every == 0
 
     @property
     def diagnostics_request(self) -> SignalRequest:
@@ -572,18 +562,13 @@ class Config:
         vOPD baseline and TIP; L1 (its top-K) or L1s (at the student's top-K) for the top-K objectives, EOPD
         and Prune-OPD; its entropy for EOPD and SEAD."""
         objective, weighting = self.objective, self.weighting
-        topk_rkl = objective.type == "topk_rkl"
-        teacher_topk = (
-            (topk_rkl and objective.topk_support != "student") or weighting.eopd_coef or weighting.prune
-        )
+        own = OBJECTIVES[objective.type].request(objective)
+        vopd = objective.baseline == "vopd"
         return SignalRequest(
-            topk=objective.topk if teacher_topk else 0,
-            at_ids=objective.student_topk > 0,
-            full=objective.direct_beta is not None
-            or objective.type in ("minillm", "sead")
-            or (objective.baseline == "vopd" and not objective.baseline_topk)
-            or bool(weighting.tip_ratio),
-            entropy=bool(weighting.eopd_coef) or objective.type == "sead",
+            topk=objective.topk if own.topk or weighting.eopd_coef or weighting.prune else 0,
+            at_ids=own.at_ids or (vopd and bool(objective.baseline_topk)),
+            full=own.full or (vopd and not objective.baseline_topk) or bool(weighting.tip_ratio),
+            entropy=own.entropy or bool(weighting.eopd_coef),
         )
 
 

@@ -280,15 +280,13 @@ def _tasks(args) -> int:
 
 
 def _objectives(_args) -> int:
-    from opdistill.config import OBJECTIVES, load_config
+    from opdistill.config import ObjectiveConfig
+    from opdistill.objectives.registry import RECORDS, signal_levels
 
-    print("objective.type   branch  teacher sends  what (ALGORITHMS.md section)")
-    for name, (branch, what) in OBJECTIVES.items():
-        extra = {"dasd": ["rollout.n_per_prompt=4"], "minillm": ["objective.discount=1"]}.get(name, [])
-        request = load_config(None, [f"objective.type={name}", *extra]).teacher_request
-        levels = ["L0"] * (name != "sft") + ["L1"] * bool(request.topk) + ["L1s"] * request.at_ids
-        levels += ["L2"] * request.full + ["H"] * request.entropy
-        print(f"{name:16s} {branch:7s} {' '.join(levels):14s} {what}")
+    print("objective.type   branch  teacher sends  what (docs/math.md section)")
+    for record in RECORDS:
+        levels = signal_levels(record.request(ObjectiveConfig()), record.distills)
+        print(f"{record.name:16s} {record.branch:7s} {levels:14s} {record.summary}")
     print(
         "\nL0 = log p_T of each sampled token; L1 = the teacher's top-K ids and log-probs; L1s = its log-probs at"
         "\nthe student's top-K ids; L2 = full logits; H = its entropy. For topk_rkl the levels depend on"

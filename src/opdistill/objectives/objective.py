@@ -1,173 +1,289 @@
-"""The objective of one micro-batch: which math-core functions the config selects, and what they are fed.
+"""Each objective's per-token loss, as one function of the same ``ObjectiveInputs`` (and, where the objective
+reweights the step, one shaping function): the glue between a micro-batch and the math core.
 
-Orchestration only, like the loop: every formula lives in ``losses.py`` and ``weighting.py``. The direct
-branch back-propagates a divergence at the visited states; the policy-gradient branch builds a detached
-advantage per token (ALGORITHMS.md §1.4); the step's ``Shaping`` weights the teacher term and its extras.
+Orchestration only: every formula lives in ``losses.py`` and ``weighting.py``. The direct branch
+back-propagates a divergence at the visited states; the policy-gradient branch builds a detached advantage per
+token (math.md §1.4); the step's ``Shaping`` weights the teacher term. ``registry.py`` names each function.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
-from opdistill.config import Config, ObjectiveConfig
-from opdistill.models import completion_logits
 from opdistill.objectives import losses, weighting
-from opdistill.observe import diagnostics
-from opdistill.types import Shaping, StepBatch, TeacherSignal
+from opdistill.types import Rollout, Shaping, StepBatch, TeacherSignal
+
+if TYPE_CHECKING:
+    from opdistill.config import ObjectiveConfig
 
 
-def objective_loss(config: Config, student, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
-    """(per-token loss [B, T], metrics) of the configured objective on one micro-batch: the only place the loop
-    touches the math core. The step's ``Shaping`` weights the teacher term; its mask is the normaliser's."""
-    objective, rollout, signal_ = config.objective, batch.rollout, batch.signal
-    mask_BT = rollout.loss_mask_BT
-    logits_BTV = completion_logits(student, rollout)  # [B, T, V], with grad
-    logp_BT = losses.token_logprobs(logits_BTV, rollout.tokens_BT)
-    entropy_BT = diagnostics.token_entropy(logits_BTV)
-    metrics = {
-        "entropy": losses.masked_mean(entropy_BT, mask_BT),
-        "high_entropy_rate": diagnostics.high_entropy_rate(entropy_BT, mask_BT),
-    }
-    if objective.type == "sft":
-        return -logp_BT, {**metrics, "nll": losses.masked_mean(-logp_BT, mask_BT)}
-    assert signal_ is not None
-    shaping = batch.shaping or Shaping(mask_BT, mask_BT.float())
-    # teacher_kl (the sampled reverse-KL estimate), mean |log-ratio|, share of negative-reward tokens
-    metrics.update(diagnostics.log_ratio_stats(logp_BT - signal_.token_logp_BT, mask_BT))
-    if objective.type == "k2":
-        loss_BT = shaping.weight_BT * losses.k2_per_token(logp_BT, signal_.token_logp_BT)
-    elif objective.direct_beta is not None or objective.type in ("topk_rkl", "sead"):
-        divergence_BT = _divergence(objective, logits_BTV, signal_, shaping, metrics)
-        metrics["divergence"] = losses.masked_mean(divergence_BT, mask_BT)  # before any clipping
-        if objective.token_clip:
-            divergence_BT, clip_metrics = losses.clip_divergence(
-                divergence_BT, mask_BT, objective.token_clip, objective.token_clip_soft
-            )
-            metrics.update(clip_metrics)
-        loss_BT = shaping.weight_BT * divergence_BT
-    else:
-        loss_BT = _policy_gradient(objective, logits_BTV, logp_BT, entropy_BT, batch, shaping, metrics)
-    if config.weighting.eopd_coef:  # EOPD: forward KL on the teacher's top-K where the teacher is uncertain
-        assert signal_.entropy_BT is not None and signal_.topk_ids_BTK is not None
-        assert signal_.topk_logp_BTK is not None
-        gate_BT = weighting.entropy_gate(signal_.entropy_BT, mask_BT, config.weighting.eopd_threshold)
-        fkl_BT = losses.topk_divergence(logits_BTV, signal_.topk_ids_BTK, signal_.topk_logp_BTK, "fkl")
-        loss_BT = loss_BT + config.weighting.eopd_coef * shaping.weight_BT * gate_BT * fkl_BT
-        metrics["eopd_gate_frac"] = losses.masked_mean(gate_BT.float(), mask_BT)
-    if objective.ref_kl_coef:  # StableOPD: k3 KL to the initial student on the sampled tokens
-        assert batch.reference_logp_BT is not None
-        k3_BT = losses.k3_per_token(logp_BT, batch.reference_logp_BT)
-        loss_BT = loss_BT + objective.ref_kl_coef * k3_BT
-        metrics["reference_kl"] = losses.masked_mean(k3_BT, mask_BT)
-    return loss_BT, metrics
+@dataclass
+class ObjectiveInputs:
+    """What every objective's loss may read for one micro-batch; ``metrics`` collects what it logs."""
+
+    objective: ObjectiveConfig
+    logits_BTV: torch.Tensor  # the student's logits at each completion position, with grad
+    logp_BT: torch.Tensor  # their log-prob of each sampled token, with grad
+    entropy_BT: torch.Tensor  # the student's entropy per position, with grad
+    batch: StepBatch
+    shaping: Shaping
+    metrics: dict[str, float]
+
+    @property
+    def rollout(self) -> Rollout:
+        return self.batch.rollout
+
+    @property
+    def signal(self) -> TeacherSignal:
+        assert self.batch.signal is not None, "a distillation objective needs the teacher's signal"
+        return self.batch.signal
 
 
-def _policy_gradient(
-    objective: ObjectiveConfig,
-    logits_BTV: torch.Tensor,
-    logp_BT: torch.Tensor,
-    entropy_BT: torch.Tensor,
-    batch: StepBatch,
-    shaping: Shaping,
-    metrics: dict,
-) -> torch.Tensor:
-    """The PG branch (ALGORITHMS §1.4): a detached advantage per token, importance-sampled or PPO-clipped.
-    The teacher part of the advantage is weighted by the shaping; a verifier part (GRPO, DASD's A_G) is not."""
-    rollout, signal_ = batch.rollout, batch.signal
-    assert signal_ is not None
-    mask_BT, teacher_logp_BT = rollout.loss_mask_BT, signal_.token_logp_BT
-    # the reward uses the trainer's (detached) log-prob: equal to the sampler's at temperature 1, and still the
-    # student's own policy when sampling is tempered; the importance ratio corrects for the sampler.
-    student_logp_BT = logp_BT.detach()
-    bonus_BT = (
-        torch.zeros_like(student_logp_BT) if shaping.bonus_B is None else shaping.bonus_B[:, None] * mask_BT
+@dataclass
+class ShapingInputs:
+    """What an objective's own shaping may read: the step's whole batch, its student statistics (without
+    gradient, over the whole batch) and where the run stands."""
+
+    objective: ObjectiveConfig
+    batch: StepBatch
+    student_logp_BT: torch.Tensor | None
+    student_entropy_BT: torch.Tensor | None
+    step: int
+    steps: int  # train.steps: SEAD anneals over the run
+    group: int  # rollout.n_per_prompt: samples per prompt (GRPO groups)
+    metrics: dict[str, float]
+
+    @property
+    def signal(self) -> TeacherSignal:
+        assert self.batch.signal is not None
+        return self.batch.signal
+
+
+# --- the direct branch: back-propagate a divergence at each visited state -------------------------------------
+
+
+def direct(divergence_BT: torch.Tensor, inputs: ObjectiveInputs) -> torch.Tensor:
+    """A divergence per token as the loss: logged before clipping, optionally clipped (math.md §6.2), weighted."""
+    objective, mask_BT = inputs.objective, inputs.rollout.loss_mask_BT
+    inputs.metrics["divergence"] = losses.masked_mean(divergence_BT, mask_BT)  # before any clipping
+    if objective.token_clip:
+        divergence_BT, clip_metrics = losses.clip_divergence(
+            divergence_BT, mask_BT, objective.token_clip, objective.token_clip_soft
+        )
+        inputs.metrics.update(clip_metrics)
+    return inputs.shaping.weight_BT * divergence_BT
+
+
+def full_vocabulary_loss(inputs: ObjectiveInputs, beta: float) -> torch.Tensor:
+    """GKD's generalized JSD_β over the whole vocabulary at temperature τ (math.md §3): β = 1 reverse KL."""
+    signal = inputs.signal
+    assert signal.logits_BTV is not None
+    divergence_BT = losses.generalized_jsd(
+        inputs.logits_BTV, signal.logits_BTV, beta, inputs.objective.temperature
     )
-    # rewards stop at each row's last loss token: a window or trap ends the response as far as returns go
-    stream_BT = weighting.through_last(mask_BT, shaping.mask_BT)
-    if objective.type == "minillm":
-        advantage_BT = losses.minillm_long_advantage(
-            student_logp_BT, teacher_logp_BT, stream_BT, objective.discount, shaping.baseline
-        )
-    elif objective.type == "scope":  # correct samples: IS-surrogate MLE (A = 1); failed: sampled reverse KL
-        assert shaping.correct_B is not None
-        advantage_BT = (
-            torch.where(shaping.correct_B[:, None], 1.0, teacher_logp_BT - student_logp_BT) * mask_BT
-        )
-    elif objective.type == "dasd":
-        assert shaping.bonus_B is not None
-        advantage_BT, extra = weighting.dasd_advantage(
-            teacher_logp_BT - student_logp_BT, entropy_BT, mask_BT, shaping.bonus_B,
-            objective.dasd_beta, objective.dasd_rho,
-        )  # fmt: skip
-        advantage_BT = advantage_BT - bonus_BT
-        metrics.update(extra)
-    else:
-        baseline_BT = None
-        if objective.baseline == "vopd":  # the state's reverse KL, under the same (untempered) policy
-            if objective.baseline_topk:  # on the student's top-K, both sides renormalised (vOPD's kl_top_k)
-                assert signal_.given_ids_BTK is not None and signal_.given_logp_BTK is not None
-                baseline_BT = losses.topk_divergence(
-                    logits_BTV.detach(), signal_.given_ids_BTK, signal_.given_logp_BTK, "renorm"
-                )
-            else:
-                assert signal_.logits_BTV is not None
-                baseline_BT = losses.generalized_jsd(logits_BTV.detach(), signal_.logits_BTV, beta=1.0)
-        advantage_BT, _ = losses.sampled_rkl_advantage(
-            student_logp_BT, teacher_logp_BT, stream_BT, objective.kl_coef, objective.discount, baseline_BT
-        )
+    return direct(divergence_BT, inputs)
+
+
+def topk_rkl_loss(inputs: ObjectiveInputs) -> torch.Tensor:
+    """Reverse KL on K ids per position, of the configured variant and support (math.md §5)."""
+    objective, signal, logits_BTV = inputs.objective, inputs.signal, inputs.logits_BTV
+    student_ids_BTK = None
+    if objective.topk_support == "intersect":
+        student_ids_BTK = logits_BTV.detach().topk(objective.topk, dim=-1).indices
+    ids_BTK, teacher_BTK, valid_BTK = losses.topk_support(
+        objective.topk_support,
+        teacher_topk=(signal.topk_ids_BTK, signal.topk_logp_BTK),
+        at_student_ids=(signal.given_ids_BTK, signal.given_logp_BTK),
+        student_ids_BTK=student_ids_BTK,
+    )
+    # the mass each side puts on the support (Many Faces: logging it is mandatory for top-K objectives)
+    mask_BT = inputs.shaping.mask_BT
+    student_lp_BTK = losses.logprobs_at(logits_BTV.detach(), ids_BTK)
+    inputs.metrics["student_mass"] = losses.masked_mean((student_lp_BTK.exp() * valid_BTK).sum(-1), mask_BT)
+    inputs.metrics["teacher_mass"] = losses.masked_mean((teacher_BTK.exp() * valid_BTK).sum(-1), mask_BT)
+    divergence_BT = losses.topk_divergence(
+        logits_BTV, ids_BTK, teacher_BTK, objective.topk_variant, valid_BTK
+    )
+    return direct(divergence_BT, inputs)
+
+
+def sead_loss(inputs: ObjectiveInputs) -> torch.Tensor:
+    """SEAD (math.md §7.7): D = (1-λ) D_zone + λ FKL, with D_zone = FKL where the teacher is uncertain."""
+    signal, shaping = inputs.signal, inputs.shaping
+    assert signal.logits_BTV is not None and shaping.zone_BT is not None
+    reverse_BT = losses.generalized_jsd(inputs.logits_BTV, signal.logits_BTV, beta=1.0)
+    forward_BT = losses.generalized_jsd(inputs.logits_BTV, signal.logits_BTV, beta=0.0)
+    zoned_BT = torch.where(shaping.zone_BT == weighting.FKL, forward_BT, reverse_BT)
+    return direct((1 - shaping.sead_lambda) * zoned_BT + shaping.sead_lambda * forward_BT, inputs)
+
+
+def k2_loss(inputs: ObjectiveInputs) -> torch.Tensor:
+    """½ (log p_S - log p_T)² of the sampled token, back-propagated (KDRL, math.md §1.4)."""
+    return inputs.shaping.weight_BT * losses.k2_per_token(inputs.logp_BT, inputs.signal.token_logp_BT)
+
+
+def sft_loss(inputs: ObjectiveInputs) -> torch.Tensor:
+    """Cross-entropy on the batch's completions (dataset or teacher)."""
+    inputs.metrics["nll"] = losses.masked_mean(-inputs.logp_BT, inputs.rollout.loss_mask_BT)
+    return -inputs.logp_BT
+
+
+# --- the policy-gradient branch: a detached advantage per token, importance-sampled or PPO-clipped ----------
+
+
+def policy_gradient(advantage_BT: torch.Tensor, inputs: ObjectiveInputs) -> torch.Tensor:
+    """The PG loss (math.md §1.4) of a teacher advantage: the shaping weights it; a verifier part (GRPO, DASD's
+    A_G) is added unweighted."""
+    objective, rollout, shaping = inputs.objective, inputs.rollout, inputs.shaping
+    mask_BT = rollout.loss_mask_BT
     teacher_part_BT = shaping.weight_BT * advantage_BT
+    bonus_BT = bonus(inputs)
     if shaping.bonus_B is not None:  # the two components differ in scale by 10-100x: log both (§12)
-        metrics["teacher_advantage_abs"] = losses.masked_mean(teacher_part_BT.abs(), mask_BT)
-        metrics["reward_advantage_abs"] = losses.masked_mean(bonus_BT.abs(), mask_BT)
+        inputs.metrics["teacher_advantage_abs"] = losses.masked_mean(teacher_part_BT.abs(), mask_BT)
+        inputs.metrics["reward_advantage_abs"] = losses.masked_mean(bonus_BT.abs(), mask_BT)
     loss_BT, extra = losses.pg_per_token(
-        logp_BT,
+        inputs.logp_BT,
         rollout.sampler_logp_BT,
         teacher_part_BT + bonus_BT,
         mask_BT,
         objective.ppo_clip,
         objective.dual_clip,
     )
-    metrics.update(extra)
-    if objective.type == "minillm":  # the single-step term: the exact reverse KL at each visited state
-        assert signal_.logits_BTV is not None
-        single_BT = losses.generalized_jsd(logits_BTV, signal_.logits_BTV, beta=1.0)
-        metrics["divergence"] = losses.masked_mean(single_BT, mask_BT)
-        loss_BT = loss_BT + shaping.weight_BT * single_BT
+    inputs.metrics.update(extra)
     return loss_BT
 
 
-def _divergence(
-    objective: ObjectiveConfig,
-    logits_BTV: torch.Tensor,
-    signal_: TeacherSignal,
-    shaping: Shaping,
-    metrics: dict,
-) -> torch.Tensor:
-    """The direct-branch divergence at each position: full-vocabulary JSD_β, SEAD's zoned mix of reverse and
-    forward KL, or reverse KL on a top-K support."""
-    mask_BT = shaping.mask_BT
-    if objective.type == "sead":  # D = (1-λ) D_zone + λ FKL, D_zone = FKL where the teacher is uncertain
-        assert signal_.logits_BTV is not None and shaping.zone_BT is not None
-        reverse_BT = losses.generalized_jsd(logits_BTV, signal_.logits_BTV, beta=1.0)
-        forward_BT = losses.generalized_jsd(logits_BTV, signal_.logits_BTV, beta=0.0)
-        zoned_BT = torch.where(shaping.zone_BT == weighting.FKL, forward_BT, reverse_BT)
-        return (1 - shaping.sead_lambda) * zoned_BT + shaping.sead_lambda * forward_BT
-    if objective.direct_beta is not None:
-        assert signal_.logits_BTV is not None
-        return losses.generalized_jsd(
-            logits_BTV, signal_.logits_BTV, objective.direct_beta, objective.temperature
-        )
-    student_ids_BTK = None
-    if objective.topk_support == "intersect":
-        student_ids_BTK = logits_BTV.detach().topk(objective.topk, dim=-1).indices
-    ids_BTK, teacher_BTK, valid_BTK = losses.topk_support(
-        objective.topk_support,
-        teacher_topk=(signal_.topk_ids_BTK, signal_.topk_logp_BTK),
-        at_student_ids=(signal_.given_ids_BTK, signal_.given_logp_BTK),
-        student_ids_BTK=student_ids_BTK,
+def bonus(inputs: ObjectiveInputs) -> torch.Tensor:
+    """The verifier advantage of each sample on its tokens (zero without one)."""
+    mask_BT, bonus_B = inputs.rollout.loss_mask_BT, inputs.shaping.bonus_B
+    return torch.zeros_like(inputs.logp_BT) if bonus_B is None else bonus_B[:, None] * mask_BT
+
+
+def detached_logp(inputs: ObjectiveInputs) -> torch.Tensor:
+    """The reward uses the trainer's (detached) log-prob: equal to the sampler's at temperature 1, and still the
+    student's own policy when sampling is tempered; the importance ratio corrects for the sampler."""
+    return inputs.logp_BT.detach()
+
+
+def reward_stream(inputs: ObjectiveInputs) -> torch.Tensor:
+    """Rewards stop at each row's last loss token: a window or trap ends the response as far as returns go."""
+    return weighting.through_last(inputs.rollout.loss_mask_BT, inputs.shaping.mask_BT)
+
+
+def sampled_rkl_loss(inputs: ObjectiveInputs) -> torch.Tensor:
+    """Advantage -(log p_S - log p_T) of each sampled token, discounted, optionally minus vOPD's baseline (§2, §10)."""
+    objective, signal = inputs.objective, inputs.signal
+    baseline_BT = None
+    if objective.baseline == "vopd":  # the state's reverse KL, under the same (untempered) policy
+        if objective.baseline_topk:  # on the student's top-K, both sides renormalised (vOPD's kl_top_k)
+            assert signal.given_ids_BTK is not None and signal.given_logp_BTK is not None
+            baseline_BT = losses.topk_divergence(
+                inputs.logits_BTV.detach(), signal.given_ids_BTK, signal.given_logp_BTK, "renorm"
+            )
+        else:
+            assert signal.logits_BTV is not None
+            baseline_BT = losses.generalized_jsd(inputs.logits_BTV.detach(), signal.logits_BTV, beta=1.0)
+    advantage_BT, _ = losses.sampled_rkl_advantage(
+        detached_logp(inputs),
+        signal.token_logp_BT,
+        reward_stream(inputs),
+        objective.kl_coef,
+        objective.discount,
+        baseline_BT,
     )
-    # the mass each side puts on the support (Many Faces: logging it is mandatory for top-K objectives)
-    student_lp_BTK = losses.logprobs_at(logits_BTV.detach(), ids_BTK)
-    metrics["student_mass"] = losses.masked_mean((student_lp_BTK.exp() * valid_BTK).sum(-1), mask_BT)
-    metrics["teacher_mass"] = losses.masked_mean((teacher_BTK.exp() * valid_BTK).sum(-1), mask_BT)
-    return losses.topk_divergence(logits_BTV, ids_BTK, teacher_BTK, objective.topk_variant, valid_BTK)
+    return policy_gradient(advantage_BT, inputs)
+
+
+def minillm_loss(inputs: ObjectiveInputs) -> torch.Tensor:
+    """MiniLLM (math.md §4): PG on the length-normalised future reward, plus the single-step term, the exact
+    reverse KL at each visited state."""
+    objective, signal, shaping = inputs.objective, inputs.signal, inputs.shaping
+    advantage_BT = losses.minillm_long_advantage(
+        detached_logp(inputs),
+        signal.token_logp_BT,
+        reward_stream(inputs),
+        objective.discount,
+        shaping.baseline,
+    )
+    loss_BT = policy_gradient(advantage_BT, inputs)
+    assert signal.logits_BTV is not None
+    single_BT = losses.generalized_jsd(inputs.logits_BTV, signal.logits_BTV, beta=1.0)
+    inputs.metrics["divergence"] = losses.masked_mean(single_BT, inputs.rollout.loss_mask_BT)
+    return loss_BT + shaping.weight_BT * single_BT
+
+
+def scope_loss(inputs: ObjectiveInputs) -> torch.Tensor:
+    """SCOPE (math.md §7.3): correct samples by the IS-surrogate likelihood (A = 1), failed ones by sampled
+    reverse KL; the perplexity weights are the shaping's."""
+    correct_B = inputs.shaping.correct_B
+    assert correct_B is not None
+    log_ratio_BT = inputs.signal.token_logp_BT - detached_logp(inputs)
+    advantage_BT = torch.where(correct_B[:, None], 1.0, log_ratio_BT) * inputs.rollout.loss_mask_BT
+    return policy_gradient(advantage_BT, inputs)
+
+
+def dasd_loss(inputs: ObjectiveInputs) -> torch.Tensor:
+    """DASD (math.md §7.4): the GRPO advantage plus an entropy-routed, direction-adaptive teacher term."""
+    objective, shaping = inputs.objective, inputs.shaping
+    assert shaping.bonus_B is not None
+    advantage_BT, extra = weighting.dasd_advantage(
+        inputs.signal.token_logp_BT - detached_logp(inputs),
+        inputs.entropy_BT,
+        inputs.rollout.loss_mask_BT,
+        shaping.bonus_B,
+        objective.dasd_beta,
+        objective.dasd_rho,
+    )
+    inputs.metrics.update(extra)
+    return policy_gradient(advantage_BT - bonus(inputs), inputs)
+
+
+# --- objectives' own shaping: what they add to the step's Shaping before the loss ----------------------------
+
+
+def sead_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
+    """SEAD's zones per token (skipped tokens leave the loss) and its annealed forward-KL share (§7.7)."""
+    assert inputs.student_entropy_BT is not None and inputs.signal.entropy_BT is not None
+    shaping.zone_BT = weighting.sead_zones(
+        inputs.signal.entropy_BT, inputs.student_entropy_BT, shaping.mask_BT
+    )
+    shaping.sead_lambda = weighting.sead_anneal(inputs.step, inputs.steps)
+    shaping.mask_BT = shaping.mask_BT & (shaping.zone_BT != weighting.SKIP)
+    inputs.metrics["sead_lambda"] = shaping.sead_lambda
+
+
+def scope_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
+    """SCOPE's branch per sample and its perplexity weights over each whole response (§7.3)."""
+    reward_B, student_logp_BT = inputs.batch.reward_B, inputs.student_logp_BT
+    assert reward_B is not None and student_logp_BT is not None
+    correct_B, mask_BT = reward_B > 0.5, inputs.batch.rollout.loss_mask_BT
+    student_ppl_B = weighting.sequence_perplexity(student_logp_BT, mask_BT)
+    teacher_ppl_B = weighting.sequence_perplexity(inputs.signal.token_logp_BT, mask_BT)
+    scope_B, scope_metrics = weighting.scope_weights(
+        student_ppl_B, teacher_ppl_B, correct_B, inputs.group, inputs.objective.scope_tau
+    )
+    shaping.weight_BT, shaping.correct_B = shaping.weight_BT * scope_B[:, None], correct_B
+    inputs.metrics.update(scope_metrics)
+
+
+def dasd_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
+    """DASD's A_G: the GRPO advantage of the verifier reward (§7.4)."""
+    assert inputs.batch.reward_B is not None
+    shaping.bonus_B = weighting.grpo_advantage(inputs.batch.reward_B, inputs.group)
+
+
+def minillm_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
+    """MiniLLM's constant baseline: the step's mean long-term advantage (§4)."""
+    rollout = inputs.batch.rollout
+    stream_BT = weighting.through_last(rollout.loss_mask_BT, shaping.mask_BT)
+    long_BT = losses.minillm_long_advantage(
+        rollout.sampler_logp_BT,
+        inputs.signal.token_logp_BT,
+        stream_BT,
+        inputs.objective.discount,
+        baseline=0.0,
+    )
+    shaping.baseline = losses.masked_mean(long_BT, stream_BT)

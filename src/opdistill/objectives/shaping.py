@@ -15,6 +15,8 @@ import torch
 from opdistill.config import Config
 from opdistill.models import completion_logits
 from opdistill.objectives import losses, weighting
+from opdistill.objectives.objective import ShapingInputs
+from opdistill.objectives.registry import OBJECTIVES
 from opdistill.observe import diagnostics
 from opdistill.types import Shaping, StepBatch
 
@@ -28,11 +30,12 @@ def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> 
     weight_BT = mask_BT.float()
     metrics = batch.metrics
     student_logits_BTV = student_logp_BT = student_entropy_BT = None
-    if wcfg.needs_student_pass or objective.type in ("sead", "scope"):
+    record = OBJECTIVES[objective.type]
+    if wcfg.needs_student_pass or record.student_pass:
         with torch.no_grad():  # the untempered student over the whole step (the sampler's may be tempered)
             student_logits_BTV = completion_logits(student, rollout)
             student_logp_BT = losses.token_logprobs(student_logits_BTV, rollout.tokens_BT)
-            if wcfg.tip_ratio or objective.type == "sead":  # once, for whichever reads it
+            if wcfg.tip_ratio or record.student_entropy:  # once, for whichever reads it
                 student_entropy_BT = diagnostics.token_entropy(student_logits_BTV)
 
     if wcfg.position_decay:
@@ -77,46 +80,27 @@ def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> 
         metrics["kat_trap_rate"] = float(trapped_B.float().mean())
 
     shaping = Shaping(mask_BT=mask_BT, weight_BT=weight_BT)
-    if batch.reward_B is not None:
+    if batch.reward_B is not None:  # the RLVR hybrid's verifier terms (objective.rlvr_hybrid)
         correct_B = batch.reward_B > 0.5
-        group = config.rollout.n_per_prompt
         if objective.grpo_coef:
             shaping.bonus_B = (
                 objective.grpo_coef
                 * weighting.route_weights(correct_B, objective.route_rl)
-                * weighting.grpo_advantage(batch.reward_B, group)
+                * weighting.grpo_advantage(batch.reward_B, config.rollout.n_per_prompt)
             )
-        if objective.type == "dasd":
-            shaping.bonus_B = weighting.grpo_advantage(batch.reward_B, group)
         if objective.route_opd != "all":
             shaping.weight_BT = (
                 shaping.weight_BT * weighting.route_weights(correct_B, objective.route_opd)[:, None]
             )
-        if objective.type == "scope":  # sequence perplexities over each whole response
-            assert student_logp_BT is not None
-            student_ppl_B = weighting.sequence_perplexity(student_logp_BT, rollout.loss_mask_BT)
-            teacher_ppl_B = weighting.sequence_perplexity(signal_.token_logp_BT, rollout.loss_mask_BT)
-            scope_B, scope_metrics = weighting.scope_weights(
-                student_ppl_B, teacher_ppl_B, correct_B, group, objective.scope_tau
-            )
-            shaping.weight_BT, shaping.correct_B = shaping.weight_BT * scope_B[:, None], correct_B
-            metrics.update(scope_metrics)
-    if objective.type == "sead":
-        assert student_entropy_BT is not None and signal_.entropy_BT is not None
-        shaping.zone_BT = weighting.sead_zones(signal_.entropy_BT, student_entropy_BT, mask_BT)
-        shaping.sead_lambda = weighting.sead_anneal(step, config.train.steps)
-        mask_BT = mask_BT & (shaping.zone_BT != weighting.SKIP)
-        metrics["sead_lambda"] = shaping.sead_lambda
-
-    if objective.type == "minillm":  # its constant baseline: the step's mean long-term advantage
-        stream_BT = weighting.through_last(rollout.loss_mask_BT, mask_BT)
-        long_BT = losses.minillm_long_advantage(
-            rollout.sampler_logp_BT, signal_.token_logp_BT, stream_BT, objective.discount, baseline=0.0
-        )
-        shaping.baseline = losses.masked_mean(long_BT, stream_BT)
+    if record.shaping is not None:  # the objective's own weights and masks (registry.py)
+        inputs = ShapingInputs(
+            objective, batch, student_logp_BT, student_entropy_BT, step, config.train.steps,
+            config.rollout.n_per_prompt, metrics,
+        )  # fmt: skip
+        record.shaping(inputs, shaping)
+    mask_BT = shaping.mask_BT
 
     kept = float(mask_BT.sum()) / max(float(rollout.loss_mask_BT.sum()), 1.0)
     if kept < 1:
         metrics["kept_token_frac"] = kept
-    shaping.mask_BT = mask_BT
     return shaping

@@ -11,7 +11,7 @@ import torch
 from opdistill.config import Config
 from opdistill.models import completion_logits
 from opdistill.objectives import losses
-from opdistill.objectives.objective import objective_loss
+from opdistill.objectives.registry import objective_loss
 from opdistill.training import distributed
 from opdistill.training.distributed import ONE_PROCESS, World
 from opdistill.types import StepBatch
@@ -29,7 +29,7 @@ def train_step(config: Config, model, optimizer, batch: StepBatch, world: World 
     normalizer = losses.Normalizer(objective.aggregation, tokens, rows, objective.aggregation_constant)
     sft = batch.sft_rollout
     totals = _backward(
-        model, loss_mask_BT, normalizer, lambda part: objective_loss(config, model, batch.select(part)),
+        model, loss_mask_BT, normalizer, lambda part: micro_batch_loss(config, model, batch.select(part)),
         config.train.micro_batch_size, world, last=sft is None,
     )  # fmt: skip
     trained_tokens = int(rollout.attention_mask.sum())
@@ -65,6 +65,11 @@ def train_step(config: Config, model, optimizer, batch: StepBatch, world: World 
         "loss_tokens": int(tokens),
         "student_train_tokens": trained_tokens,
     }
+
+
+def micro_batch_loss(config: Config, model, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    """The configured objective's per-token loss on one micro-batch, through the student's forward (with grad)."""
+    return objective_loss(config, completion_logits(model, batch.rollout), batch)
 
 
 PerTokenLoss = Callable[[slice], tuple[torch.Tensor, dict[str, float]]]
