@@ -144,8 +144,8 @@ def opdistill_worker(row: Row, args) -> dict[str, Any]:
     """One opdistill run of ``args.steps`` steps; phases timed by wrapping module functions (src is untouched)."""
     from opdistill.config import load_config
     from opdistill.teachers import local as teachers
+    from opdistill.training import batches
     from opdistill.training import loop as train_module
-    from opdistill.training import sources
     from opdistill.training import step as step_module
 
     clock = StepClock()
@@ -153,7 +153,7 @@ def opdistill_worker(row: Row, args) -> dict[str, Any]:
     # sampling (prompt padding + KV-cached generation), teacher scoring, student forward + loss, the whole
     # backward pass over micro-batches, and the whole train_step (adds grad norm, clip, AdamW)
     for owner, attr, key in [
-        (sources, "sample_prompts", "sampling_s"),
+        (batches, "sample_prompts", "sampling_s"),
         (teachers.LocalTeacher, "score", "teacher_s"),
         (step_module, "micro_batch_loss", "student_forward_loss_s"),
         (step_module, "_backward", "forward_backward_s"),

@@ -27,6 +27,7 @@ from opdistill.objectives import losses
 from opdistill.teachers.local import LocalTeacher
 from opdistill.training.coldstart import SkippingStream, cold_start, disjoint
 from opdistill.training.distributed import ONE_PROCESS
+from opdistill.types import Cost
 
 REQUIRE = r">1\d{4}$"  # a five-digit answer: about half of the 4-digit sums, the teacher's others are dropped
 SAMPLES, STEPS = 32, 16
@@ -71,10 +72,9 @@ def run(tmp_path_factory):
     teacher, teacher_tokenizer = load_model(ModelSpec(path=str(asset_dir("addition-teacher"))))
     check_same_tokenizer(tokenizer, teacher_tokenizer)
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
-    state = {"elapsed_s": 0.0, "student_train_tokens": 0, "teacher_generated_tokens": 0}
-    keys = cold_start(config, task, tokenizer, student, LocalTeacher(teacher), out, ONE_PROCESS, state=state)
+    keys, cost = cold_start(config, task, tokenizer, student, LocalTeacher(teacher), out, ONE_PROCESS)
     return dict(config=config, task=task, student=student, tokenizer=tokenizer, before=before, keys=keys,
-                out=out, state=state)  # fmt: skip
+                out=out, cost=cost)  # fmt: skip
 
 
 def test_kept_samples_are_valid_and_the_returned_prompts_are_theirs(run):
@@ -86,7 +86,8 @@ def test_kept_samples_are_valid_and_the_returned_prompts_are_theirs(run):
     by_key = {prompt_key(ex): ex for ex in candidates}
     assert all(by_key[prompt_key(ex)].answer == ex.answer for ex in kept)  # a candidate, with its fields
     assert run["keys"] == frozenset(prompt_key(ex) for ex in kept)
-    assert run["state"]["student_train_tokens"] > 0 and run["state"]["teacher_generated_tokens"] > 0
+    assert run["cost"].elapsed_s > 0
+    assert run["cost"].student_train_tokens > 0 and run["cost"].teacher_generated_tokens > 0
 
 
 def test_sft_lowers_the_students_nll_on_the_samples(run):
@@ -104,7 +105,7 @@ def test_sft_lowers_the_students_nll_on_the_samples(run):
 def test_a_resumed_run_reads_the_prompts_back_without_training(run):
     weights = {name: p.detach().clone() for name, p in run["student"].named_parameters()}
     assert any(not torch.equal(weights[name], run["before"][name]) for name in weights)  # the SFT trained
-    keys = cold_start(
+    keys, cost = cold_start(
         run["config"],
         run["task"],
         run["tokenizer"],
@@ -114,7 +115,7 @@ def test_a_resumed_run_reads_the_prompts_back_without_training(run):
         ONE_PROCESS,
         resume=True,
     )
-    assert keys == run["keys"]
+    assert keys == run["keys"] and cost == Cost()  # read back: nothing is charged twice
     assert all(torch.equal(p, weights[name]) for name, p in run["student"].named_parameters())
     with pytest.raises(UserError, match="cold_start.jsonl"):
         cold_start(run["config"], run["task"], run["tokenizer"], None, None, run["out"] / "none", ONE_PROCESS,

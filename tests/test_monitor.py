@@ -18,7 +18,7 @@ def _record(step, **overrides):
 
 def _run(records, eval_every=2, state=None):
     """Names of the alarms fired, in order, over a stream of step records."""
-    state = {} if state is None else state
+    state = monitor.AlarmState() if state is None else state
     names = []
     for record in records:
         for message in monitor.alarms(record, state, evaluated=record["step"] % eval_every == 0):
@@ -56,7 +56,7 @@ def test_near_misses_stay_quiet():
 
 
 def test_a_resumed_run_neither_repeats_nor_forgets_an_alarm():
-    state: dict = {}
+    state = monitor.AlarmState()
     assert _run([_record(1, truncation_rate=0.9), _record(2, truncation_rate=0.9)], state=state) == []
     resumed = copy.deepcopy(state)  # what the checkpoint carries
     assert _run([_record(3, truncation_rate=0.9)], state=resumed) == ["truncation_collapse"]

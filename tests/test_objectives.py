@@ -15,7 +15,7 @@ from opdistill.models import completion_logits, load_model
 from opdistill.objectives import shaping
 from opdistill.objectives.losses import token_logprobs
 from opdistill.teachers.local import LocalTeacher
-from opdistill.training import loop, sources
+from opdistill.training import batches, loop
 from opdistill.training.step import micro_batch_loss
 from opdistill.types import Rollout, StepBatch
 
@@ -41,10 +41,10 @@ def setup(make_model):
 
 def _batch(config, student, teacher, rollout, reward=None, reference=None):
     """One step's batch, scored and shaped as the loop builds it."""
-    batch = StepBatch(rollout, sources.score(config, student, teacher, rollout), {}, reward_B=reward)
+    batch = StepBatch(rollout, batches.score(config, student, teacher, rollout), {}, reward_B=reward)
     if reference is not None:
         batch.reference_logp_BT = reference.score(rollout, config.teacher_request).token_logp_BT
-    batch.shaping = shaping.shape(config, student, batch, 0, {})
+    batch.shaping, _ = shaping.shape(config, student, batch, 0)
     return batch
 
 
@@ -180,7 +180,7 @@ def test_diagnostics_of_a_student_scored_by_itself_show_perfect_alignment(setup,
     config = _config("objective.topk=4", "weighting.kat_window=1", "weighting.kat_patience=2",
                      "weighting.kat_min_position=0")  # responses this short can be checked for KL traps  # fmt: skip
     twin = LocalTeacher(copy.deepcopy(student))
-    batch = StepBatch(rollout, sources.score(config, student, twin, rollout, config.diagnostics_request), {})
+    batch = StepBatch(rollout, batches.score(config, student, twin, rollout, config.diagnostics_request), {})
     out = monitor.diagnose(config, student, tokenizer, batch)
     assert out["overlap"] == pytest.approx(1.0) and out["entropy_gap"] == pytest.approx(0.0, abs=1e-6)
     assert out["overlap_mass_student"] == pytest.approx(out["overlap_mass_teacher"], abs=1e-6)

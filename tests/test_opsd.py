@@ -14,7 +14,7 @@ from opdistill.data.examples import Example, privileged_view, rollout_of
 from opdistill.errors import UserError
 from opdistill.teachers.local import LocalTeacher, ema_update
 from opdistill.training import loop
-from opdistill.training.sources import Scorer
+from opdistill.training.batches import Scorer
 from opdistill.types import SignalRequest
 
 STUDENT, TEACHER = asset_dir("addition-student"), asset_dir("addition-teacher")

@@ -16,6 +16,7 @@ from opdistill.data.selection import SelectedStream, overlap_scores, selected_pr
 from opdistill.data.tasks import RegexVerifier, Task, load_task
 from opdistill.models import load_model
 from opdistill.teachers.local import LocalTeacher
+from opdistill.types import Cost
 
 PROMPTS = [
     Example(prompt=f"{a:02d}+{b:02d}=") for a, b in zip(range(3, 99, 7), range(90, 0, -6), strict=False)
@@ -139,8 +140,7 @@ def test_the_selection_is_written_once_and_a_resumed_run_reads_it(make_model, to
     )
     task = load_task(task="addition", task_options={"digits": 2}, seed=3)
     student, teacher = make_model(seed=0, preset="d32l2"), LocalTeacher(make_model(seed=1, preset="d32l2"))
-    state = {"elapsed_s": 0.0, "student_sampled_tokens": 0, "teacher_scored_tokens": 0}
-    stream = selected_prompts(config, task, tokenizer, student, teacher, tmp_path, state=state)
+    stream, cost = selected_prompts(config, task, tokenizer, student, teacher, tmp_path)
 
     rows = [json.loads(line) for line in (tmp_path / "selection.jsonl").read_text().splitlines()]
     pool = [task.train[i] for i in range(24)]
@@ -153,10 +153,11 @@ def test_the_selection_is_written_once_and_a_resumed_run_reads_it(make_model, to
     chosen = [i for i, r in enumerate(rows) if r["selected"]]
     assert chosen == sorted(top_fraction(scores, 0.25)) and len(chosen) == 6
     assert min(scores[i] for i in chosen) >= max(s for i, s in enumerate(scores) if i not in chosen)
-    assert state["elapsed_s"] > 0 and state["student_sampled_tokens"] > 24
-    assert state["teacher_scored_tokens"] > state["student_sampled_tokens"]
+    assert cost.elapsed_s > 0 and cost.student_sampled_tokens > 24
+    assert cost.teacher_scored_tokens > cost.student_sampled_tokens
 
-    resumed = selected_prompts(config, task, tokenizer, Untouchable(), Untouchable(), tmp_path)
+    resumed, resumed_cost = selected_prompts(config, task, tokenizer, Untouchable(), Untouchable(), tmp_path)
+    assert resumed_cost == Cost()  # read back: nothing is charged twice
     assert resumed.pool == stream.pool and resumed.selected == stream.selected
     assert [resumed.batch(s, 8) for s in range(20)] == [stream.batch(s, 8) for s in range(20)]
 
@@ -166,5 +167,5 @@ def test_a_file_smaller_than_the_pool_is_scored_once_per_prompt(make_model, toke
     task = Task("file", ExampleStream(examples, seed=0), [], RegexVerifier(r"\d+"))
     config = replace(Config(), data={"pool_size": 24, "select_fraction": 0.4}, rollout={"max_new_tokens": 4})
     student, teacher = make_model(seed=0), LocalTeacher(make_model(seed=1))
-    stream = selected_prompts(config, task, tokenizer, student, teacher, tmp_path)
+    stream, _ = selected_prompts(config, task, tokenizer, student, teacher, tmp_path)
     assert sorted(stream.pool, key=examples.index) == examples and len(stream.selected) == 2

@@ -286,8 +286,8 @@ def test_sead_competence_rises_from_its_start_to_one_at_70_percent():
 
 def test_curriculum_stream_draws_only_prompts_within_the_competence():
     from opdistill.config import load_config
+    from opdistill.data.curriculum import CurriculumStream
     from opdistill.data.examples import Example
-    from opdistill.training.sources import CurriculumStream
 
     examples = [Example(prompt=f"p{i}", answer=str(i)) for i in range(3)]
     config = load_config(None, ["train.steps=10", "data.curriculum_start=0.3"])

@@ -9,8 +9,32 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+# the run's token counters: what each step adds and one-time work is charged (RunState, Cost, metrics.jsonl)
+COUNTERS = (
+    "student_train_tokens",
+    "student_sampled_tokens",
+    "teacher_scored_tokens",
+    "teacher_generated_tokens",
+)
+
+
+@dataclass
+class Cost:
+    """Time and tokens of one-time work (a teacher pool, a curriculum, a prompt selection, a cold start),
+    which count against the run's clock and counters."""
+
+    elapsed_s: float = 0.0
+    student_train_tokens: int = 0
+    student_sampled_tokens: int = 0
+    teacher_scored_tokens: int = 0
+    teacher_generated_tokens: int = 0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
 
 
 @dataclass
@@ -104,7 +128,9 @@ class Shaping:
 class StepBatch:
     rollout: Rollout  # what the objective trains on
     signal: TeacherSignal | None  # the teacher's scores of it (None for SFT)
-    metrics: dict[str, float]  # lengths, token counters, the GKD coin
+    metrics: dict[
+        str, Any
+    ]  # lengths, token counters, the GKD coin (and per-position lists on diagnostics steps)
     sft_rollout: Rollout | None = None  # off-policy completions for the SFT-stabiliser (objective.sft_coef)
     reward_B: torch.Tensor | None = (
         None  # verifier outcome (1.0 = correct) per sample, when the objective uses it

@@ -23,7 +23,7 @@ from opdistill.models import completion_logits
 from opdistill.observe.diagnostics import topk_overlap
 from opdistill.sampling.rollout import sample_prompts
 from opdistill.training.distributed import ONE_PROCESS, World
-from opdistill.types import Rollout, SignalRequest
+from opdistill.types import Cost, Rollout, SignalRequest
 
 # B x T x V logits of one scoring forward (256 MB in fp32): bounds memory on a real vocabulary
 LOGITS_PER_FORWARD = 2**26
@@ -130,21 +130,19 @@ def selected_prompts(
     teacher,
     out: Path,
     world: World = ONE_PROCESS,
-    *,
-    state: dict | None = None,
-) -> SelectedStream:
+) -> tuple[SelectedStream, Cost]:
     """The selection over the distinct prompts among the first ``data.pool_size`` training ones, scored by the student as it is now
     (call it before the first step) against ``teacher`` at ``data.select_topk``, on one rollout per prompt at
     ``rollout.temperature``. Every rank computes it, rank 0 writes ``out/selection.jsonl`` (one line per pool
     prompt: the example's fields, ``score``, ``selected``); a run that finds the file reads it back, so a
-    resumed run keeps the initial student's selection. With ``state``, the time and tokens count against the
-    run, as the curriculum's do."""
+    resumed run keeps the initial student's selection. Returns the stream and what making it cost (nothing
+    when read back), which counts against the run as the curriculum's does."""
     data = config.data
     path = out / "selection.jsonl"
     cached = path.is_file()
     world.barrier()  # every rank has looked before rank 0 writes
     if cached:
-        return read_selection(path, data.select_mix, config.train.seed)
+        return read_selection(path, data.select_mix, config.train.seed), Cost()
     started = time.perf_counter()
     distinct: dict[str, Example] = {}
     for i in range(data.pool_size):  # a small file repeats itself: each prompt is scored once
@@ -162,11 +160,8 @@ def selected_prompts(
             "".join(json.dumps({**example_record(ex), "score": s, "selected": i in chosen}) + "\n"
                     for i, (ex, s) in enumerate(zip(pool, scores, strict=True)))
         )  # fmt: skip
-    if state is not None:
-        state["elapsed_s"] += time.perf_counter() - started
-        for key, count in tokens.items():
-            state[key] += count
-    return SelectedStream(pool, selected, data.select_mix, config.train.seed)
+    cost = Cost(time.perf_counter() - started, **tokens)
+    return SelectedStream(pool, selected, data.select_mix, config.train.seed), cost
 
 
 def read_selection(path: Path, mix: float, seed: int) -> SelectedStream:

@@ -21,9 +21,12 @@ from opdistill.observe import diagnostics
 from opdistill.types import Shaping, StepBatch
 
 
-def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> Shaping:
+def shape(
+    config: Config, student, batch: StepBatch, step: int, kat_ema: float | None = None
+) -> tuple[Shaping, float | None]:
     """The step's ``Shaping``: the loss mask narrowed (loss windows, TIP, KAT, SEAD's skip zone) and the
-    per-token weights; weighting metrics go into ``batch.metrics``. ``state`` carries KAT's running threshold."""
+    per-token weights; weighting metrics go into ``batch.metrics``. ``kat_ema`` is KAT's running threshold
+    (None before its first step); its new value is returned beside the shaping."""
     wcfg, objective, rollout, signal_ = config.weighting, config.objective, batch.rollout, batch.signal
     assert signal_ is not None
     mask_BT = rollout.loss_mask_BT
@@ -71,9 +74,7 @@ def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> 
     if wcfg.kat:  # k_t = max(ℓ_t, 0) on the sampled tokens [D]; the threshold follows the run's median
         assert student_logp_BT is not None
         kl_BT = (student_logp_BT - signal_.token_logp_BT).clamp(min=0)
-        threshold, state["kat_ema"] = weighting.kat_threshold(
-            kl_BT, mask_BT, state.get("kat_ema"), wcfg.kat_kappa
-        )
+        threshold, kat_ema = weighting.kat_threshold(kl_BT, mask_BT, kat_ema, wcfg.kat_kappa)
         mask_BT, trapped_B = weighting.kat_trap_mask(
             kl_BT, mask_BT, threshold, wcfg.kat_window, wcfg.kat_patience, wcfg.kat_min_position
         )
@@ -103,4 +104,4 @@ def shape(config: Config, student, batch: StepBatch, step: int, state: dict) -> 
     kept = float(mask_BT.sum()) / max(float(rollout.loss_mask_BT.sum()), 1.0)
     if kept < 1:
         metrics["kept_token_frac"] = kept
-    return shaping
+    return shaping, kat_ema

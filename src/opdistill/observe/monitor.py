@@ -9,6 +9,7 @@ update, so both sides describe the policy that sampled the tokens.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -75,17 +76,27 @@ def diagnose(config: Config, student, tokenizer, batch: StepBatch) -> dict[str, 
     return out
 
 
-def alarms(record: dict, state: dict, evaluated: bool) -> list[str]:
+@dataclass
+class AlarmState:
+    """What the alarms keep across steps (checkpointed with the run): which have tripped, and the short
+    histories the rules read, so a resumed run neither repeats nor forgets an alarm."""
+
+    tripped: list[str] = field(default_factory=list)
+    truncation_history: list[float] = field(default_factory=list)  # the last TRUNCATION_STEPS rates
+    kl_since_eval: list[float] = field(default_factory=list)  # teacher_kl of each step since the last eval
+    kl_per_eval: list[float] = field(default_factory=list)  # the mean teacher_kl between evaluations
+
+
+def alarms(record: dict, state: AlarmState, evaluated: bool) -> list[str]:
     """Alarms that trip for the first time at this step, each as "name: message" (ALGORITHMS.md §13; each
-    trips once per run). ``state`` is the run's checkpointed state: it keeps what has tripped and the short
-    histories the rules read, so a resumed run neither repeats nor forgets an alarm.
+    trips once per run); ``state`` is updated with this step.
 
     non_finite: the step's loss or gradient was not finite (the step was skipped) · diversity_collapse: the
     student's high-entropy-token rate is under half the teacher's at the same states (§13.1) ·
     truncation_collapse: most responses hit the length cap for several steps (StableOPD's length inflation,
     §13.5) · teacher_kl_rising: the mean teacher_kl between evaluations rose for several evaluations ·
     kl_agreement_trap: a quarter or more of the responses end in a KAT trap (§7.6)."""
-    tripped: list[str] = state.setdefault("alarms", [])
+    tripped = state.tripped
     fired: list[str] = []
 
     def trip(name: str, message: str) -> None:
@@ -108,16 +119,16 @@ def alarms(record: dict, state: dict, evaluated: bool) -> list[str]:
              "teacher agrees with the student (persistently low KL after a drift; KAT, Xin et al. 2026): the "
              "teacher gives no corrective signal there. Consider weighting.kat=true.")  # fmt: skip
     if "truncation_rate" in record:
-        history = state.setdefault("truncation_history", [])
+        history = state.truncation_history
         history[:] = [*history, record["truncation_rate"]][-TRUNCATION_STEPS:]
         if len(history) == TRUNCATION_STEPS and min(history) >= 0.5:
             trip("truncation_collapse", f"at least half the responses hit rollout.max_new_tokens for "
                  f"{TRUNCATION_STEPS} steps in a row (StableOPD's truncation-repetition inflation).")  # fmt: skip
     if "teacher_kl" in record:
-        window = state.setdefault("kl_since_eval", [])
+        window = state.kl_since_eval
         window.append(record["teacher_kl"])
         if evaluated:
-            per_eval = state.setdefault("kl_per_eval", [])
+            per_eval = state.kl_per_eval
             per_eval.append(sum(window) / len(window))
             window.clear()
             if diagnostics.rising(per_eval, RISING_EVALS):

@@ -5,14 +5,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
 import torch
 
-from opdistill.config import ModelSpec
+from opdistill.config import Config, ModelSpec
 from opdistill.errors import UserError
 from opdistill.models import check_same_tokenizer, load_model
+from opdistill.objectives.registry import OBJECTIVES
 from opdistill.teachers.local import LocalTeacher
 from opdistill.teachers.remote import RemoteTeacher
 from opdistill.types import Rollout, SignalRequest, TeacherSignal
@@ -54,3 +55,43 @@ def make_teacher(
     model, tokenizer = load_model(spec)
     check_same_tokenizer(student_tokenizer, tokenizer)
     return LocalTeacher(cast(torch.nn.Module, model).to(device))
+
+
+def run_teachers(
+    config: Config,
+    tokenizer,
+    student,
+    initial_student: Callable[[], LocalTeacher],
+    saved_self_teacher: dict | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, Teacher], torch.nn.Module | None]:
+    """The run's teachers by the tag examples name them with ("" = the default teacher), and OPSD's EMA model
+    when the self-teacher is one (the loop moves it toward the student after each step).
+
+    OPSD's self-teacher is the student itself (``live``) or ``initial_student()`` (``frozen``, or the EMA's
+    start; a resumed EMA continues from ``saved_self_teacher``). Otherwise ``teacher`` and ``teachers`` are
+    loaded (or reached) when the run distils or SFTs on teacher completions, and checked against the requests
+    the objective and the diagnostics will make."""
+    teachers: dict[str, Teacher] = {}
+    ema_model = None
+    if config.opsd.teacher == "live":
+        teachers[""] = LocalTeacher(student, frozen=False)
+    elif config.opsd.teacher != "off":
+        initial = initial_student()
+        if saved_self_teacher is not None:
+            initial.model.load_state_dict(saved_self_teacher)
+        teachers[""], ema_model = initial, initial.model if config.opsd.teacher == "ema" else None
+    elif OBJECTIVES[config.objective.type].distills or config.data.completions != "dataset":
+        diagnostics = [config.diagnostics_request] * bool(config.train.diagnostics_every)
+        specs = {"": config.teacher, **config.teachers}
+        teachers = {
+            tag: make_teacher(spec, tokenizer, [config.teacher_request, *diagnostics], device)
+            for tag, spec in specs.items()
+        }
+    widest, vocab = max(config.teacher_request.topk, config.objective.student_topk), len(tokenizer)
+    if teachers and widest > vocab:
+        raise UserError(
+            f"a top-K of {widest} ids is more than the vocabulary ({vocab} ids): "
+            "lower objective.topk / objective.baseline_topk."
+        )
+    return teachers, ema_model

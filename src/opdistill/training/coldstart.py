@@ -30,7 +30,7 @@ from opdistill.teachers.local import LocalTeacher
 from opdistill.training import distributed
 from opdistill.training.distributed import World
 from opdistill.training.step import train_step
-from opdistill.types import StepBatch
+from opdistill.types import Cost, StepBatch
 
 WARMUP_STEPS = 10  # linear warmup of the SFT learning rate, then constant
 MAX_RETRIES = 3  # an invalid teacher sample is drawn again at most this often (§11.2)
@@ -46,18 +46,17 @@ def cold_start(
     world: World,
     *,
     resume: bool = False,
-    state: dict | None = None,
     show_progress: bool = False,
-) -> frozenset[str]:
+) -> tuple[frozenset[str], Cost]:
     """SFT ``model`` (the student the loss runs through: DDP- or FSDP-wrapped under torchrun) on the teacher's
-    samples, and return the prompt keys (``prompt_key``) it trained on, which distillation must avoid.
+    samples; returns the prompt keys (``prompt_key``) it trained on, which distillation must avoid, and what
+    it cost (its time and tokens count against the run, as the curriculum's do; nothing on resume).
 
     ``teacher`` is the run's local teacher (``LocalTeacher``: it samples, so a remote one is refused). Each rank generates the same samples (seed
     ``train.seed``) and trains on its share of each step's ``cold_start.prompts_per_step`` kept samples, walked
     in seeded epochs; rank 0 writes ``out/cold_start.jsonl`` (the kept samples, written last: the cold start
     is complete when it exists) and ``out/cold_start_metrics.jsonl`` (one line per SFT step). ``resume``: the
-    student comes from a checkpoint taken after the cold start, so only its prompts are read back. With
-    ``state``, its time and tokens count against the run, as the curriculum's do."""
+    student comes from a checkpoint taken after the cold start, so only its prompts are read back."""
     cold = config.cold_start
     path = out / "cold_start.jsonl"
     if resume:
@@ -66,7 +65,7 @@ def cold_start(
                 f"resuming a run with cold_start.samples > 0 needs {path}, written when its cold start ended; "
                 "restore it, or start a new run."
             )
-        return frozenset(prompt_key(ex) for ex in read_jsonl(path))
+        return frozenset(prompt_key(ex) for ex in read_jsonl(path)), Cost()
     if not isinstance(teacher, LocalTeacher):
         raise UserError(
             "cold_start samples from the teacher, and a remote teacher (teacher.url) only scores: give a local "
@@ -121,16 +120,17 @@ def cold_start(
     if world.is_main:
         (out / "cold_start_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         write_jsonl(kept, path)
-    if state is not None:
-        state["elapsed_s"] += distributed.all_sum(time.perf_counter() - started, world) / world.size
-        state["student_train_tokens"] += int(distributed.all_sum(trained_tokens, world))
+    cost = Cost(
+        distributed.all_sum(time.perf_counter() - started, world) / world.size,
+        student_train_tokens=int(distributed.all_sum(trained_tokens, world)),
         # the kept samples' prompts and completions (redrawn invalid samples are not counted)
-        state["teacher_generated_tokens"] += sum(
+        teacher_generated_tokens=sum(
             len(prompt) + len(encode_completion(tokenizer, ex.completion))
             for prompt, ex in zip(encode_prompts(tokenizer, kept), kept, strict=True)
-        )
+        ),
+    )
     world.barrier()
-    return frozenset(prompt_key(ex) for ex in kept)
+    return frozenset(prompt_key(ex) for ex in kept), cost
 
 
 def sft_settings(config: Config) -> Config:

@@ -1,8 +1,9 @@
 """The training loop, shared by SFT and on-policy distillation.
 
-One step: take prompts → get completions (student samples them for OPD; dataset or teacher for SFT)
-→ the teacher scores the student's tokens → loss over micro-batches with one global token normaliser
-→ clip, AdamW, schedule → log, evaluate, checkpoint. A variant is a config switch, not a subclass.
+One step: make prompts → roll out (the student samples for OPD; dataset or teacher completions for SFT) →
+the teacher scores the student's tokens (training/batches.py) → shape (objectives/shaping.py) → the
+objective over micro-batches with one global token normaliser → clip, AdamW, schedule (training/step.py) →
+log, evaluate, checkpoint. A variant is a config switch that selects a function, not a subclass.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,25 +23,23 @@ from opdistill.data.tasks import Task, corpus_text, task_from_config
 from opdistill.errors import UserError
 from opdistill.models import load_model, load_student, save_model
 from opdistill.objectives import shaping
+from opdistill.objectives.registry import OBJECTIVES
 from opdistill.observe import monitor
 from opdistill.observe.evaluate import evaluate
 from opdistill.observe.progress import NullProgress, ProgressBar
 from opdistill.observe.runlog import Board, Log
-from opdistill.teachers.base import Teacher, make_teacher
+from opdistill.teachers.base import run_teachers
 from opdistill.teachers.local import LocalTeacher, ema_update
-from opdistill.training import distributed, sources
+from opdistill.training import batches, distributed
 from opdistill.training.checkpoint import latest_checkpoint, load_state, save_checkpoint, truncate_jsonl
 from opdistill.training.coldstart import cold_start, disjoint
 from opdistill.training.distributed import World
+from opdistill.training.state import RunState
 from opdistill.training.step import train_step
+from opdistill.types import COUNTERS
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-COUNTERS = (
-    "student_train_tokens",
-    "student_sampled_tokens",
-    "teacher_scored_tokens",
-    "teacher_generated_tokens",
-)
+LOGS = ("metrics.jsonl", "eval.jsonl", "alarms.jsonl")
 
 
 def learning_rate(config: Config, step: int, elapsed_s: float) -> float:
@@ -71,78 +71,52 @@ def run(
 
 
 def _run(config: Config, world: World, resume: bool, stop_after: int | None, show_progress: bool) -> dict:
-    out = Path(config.train.out_dir)
-    distill = config.objective.type != "sft"
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    task = task_from_config(config.data, config.train.seed)
-    state = {"step": 0, "elapsed_s": 0.0, "bad_steps": 0, **dict.fromkeys(COUNTERS, 0)}
-    checkpoint = None
-    if resume:
-        checkpoint = latest_checkpoint(out)
-        state = load_state(checkpoint)
-        for log in ("metrics.jsonl", "eval.jsonl", "alarms.jsonl") if world.is_main else ():
-            truncate_jsonl(out / log, state["step"])
-    elif (out / "metrics.jsonl").exists():
-        raise UserError(
-            f"run directory {out} already holds a run; pass --resume or choose another train.out_dir."
-        )
-    world.barrier()  # every rank has looked before rank 0 writes
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+    out, train = Path(config.train.out_dir), config.train
+    distill = OBJECTIVES[config.objective.type].distills
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    task = task_from_config(config.data, train.seed)
+    checkpoint, saved = _open_run_directory(config, out, world, resume)
+    state = RunState.from_dict(saved) if resume else RunState()
 
     # a fresh model gets a character tokenizer over the task's text (read only when one is built)
     corpus = () if config.student.path or checkpoint else corpus_text(task)
-    student, tokenizer = load_student(config.student, config.lora, corpus, config.train.seed, checkpoint)
+    student, tokenizer = load_student(config.student, config.lora, corpus, train.seed, checkpoint)
     world.place(student).train()
 
-    def initial_student():  # the student as the run started, frozen (what a resumed run rebuilds)
-        model, _ = load_model(
-            config.student, () if config.student.path else corpus_text(task), config.train.seed
-        )
+    def initial_student() -> LocalTeacher:  # the student as the run started, frozen (what a resume rebuilds)
+        model, _ = load_model(config.student, () if config.student.path else corpus_text(task), train.seed)
         return LocalTeacher(world.place(model))
 
-    teachers: dict[str, Teacher] = {}  # by the tag examples name them with ("" = the default teacher)
-    self_teacher, ema_model = config.opsd.teacher, None
-    if self_teacher == "live":
-        teachers[""] = LocalTeacher(student, frozen=False)
-    elif self_teacher != "off":  # frozen, or the EMA's start (a resumed EMA continues from its checkpoint)
-        initial = initial_student()
-        if "self_teacher" in state:
-            initial.model.load_state_dict(state.pop("self_teacher"))
-        teachers[""], ema_model = initial, initial.model if self_teacher == "ema" else None
-    elif distill or config.data.completions != "dataset":
-        requests = [config.teacher_request] + [config.diagnostics_request] * bool(
-            config.train.diagnostics_every
-        )
-        specs = {"": config.teacher, **config.teachers}
-        teachers = {tag: make_teacher(spec, tokenizer, requests, world.device) for tag, spec in specs.items()}
-    widest, vocab = max(config.teacher_request.topk, config.objective.student_topk), len(tokenizer)
-    if teachers and widest > vocab:
-        raise UserError(
-            f"a top-K of {widest} ids is more than the vocabulary ({vocab} ids): "
-            "lower objective.topk / objective.baseline_topk."
-        )
-
-    def resumable() -> dict:  # what a checkpoint must hold besides model and optimizer: the EMA teacher too
-        ema = {} if ema_model is None else {"self_teacher": ema_model.state_dict()}
-        return {**state, **ema}
-
-    # StableOPD's reference for the ref-KL term
-    reference = initial_student() if config.objective.ref_kl_coef else None
-    # the loss runs through `model` (DDP / FSDP2 under torchrun); sampling, scoring and evaluation use `student`
-    model = distributed.wrap(student, world, config.train.parallel)
-    if config.cold_start.samples:  # SFT on teacher samples first; distillation then avoids their prompts
-        seen = cold_start(config, task, tokenizer, model, teachers[""], out, world,
-                          resume=resume, state=state, show_progress=show_progress)  # fmt: skip
-        task = dataclasses.replace(task, train=disjoint(task.train, seen))
-    make_batch = sources.batch_source(
-        config, task, tokenizer, student, teachers, out, state, world, reference
+    teachers, ema_model = run_teachers(
+        config, tokenizer, student, initial_student, saved.get("self_teacher"), world.device
     )
+    reference = initial_student() if config.objective.ref_kl_coef else None  # StableOPD's ref-KL term
+    # the loss runs through `model` (DDP / FSDP2 under torchrun); sampling, scoring and evaluation use `student`
+    model = distributed.wrap(student, world, train.parallel)
+    if config.cold_start.samples:  # SFT on teacher samples first; distillation then avoids their prompts
+        seen, cost = cold_start(
+            config,
+            task,
+            tokenizer,
+            model,
+            teachers[""],
+            out,
+            world,
+            resume=resume,
+            show_progress=show_progress,
+        )
+        state.charge(cost)
+        task = dataclasses.replace(task, train=disjoint(task.train, seen))
+    context, cost = batches.batch_context(config, task, tokenizer, student, teachers, out, world, reference)
+    state.charge(cost)
     optimizer = distributed.adamw(model, config.optim.lr, config.optim.betas, config.optim.weight_decay)
     if resume:
-        distributed.load_optimizer_state(model, optimizer, state.pop("optimizer"))
+        distributed.load_optimizer_state(model, optimizer, saved["optimizer"])
+
+    def save() -> dict | None:  # a checkpoint holds the EMA self-teacher too
+        extra = {} if ema_model is None else {"self_teacher": ema_model.state_dict()}
+        return _checkpoint(config, out, model, tokenizer, optimizer, {**state.to_dict(), **extra}, world)
 
     # Ctrl-C or a scheduler's SIGTERM ends the run after the current step, with a checkpoint to resume from
     stop_requested = []
@@ -153,101 +127,134 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
     session_steps = 0
     title = f"{'distill' if distill else 'sft'} {out.name}"
     bar = (
-        ProgressBar(title, config.train.steps, state["step"], config.train.time_budget_s)
-        if show_progress
-        else NullProgress()
+        ProgressBar(title, train.steps, state.step, train.time_budget_s) if show_progress else NullProgress()
     )
-    periodic_eval = bool(task.test) and (config.train.eval_every or config.train.eval_every_s)
-    if periodic_eval and state["step"] == 0:  # where the curves start: the model before training
+    periodic_eval = bool(task.test) and bool(train.eval_every or train.eval_every_s)
+    if periodic_eval and state.step == 0:  # where the curves start: the model before training
         last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state, world)
     try:
-        resumed_at = state["step"] + 1 if resume else None  # the first step this session logs
-        board = Board(out, config.train.tensorboard and world.is_main, resumed_at)
+        board = Board(out, train.tensorboard and world.is_main, state.step + 1 if resume else None)
         with bar, board, Log(out, world) as log:
             if last_eval:  # the step-0 evaluation, made before the loop
                 board.log("eval", last_eval)
-            while state["step"] < config.train.steps and not _out_of_time(config, state):
+            while state.step < train.steps and not _out_of_time(config, state):
                 started = time.perf_counter()
-                step = state["step"]
+                step = state.step
                 # sampling depends on (seed, step) only, which is what makes resume exact
-                torch.manual_seed(config.train.seed * 1_000_003 + step)
-                lr = learning_rate(config, step, state["elapsed_s"])
+                torch.manual_seed(train.seed * 1_000_003 + step)
+                lr = learning_rate(config, step, state.elapsed_s)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                batch = make_batch(step)
+                batch = batches.next_batch(context, step)  # prompts → roll out → score
                 if distill:
-                    batch.shaping = shaping.shape(config, student, batch, step, state)
+                    batch.shaping, state.kat_ema = shaping.shape(config, student, batch, step, state.kat_ema)
                 if config.diagnostics_due(step):  # on the policy that sampled the batch, before the update
                     batch.metrics.update(monitor.diagnose(config, student, tokenizer, batch))
-                metrics = train_step(config, model, optimizer, batch, world)
+                metrics = train_step(config, model, optimizer, batch, world)  # objective → update
                 if ema_model is not None:
                     ema_update(ema_model, student, config.opsd.ema_decay)
-                batch_metrics = distributed.reduce_metrics(batch.metrics, world, COUNTERS)
-                finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
-                state["bad_steps"] = 0 if finite else state["bad_steps"] + 1  # a bad step was skipped
 
                 step_s = distributed.all_sum(time.perf_counter() - started, world) / world.size
-                state["step"] = step + 1
-                state["elapsed_s"] += step_s
-                for key in COUNTERS:
-                    state[key] += batch_metrics.pop(key, 0) + metrics.pop(key, 0)
-                record = {"step": step + 1, "lr": lr, **batch_metrics, **metrics, "step_s": step_s}
-                record["tokens_per_s"] = record["loss_tokens"] / step_s
-                record.update({k: state[k] for k in ("elapsed_s", *COUNTERS)})
+                record = _account(state, batch.metrics, metrics, lr, step_s, world)
                 log.write("metrics", record)
                 board.log("train", record)
-                if state["bad_steps"] >= config.train.max_bad_steps:
+                if state.bad_steps >= train.max_bad_steps:
                     raise UserError(
-                        f"the loss or gradient was not finite for {state['bad_steps']} steps in a row (steps "
-                        f"{step + 2 - state['bad_steps']}-{step + 1}, skipped); lower optim.lr or check the teacher and data."
+                        f"the loss or gradient was not finite for {state.bad_steps} steps in a row (steps "
+                        f"{step + 2 - state.bad_steps}-{step + 1}, skipped); lower optim.lr or check the teacher "
+                        "and data."
                     )
 
-                evaluated = bool(periodic_eval) and _eval_due(config, state, step_s)
+                evaluated = periodic_eval and _eval_due(config, state, step_s)
                 if evaluated:
                     last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state, world)
                     board.log("eval", last_eval)
-                for message in monitor.alarms(record, state, evaluated):  # each printed once, kept in the run
+                for message in monitor.alarms(record, state.alarms, evaluated):  # each printed once, kept
                     bar.note(f"alarm at step {step + 1}: {message}")
                     log.write("alarms", {"step": step + 1, "alarm": message})
-                bar.update(state["step"], state["elapsed_s"], _bar_fields(record, last_eval))
+                bar.update(state.step, state.elapsed_s, _bar_fields(record, last_eval))
                 session_steps += 1
-                final = state["step"] >= config.train.steps or _out_of_time(config, state)
-                if config.train.save_every and state["step"] % config.train.save_every == 0 and not final:
-                    _checkpoint(config, out, model, tokenizer, optimizer, resumable(), world)
+                final = state.step >= train.steps or _out_of_time(config, state)
+                if train.save_every and state.step % train.save_every == 0 and not final:
+                    save()
                 stop = distributed.all_sum(float(bool(stop_requested)), world) > 0  # any rank interrupted
                 if not final and (stop or (stop_after is not None and session_steps >= stop_after)):
-                    _checkpoint(config, out, model, tokenizer, optimizer, resumable(), world)
-                    return {"stopped_at": state["step"], "out": str(out), "complete": False}
+                    save()
+                    return {"stopped_at": state.step, "out": str(out), "complete": False}
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
-    if task.test and last_eval.get("step") != state["step"]:
+    if task.test and last_eval.get("step") != state.step:
         last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state, world)
-    model_state = _checkpoint(config, out, model, tokenizer, optimizer, resumable(), world)
+    model_state = save()
     if world.is_main:
         save_model(student, tokenizer, out / "final", model_state and dict(model_state))
     world.barrier()
-    return {"out": str(out), "complete": True, "steps": state["step"], "final_eval": last_eval, **state}
+    return {
+        "out": str(out),
+        "complete": True,
+        "steps": state.step,
+        "final_eval": last_eval,
+        **state.to_dict(),
+    }
 
 
-def _out_of_time(config: Config, state: dict) -> bool:
-    return config.train.time_budget_s > 0 and state["elapsed_s"] >= config.train.time_budget_s
+def _open_run_directory(config: Config, out: Path, world: World, resume: bool) -> tuple[Path | None, dict]:
+    """The checkpoint to resume from and what it saved (logs cut back to its step), or none for a new run;
+    a new run refuses a directory that already holds one. Writes the resolved config."""
+    checkpoint, saved = None, {}
+    if resume:
+        checkpoint = latest_checkpoint(out)
+        saved = load_state(checkpoint)
+        for name in LOGS if world.is_main else ():
+            truncate_jsonl(out / name, saved["step"])
+    elif (out / "metrics.jsonl").exists():
+        raise UserError(
+            f"run directory {out} already holds a run; pass --resume or choose another train.out_dir."
+        )
+    world.barrier()  # every rank has looked before rank 0 writes
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    return checkpoint, saved
 
 
-def _eval_due(config: Config, state: dict, step_s: float) -> bool:
+def _account(
+    state: RunState, batch_metrics: dict, metrics: dict, lr: float, step_s: float, world: World
+) -> dict[str, Any]:
+    """Advance ``state`` past the step just taken and return its metrics record (token counters summed over
+    ranks, the rest averaged)."""
+    batch_metrics = distributed.reduce_metrics(batch_metrics, world, COUNTERS)
+    finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+    state.bad_steps = 0 if finite else state.bad_steps + 1  # a bad step was skipped
+    state.step += 1
+    state.elapsed_s += step_s
+    for key in COUNTERS:
+        setattr(state, key, getattr(state, key) + batch_metrics.pop(key, 0) + metrics.pop(key, 0))
+    record = {"step": state.step, "lr": lr, **batch_metrics, **metrics, "step_s": step_s}
+    record["tokens_per_s"] = record["loss_tokens"] / step_s
+    record.update({"elapsed_s": state.elapsed_s, **state.counters()})
+    return record
+
+
+def _out_of_time(config: Config, state: RunState) -> bool:
+    return config.train.time_budget_s > 0 and state.elapsed_s >= config.train.time_budget_s
+
+
+def _eval_due(config: Config, state: RunState, step_s: float) -> bool:
     train = config.train
-    if train.eval_every and state["step"] % train.eval_every == 0:
+    if train.eval_every and state.step % train.eval_every == 0:
         return True
     # time-based cadence: the step that crosses a multiple of eval_every_s
-    return bool(train.eval_every_s) and (state["elapsed_s"] // train.eval_every_s) > (
-        (state["elapsed_s"] - step_s) // train.eval_every_s
+    return bool(train.eval_every_s) and (state.elapsed_s // train.eval_every_s) > (
+        (state.elapsed_s - step_s) // train.eval_every_s
     )
 
 
 def _evaluate_and_log(
-    config: Config, student, tokenizer, task: Task, out: Path, state: dict, world: World
+    config: Config, student, tokenizer, task: Task, out: Path, state: RunState, world: World
 ) -> dict:
     """Every rank evaluates (an FSDP2-sharded student needs all ranks in each forward); rank 0 logs."""
     result = evaluate(
@@ -260,7 +267,7 @@ def _evaluate_and_log(
         temperature=config.rollout.temperature,
         seed=config.train.seed,
     )
-    record = {"step": state["step"], "elapsed_s": state["elapsed_s"], **result}
+    record = {"step": state.step, "elapsed_s": state.elapsed_s, **result}
     if world.is_main:
         with (out / "eval.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -268,17 +275,21 @@ def _evaluate_and_log(
 
 
 def _checkpoint(
-    config: Config, out: Path, model, tokenizer, optimizer, state: dict, world: World
+    config: Config, out: Path, model, tokenizer, optimizer, saved: dict, world: World
 ) -> dict | None:
     """Full model and optimizer state (gathered from the shards under FSDP2) into ``checkpoints/step_N`` by
     rank 0; returns the model's full state dict under FSDP2 (``save_pretrained`` consumes what it is given)."""
     model_state, optimizer_state = distributed.full_state(model, optimizer)
     if world.is_main:
         save_checkpoint(
-            out, state["step"], distributed.unwrap(model), tokenizer,
-            {**state, "optimizer": optimizer_state}, config.train.keep_checkpoints,
+            out,
+            saved["step"],
+            distributed.unwrap(model),
+            tokenizer,
+            {**saved, "optimizer": optimizer_state},
+            config.train.keep_checkpoints,
             model_state and dict(model_state),
-        )  # fmt: skip
+        )  # fmt: skip  (positional arguments on two lines rather than nine)
     world.barrier()
     return model_state
 
