@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-slow assets lint format clean
+.PHONY: demo test test-slow assets docs lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ assets: $(STAMP)
 	rm -rf src/opdistill/assets/addition-teacher src/opdistill/assets/addition-student
 	cp -r build/assets/teacher/final src/opdistill/assets/addition-teacher
 	cp -r build/assets/student/final src/opdistill/assets/addition-student
+
+# Regenerate the docs derived from the code (docs/configuration.md, the objectives table); tests check them.
+docs: $(STAMP)
+	$(BIN)/python scripts/write_docs.py
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check src tests

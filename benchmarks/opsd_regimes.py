@@ -1,4 +1,4 @@
-"""OPSD's two regimes on the built-in task (ALGORITHMS §6.7), before and after, as a Markdown table.
+"""OPSD's two regimes on the built-in task (math.md §6.7), before and after, as a Markdown table.
 
     python benchmarks/opsd_regimes.py [--out build/opsd] [--base-steps 800] [--steps 200] [--seed 0]
 
@@ -7,7 +7,7 @@ answer as context, answers written without the carry chain) it runs configs/opsd
 context-shown and plain prompts) and then configs/opsd_<regime>.yaml (OPSD with the frozen self-teacher),
 each under --out, and evaluates the base and the OPSD student greedily on the 1,000 held-out problems
 with the context hidden (the student's test condition) and shown (the self-teacher's view). A run whose
-final/ exists is reused. README.md and benchmarks/RESULTS.md quote this output.
+final/ exists is reused. docs/data_modes.md and benchmarks/RESULTS.md quote this output.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Off-policy cold start (ALGORITHMS §11.2): valid teacher samples, an SFT that lowers the student's NLL on them,
+"""Off-policy cold start (math.md §11.2): valid teacher samples, an SFT that lowers the student's NLL on them,
 the prompts it used, distillation streams that never see them, and a resumed run that does not train again."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """torchrun with two CPU ranks (gloo): DDP and FSDP2 match one process on the same global batch, and a
 checkpoint written by two ranks resumes on two ranks exactly. Real launcher, real process group; the FSDP2
-runs score with a real `opd serve-teacher` server on loopback, the path of the GPU recipe in README."""
+runs score with a real `opd serve-teacher` server on loopback, the path of the GPU recipe in docs/scaling.md."""
 
 from __future__ import annotations
 

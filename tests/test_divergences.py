@@ -1,4 +1,4 @@
-"""Full-vocabulary divergences against ALGORITHMS.md §15 (I2, I6a-d, I6f) and against TRL's GKD loss."""
+"""Full-vocabulary divergences against math.md §15 (I2, I6a-d, I6f) and against TRL's GKD loss."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`opd generate`: validity filters (ALGORITHMS §11.2) and teacher samples written as training data."""
+"""`opd generate`: validity filters (math.md §11.2) and teacher samples written as training data."""
 
 from __future__ import annotations
 

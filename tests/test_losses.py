@@ -1,4 +1,4 @@
-"""The math core against the closed forms of ALGORITHMS.md §15 (I1-I3, I10, I14a,b) and its properties."""
+"""The math core against the closed forms of math.md §15 (I1-I3, I10, I14a,b) and its properties."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Alarms trip on crafted metric streams, once each, and stay quiet on a healthy one (ALGORITHMS.md §13)."""
+"""Alarms trip on crafted metric streams, once each, and stay quiet on a healthy one (math.md §13)."""
 
 from __future__ import annotations
 

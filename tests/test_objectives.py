@@ -1,5 +1,5 @@
 """How the configured objective combines its parts: routing, SCOPE's branches, EOPD's gate, the reference KL,
-and batch-wide shaping that micro-batching must not change (ALGORITHMS.md §7, §8.1, §12)."""
+and batch-wide shaping that micro-batching must not change (math.md §7, §8.1, §12)."""
 
 from __future__ import annotations
 

@@ -164,7 +164,7 @@ def test_an_opsd_run_lowers_its_divergence(tmp_path, mode, objective, target):
     values = [r[target] for r in rows]
     assert len(values) == len(rows) >= 20 and values[0] > 1e-3
     assert sum(values[-4:]) / 4 < 0.7 * sum(values[:3]) / 3, values
-    if "token_clip" in objective:  # §6.2's per-token clip is active on some tokens
+    if "token_clip" in objective:  # math.md §6.2's per-token clip is active on some tokens
         assert any(r["token_clip_frac"] > 0 for r in rows)
 
 

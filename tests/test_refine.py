@@ -1,4 +1,4 @@
-"""TRD refinement (ALGORITHMS.md §9.3): the prefix cut and the teacher's continuation against an independent
+"""TRD refinement (math.md §9.3): the prefix cut and the teacher's continuation against an independent
 recompute, the selection table and the support check, prompt-mode trajectories, and the shipped addition
 teacher repairing corrupted student rollouts."""
 

@@ -1,4 +1,4 @@
-"""Teacher-aligned prompt selection (ALGORITHMS §11.3): the step-0 overlap score against a per-position
+"""Teacher-aligned prompt selection (math.md §11.3): the step-0 overlap score against a per-position
 reference, its limits, the top-fraction cut, the per-step mix and the cached selection a resumed run reads."""
 
 from __future__ import annotations

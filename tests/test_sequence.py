@@ -1,4 +1,4 @@
-"""Sequence-level identities on a tabular autoregressive model, enumerating every sequence (ALGORITHMS.md
+"""Sequence-level identities on a tabular autoregressive model, enumerating every sequence (docs/math.md
 I9a-c), the weighted-KL optima (I15a,b), the remaining single-state identities (I7, I8, I14c) and MiniLLM's
 long-term advantage."""
 

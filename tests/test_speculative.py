@@ -1,4 +1,4 @@
-"""SKD sampling (ALGORITHMS.md §9.2): its two limits, a step-by-step replay of Algorithm 1 without KV caches,
+"""SKD sampling (math.md §9.2): its two limits, a step-by-step replay of Algorithm 1 without KV caches,
 and the row-split and left-padding invariances, on tiny real student and teacher models."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Top-K reverse KL variants (ALGORITHMS.md §5) against the closed forms I5a-c, I13, I16a-c, and chunking."""
+"""Top-K reverse KL variants (math.md §5) against the closed forms I5a-c, I13, I16a-c, and chunking."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token weights, masks and advantages (ALGORITHMS.md §7, §8, §12) against hand-computed values."""
+"""Token weights, masks and advantages (math.md §7, §8, §12) against hand-computed values."""
 
 from __future__ import annotations
 

@@ -63,19 +63,17 @@ class Rollout:
 
 @dataclass(frozen=True)
 class SignalRequest:
-    """What the objective needs from the teacher (ALGORITHMS.md §1.3); the sampled-token log-prob (L0) always."""
+    """What the objective needs from the teacher (math.md §1.3); the sampled-token log-prob (L0) always."""
 
     topk: int = 0  # L1: the teacher's own top-K ids and log-probs per position
     at_ids: bool = False  # L1s: log-probs at caller-chosen ids (the student's top-K)
     full: bool = False  # L2: full logits over the vocabulary
-    entropy: bool = (
-        False  # the teacher's exact entropy per position (a [B, T] scalar, not a [B, T, V] tensor)
-    )
+    entropy: bool = False  # the teacher's exact entropy per position ([B, T], not a [B, T, V] tensor)
 
 
 @dataclass
 class TeacherSignal:
-    """What the teacher sends back: L0 always, the other levels only when asked (ALGORITHMS.md §1.3)."""
+    """What the teacher sends back: L0 always, the other levels only when asked (math.md §1.3)."""
 
     token_logp_BT: torch.Tensor  # L0: teacher log-prob of each sampled token (0 on pad)
     topk_ids_BTK: torch.Tensor | None = None  # L1: the teacher's top-K ids, most likely first

@@ -19,7 +19,7 @@ from opdistill.types import Cost
 
 
 class CurriculumStream:
-    """SEAD's competence-gated curriculum (ALGORITHMS.md §7.7, [D] form): step t draws, with replacement and
+    """SEAD's competence-gated curriculum (math.md §7.7, [D] form): step t draws, with replacement and
     as a function of (seed, t), only pool prompts whose difficulty d = 1 - the initial student's pass rate is
     at most c(t); when none is, the easiest ones."""
 

@@ -43,7 +43,7 @@ class Example:
 
 
 def privileged_view(example: Example, template: str, system: str = "") -> Example:
-    """The example as an OPSD self-teacher sees it (ALGORITHMS §6): its last user turn rewritten by ``template``
+    """The example as an OPSD self-teacher sees it (math.md §6): its last user turn rewritten by ``template``
     (``{privileged}``, ``{prompt}``), and a first system turn from ``system`` when that is not empty."""
     messages = [(m["role"], m["content"]) for m in example.messages()]
     users = [i for i, (role, _) in enumerate(messages) if role == "user"]
@@ -151,7 +151,7 @@ class DatasetSource:
 def open_source(
     spec: str, columns: Mapping[str, str] | None = None, splits: Sequence[str] = TRAIN_SPLITS
 ) -> Source:
-    """The Source ``spec`` names (README, "Your own data"):
+    """The Source ``spec`` names (docs/data.md):
 
     - ``hf:NAME[:SPLIT]`` or ``hf:NAME:CONFIG:SPLIT``: ``datasets.load_dataset`` of a local directory or a
       dataset already in the HF cache — nothing is downloaded;

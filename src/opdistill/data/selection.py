@@ -1,4 +1,4 @@
-"""Teacher-aligned prompt selection (ALGORITHMS.md §11.3, [D] score): rank a pool of training prompts by how
+"""Teacher-aligned prompt selection (math.md §11.3, [D] score): rank a pool of training prompts by how
 well the initial student's top-k agrees with the teacher's along the student's own rollout, keep the top
 share, and mix it with prompts drawn from the whole pool, so the student is not trained on the teacher's
 favourite prompts alone (which collapses its entropy, Li, Zuo, He et al. 2026).
@@ -41,7 +41,7 @@ def overlap_scores(
     seed: int,
     batch_size: int = 256,
 ) -> list[float]:
-    """score(x) of §11.3 for each example, in [0, 1]: one rollout of ``student`` (an HF model) per prompt, then
+    """score(x) of math.md §11.3 for each example, in [0, 1]: one rollout of ``student`` (an HF model) per prompt, then
     the mean top-``topk`` overlap (``diagnostics.topk_overlap``) of student and ``teacher`` (anything with
     ``Teacher.score``: a local or remote teacher that serves its top-K) over the rollout's loss tokens (EOS
     included). ``topk`` is capped at the vocabulary. Deterministic in ``seed``."""
@@ -102,7 +102,7 @@ def top_fraction(scores: Sequence[float], fraction: float) -> list[int]:
 
 
 class SelectedStream:
-    """Each step's prompts (ALGORITHMS §11.3): a share ``mix`` drawn uniformly from the whole pool, the rest
+    """Each step's prompts (math.md §11.3): a share ``mix`` drawn uniformly from the whole pool, the rest
     from the selected prompts, both with replacement, as a function of (seed, step) so resume replays them.
     ``size x mix`` is rounded stochastically (floor, plus one with probability its fraction), so the share is
     exact on average for any batch size; the two parts are shuffled together, so every rank's shard mixes."""

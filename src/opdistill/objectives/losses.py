@@ -1,4 +1,4 @@
-"""Pure objective math (ALGORITHMS.md §1-§5, §8.1, §10): tensors in, ``(loss, metrics)`` out.
+"""Pure objective math (math.md §1-§5, §8.1, §10): tensors in, ``(loss, metrics)`` out.
 
 Nothing here sees a model, tokenizer, config or process group. Losses are per token ([B, T]); a
 ``Normalizer`` built from the step's global counts turns them into one number. Masks are explicit
@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 # Positions per chunk are chosen so a [B, chunk, V] fp32 temporary holds about this many elements (40 MiB):
-# at V = 151,936 and B = 1 that is 69 positions, so no [B, T, V] temporary is ever built (DESIGN.md speed rules).
+# at V = 151,936 and B = 1 that is 69 positions, so no [B, T, V] temporary is ever built (the speed rule: no [B, T, V] copies kept alive).
 # Above glibc's 32 MiB cap on its dynamic mmap threshold, each temporary is mmapped and handed back on free;
 # at 32 MiB or less, freed chunk temporaries pile up in the heap (benchmarks/loss_memory.py measured 2.3 GB).
 CHUNK_ELEMENTS = 10 << 20
@@ -78,7 +78,7 @@ def per_position(
 
     Value and gradient equal those of ``fn`` on the whole tensor (each position's result depends on that
     position only), but the [B, chunk, V] temporaries of one chunk are all that is ever alive: the gradient
-    is recomputed chunk by chunk in the backward (DESIGN.md: log-softmax over V in chunks over T). Gradient
+    is recomputed chunk by chunk in the backward (log-softmax over V in chunks over T). Gradient
     flows into ``logits_BTV`` only; ``aux`` tensors (teacher logits, ids, masks) are constants.
     """
     if any(a.requires_grad for a in aux):
@@ -113,14 +113,14 @@ def topk_logprobs(logits_BTV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 
 
 def logprobs_at(logits_BTV: torch.Tensor, ids_BTK: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits) at the given ids (ALGORITHMS.md §1.3, L1s): [B, T, K] fp32."""
+    """log softmax(logits) at the given ids (math.md §1.3, L1s): [B, T, K] fp32."""
     lse_BT1 = per_position(lambda x: torch.logsumexp(at_least_fp32(x), -1), logits_BTV)[..., None]
     return at_least_fp32(logits_BTV.gather(-1, ids_BTK)) - lse_BT1
 
 
 def discounted_future_sum(values_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> torch.Tensor:
     """A_t = v_t + γ A_{t+1} along each row, with A = 0 on masked positions so sums reset at padding
-    (tinker-cookbook ``discounted_future_sum_vectorized``; ALGORITHMS.md I10). γ = 0 is the identity."""
+    (tinker-cookbook ``discounted_future_sum_vectorized``; docs/math.md I10). γ = 0 is the identity."""
     values_BT = values_BT * mask_BT
     if gamma == 0:
         return values_BT
@@ -140,12 +140,12 @@ def sampled_rkl_advantage(
     discount: float = 0.0,
     baseline_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """OPD advantage A_t = -c_KL (log p_S(y_t) - log p_T(y_t) - b_t), optionally discounted (ALGORITHMS.md §2.3).
+    """OPD advantage A_t = -c_KL (log p_S(y_t) - log p_T(y_t) - b_t), optionally discounted (math.md §2.3).
 
     The log-ratio is a per-token reward, never a loss: back-propagating it directly has zero expected
     gradient (I14a), so tensors that carry gradient are refused. Use the result in ``pg_per_token``.
     ``baseline_BT``: vOPD's control variate b_t = RKL_t, the exact per-state reverse KL (Oh et al. 2026,
-    ALGORITHMS.md §10): action-independent, so the gradient stays unbiased (I4) while E_y[A_t] = 0.
+    math.md §10): action-independent, so the gradient stays unbiased (I4) while E_y[A_t] = 0.
     Shapes: all [B, T]; returns (advantage_BT, metrics) with ``teacher_kl`` = mean sampled reverse KL.
     """
     if baseline_BT is not None and discount > 0:
@@ -155,7 +155,7 @@ def sampled_rkl_advantage(
     if sampler_logp_BT.requires_grad or teacher_logp_BT.requires_grad:
         raise ValueError(
             "sampled_rkl_advantage got log-probs that require grad: the sampled log-ratio must be a detached "
-            "advantage in the policy-gradient branch, not a loss (ALGORITHMS.md §1.4, rule 1)."
+            "advantage in the policy-gradient branch, not a loss (math.md §1.4, rule 1)."
         )
     mask_BT = mask_BT.float()
     log_ratio_BT = (sampler_logp_BT - teacher_logp_BT) * mask_BT
@@ -173,7 +173,7 @@ def pg_per_token(
     clip: tuple[float, float] | None = None,
     dual_clip: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-token policy-gradient loss -ρ_t A_t with ρ = exp(logp - logp_sampler) (ALGORITHMS.md §1.4).
+    """Per-token policy-gradient loss -ρ_t A_t with ρ = exp(logp - logp_sampler) (math.md §1.4).
 
     ``clip=None``: plain importance sampling (tinker ``importance_sampling``); at logp = logp_sampler the
     gradient is -A ∇logp. ``clip=(ε_low, ε_high)``: PPO, max(-ρA, -clip(ρ, 1-ε_low, 1+ε_high)A); with
@@ -202,13 +202,13 @@ def pg_per_token(
 
 def k2_per_token(logp_BT: torch.Tensor, teacher_logp_BT: torch.Tensor) -> torch.Tensor:
     """k2 = ½ (log p_S(y_t) - log p_T(y_t))², back-propagated directly: per sample its gradient is exactly the
-    PG gradient with A = -ℓ (ALGORITHMS.md §1.4 rule 2, I14b; KDRL). On-policy samples only."""
+    PG gradient with A = -ℓ (math.md §1.4 rule 2, I14b; KDRL). On-policy samples only."""
     return 0.5 * (logp_BT - teacher_logp_BT.detach()) ** 2
 
 
 def k3_per_token(logp_BT: torch.Tensor, reference_logp_BT: torch.Tensor) -> torch.Tensor:
     """k3 = e^{-ℓ} - 1 + ℓ with ℓ = log p_θ(y_t) - log p_ref(y_t), back-propagated directly: the sampled KL
-    penalty of GRPO implementations, used by StableOPD toward the initial student (ALGORITHMS.md §8.1). Its
+    penalty of GRPO implementations, used by StableOPD toward the initial student (math.md §8.1). Its
     expected gradient is that of the forward KL(p_ref ‖ p_θ) (I14c), a regulariser, not an OPD objective."""
     log_ratio_BT = logp_BT - reference_logp_BT.detach()
     return torch.exp(-log_ratio_BT) - 1 + log_ratio_BT
@@ -221,7 +221,7 @@ def minillm_long_advantage(
     gamma: float,
     baseline: float | None = None,
 ) -> torch.Tensor:
-    """MiniLLM's long-term advantage (Gu et al. 2023; ALGORITHMS.md §4): the length-normalised discounted
+    """MiniLLM's long-term advantage (Gu et al. 2023; math.md §4): the length-normalised discounted
     future reward R^norm_{t+1} = (1/(L-t-1)) Σ_{t'>t} γ^{t'-t-1} r_{t'}, r = -(log p_S - log p_T), with L
     the row's length; 0 at the last token. The current token's own term is the single-step full reverse KL,
     so together they are MiniLLM's gradient without teacher-mixed sampling. [D] Minus a constant baseline
@@ -268,7 +268,7 @@ def generalized_jsd(
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """Per-position generalized JSD between teacher q and student p over the full vocabulary (GKD, Agarwal
-    et al. 2023; ALGORITHMS.md §3). JSD_β = β KL(q ‖ m) + (1-β) KL(p ‖ m), m = β q + (1-β) p, with TRL's
+    et al. 2023; math.md §3). JSD_β = β KL(q ‖ m) + (1-β) KL(p ‖ m), m = β q + (1-β) p, with TRL's
     endpoints: β = 0 is exactly the forward KL(q ‖ p), β = 1 exactly the reverse KL(p ‖ q).
 
     Both sides are divided by the loss temperature τ before the softmax; the teacher may be given as logits
@@ -299,7 +299,7 @@ def topk_support(
     at_student_ids: Pair = (None, None),
     student_ids_BTK: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, teacher log-probs, valid) of a top-K support (ALGORITHMS.md §5.1-5.2), each [B, T, K'].
+    """(ids, teacher log-probs, valid) of a top-K support (math.md §5.1-5.2), each [B, T, K'].
 
     ``teacher_topk``: the teacher's own top-K ids and log-probs (L1); ``at_student_ids``: the student's
     top-K ids and the teacher's log-probs there (L1s). student = the latter; teacher = the former;
@@ -370,7 +370,7 @@ def topk_divergence(
     valid_BTK: torch.Tensor | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """Reverse KL restricted to a support S of K ids per position (ALGORITHMS.md §5.1), [B, T].
+    """Reverse KL restricted to a support S of K ids per position (math.md §5.1), [B, T].
 
     ``ids`` and the teacher's log-probs at them come from the teacher (L1, its own top-K), from the caller
     (L1s, e.g. the student's top-K), or both (union); ``valid`` drops slots (duplicates of a union, ids
@@ -382,7 +382,7 @@ def topk_divergence(
     tail T4  KL over S plus one tail bucket (TRL DistillationTrainer): a lower bound on the full KL (I16b);
     pg   T6  Σ_S w sg(ℓ) ρ with w = softmax_S(log p) detached and ρ = p/sg(p): thunlp's student-weighted
              top-K policy gradient; at S = V its gradient is the exact one (I13);
-    fkl      Σ_S q (log q - log p), the un-renormalised forward KL on the teacher's top-K (EOPD's term, §7.2);
+    fkl      Σ_S q (log q - log p), the un-renormalised forward KL on the teacher's top-K (EOPD's term, math.md §7.2);
              like raw it is not stationary at q = p: its gradient there is -∇m_S, pulling mass into S.
     At S = V every variant but fkl is the full reverse KL (I5c); fkl is then the full forward KL.
     """
@@ -401,7 +401,7 @@ def topk_divergence(
 def clip_divergence(
     divergence_BT: torch.Tensor, mask_BT: torch.Tensor, limit: float, soft: bool = False
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-token clipped divergence (OPSD launchers, Open-OPD; ALGORITHMS.md §6.2): min(D_t, c), so a few
+    """Per-token clipped divergence (OPSD launchers, Open-OPD; math.md §6.2): min(D_t, c), so a few
     high-divergence tokens cannot dominate the gradient; clipped tokens get zero gradient. ``soft``: the [D]
     variant c·tanh(D/c), bounded by c but with gradient everywhere. Logs ``token_clip_frac`` = share of
     masked tokens with D_t > c."""
@@ -412,7 +412,7 @@ def clip_divergence(
 
 @dataclass(frozen=True)
 class Normalizer:
-    """How a step's per-token losses become one number (ALGORITHMS.md §1.5), from the step's global counts
+    """How a step's per-token losses become one number (math.md §1.5), from the step's global counts
     (all micro-batches, all ranks), so micro-batching and world size never change the gradient.
 
     token-mean: Σ m x / tokens · seq-mean-token-mean: Σ_b (Σ_t m x / Σ_t m) / sequences ·

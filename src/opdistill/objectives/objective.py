@@ -141,7 +141,7 @@ def policy_gradient(advantage_BT: torch.Tensor, inputs: ObjectiveInputs) -> torc
     mask_BT = rollout.loss_mask_BT
     teacher_part_BT = shaping.weight_BT * advantage_BT
     bonus_BT = bonus(inputs)
-    if shaping.bonus_B is not None:  # the two components differ in scale by 10-100x: log both (§12)
+    if shaping.bonus_B is not None:  # the two components differ in scale by 10-100x: log both (math.md §12)
         inputs.metrics["teacher_advantage_abs"] = losses.masked_mean(teacher_part_BT.abs(), mask_BT)
         inputs.metrics["reward_advantage_abs"] = losses.masked_mean(bonus_BT.abs(), mask_BT)
     loss_BT, extra = losses.pg_per_token(
@@ -174,7 +174,7 @@ def reward_stream(inputs: ObjectiveInputs) -> torch.Tensor:
 
 
 def sampled_rkl_loss(inputs: ObjectiveInputs) -> torch.Tensor:
-    """Advantage -(log p_S - log p_T) of each sampled token, discounted, optionally minus vOPD's baseline (§2, §10)."""
+    """Advantage -(log p_S - log p_T) of each sampled token, discounted, optionally minus vOPD's baseline (math.md §2, §10)."""
     objective, signal = inputs.objective, inputs.signal
     baseline_BT = None
     if objective.baseline == "vopd":  # the state's reverse KL, under the same (untempered) policy
@@ -245,7 +245,7 @@ def dasd_loss(inputs: ObjectiveInputs) -> torch.Tensor:
 
 
 def sead_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
-    """SEAD's zones per token (skipped tokens leave the loss) and its annealed forward-KL share (§7.7)."""
+    """SEAD's zones per token (skipped tokens leave the loss) and its annealed forward-KL share (math.md §7.7)."""
     assert inputs.student_entropy_BT is not None and inputs.signal.entropy_BT is not None
     shaping.zone_BT = weighting.sead_zones(
         inputs.signal.entropy_BT, inputs.student_entropy_BT, shaping.mask_BT
@@ -256,7 +256,7 @@ def sead_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
 
 
 def scope_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
-    """SCOPE's branch per sample and its perplexity weights over each whole response (§7.3)."""
+    """SCOPE's branch per sample and its perplexity weights over each whole response (math.md §7.3)."""
     reward_B, student_logp_BT = inputs.batch.reward_B, inputs.student_logp_BT
     assert reward_B is not None and student_logp_BT is not None
     correct_B, mask_BT = reward_B > 0.5, inputs.batch.rollout.loss_mask_BT
@@ -270,13 +270,13 @@ def scope_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
 
 
 def dasd_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
-    """DASD's A_G: the GRPO advantage of the verifier reward (§7.4)."""
+    """DASD's A_G: the GRPO advantage of the verifier reward (math.md §7.4)."""
     assert inputs.batch.reward_B is not None
     shaping.bonus_B = weighting.grpo_advantage(inputs.batch.reward_B, inputs.group)
 
 
 def minillm_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
-    """MiniLLM's constant baseline: the step's mean long-term advantage (§4)."""
+    """MiniLLM's constant baseline: the step's mean long-term advantage (math.md §4)."""
     rollout = inputs.batch.rollout
     stream_BT = weighting.through_last(rollout.loss_mask_BT, shaping.mask_BT)
     long_BT = losses.minillm_long_advantage(

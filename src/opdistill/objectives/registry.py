@@ -54,9 +54,7 @@ class ObjectiveRecord:
     loss: Callable[[ObjectiveInputs], torch.Tensor]  # per-token loss [B, T] of one micro-batch
     signal: Callable[[ObjectiveConfig], SignalRequest] = sampled_token_only  # what the teacher sends
     shaping: Callable[[ShapingInputs, Shaping], None] | None = None  # its own weights/masks for the step
-    beta: Callable[[ObjectiveConfig], float] | None = (
-        None  # a full-vocabulary JSD_β: temperature and clip apply
-    )
+    beta: Callable[[ObjectiveConfig], float] | None = None  # a full-vocabulary JSD_β (objective.temperature)
     clippable: bool = False  # objective.token_clip applies (a divergence per token)
     student_samples: bool = False  # estimates from the student's own samples (no SKD, TRD or off-policy)
     needs_reward: bool = False  # each sample's verifier outcome
@@ -119,7 +117,7 @@ RECORDS = (
     ObjectiveRecord(
         "full_rkl",
         "direct",
-        "KL(p_S ‖ p_T) over the vocabulary at each visited state (GKD β = 1), §3",
+        "KL(p_S ‖ p_T) over the vocabulary at each visited state (GKD β = 1), math.md §3",
         _full(_beta(1.0)),
         full_logits,
         beta=_beta(1.0),
@@ -128,7 +126,7 @@ RECORDS = (
     ObjectiveRecord(
         "full_fkl",
         "direct",
-        "KL(p_T ‖ p_S) over the vocabulary (GKD β = 0), §3",
+        "KL(p_T ‖ p_S) over the vocabulary (GKD β = 0), math.md §3",
         _full(_beta(0.0)),
         full_logits,
         beta=_beta(0.0),
@@ -137,7 +135,7 @@ RECORDS = (
     ObjectiveRecord(
         "jsd",
         "direct",
-        "generalized JSD_β over the vocabulary (GKD; objective.jsd_beta), §3",
+        "generalized JSD_β over the vocabulary (GKD; objective.jsd_beta), math.md §3",
         _full(_jsd_beta),
         full_logits,
         beta=_jsd_beta,
@@ -146,7 +144,7 @@ RECORDS = (
     ObjectiveRecord(
         "topk_rkl",
         "direct",
-        "reverse KL on K ids per position: topk_variant, topk_support, §5",
+        "reverse KL on K ids per position: topk_variant, topk_support, math.md §5",
         objective.topk_rkl_loss,
         topk_signal,
         clippable=True,
@@ -155,7 +153,7 @@ RECORDS = (
     ObjectiveRecord(
         "sead",
         "direct",
-        "entropy zones skip / reverse KL / forward KL, annealed toward forward KL, §7.7",
+        "entropy zones skip / reverse KL / forward KL, annealed toward forward KL, math.md §7.7",
         objective.sead_loss,
         full_logits,
         objective.sead_shaping,
@@ -166,7 +164,7 @@ RECORDS = (
     ObjectiveRecord(
         "sampled_rkl",
         "PG",
-        "advantage -(log p_S - log p_T) of the sampled token, IS or PPO-clipped, §2",
+        "advantage -(log p_S - log p_T) of the sampled token, IS or PPO-clipped, math.md §2",
         objective.sampled_rkl_loss,
         student_samples=True,
         rlvr_hybrid=True,
@@ -174,14 +172,14 @@ RECORDS = (
     ObjectiveRecord(
         "k2",
         "direct",
-        "½ (log p_S - log p_T)² of the sampled token, back-propagated (KDRL), §1.4",
+        "½ (log p_S - log p_T)² of the sampled token, back-propagated (KDRL), math.md §1.4",
         objective.k2_loss,
         student_samples=True,
     ),
     ObjectiveRecord(
         "minillm",
         "both",
-        "full reverse KL + PG on the length-normalised future reward (MiniLLM), §4",
+        "full reverse KL + PG on the length-normalised future reward (MiniLLM), math.md §4",
         objective.minillm_loss,
         full_logits,
         objective.minillm_shaping,
@@ -191,7 +189,7 @@ RECORDS = (
     ObjectiveRecord(
         "scope",
         "PG",
-        "verifier: correct samples by likelihood, failed by sampled_rkl, PPL-weighted, §7.3",
+        "verifier: correct samples by likelihood, failed by sampled_rkl, PPL-weighted, math.md §7.3",
         objective.scope_loss,
         shaping=objective.scope_shaping,
         needs_reward=True,
@@ -201,7 +199,7 @@ RECORDS = (
     ObjectiveRecord(
         "dasd",
         "PG",
-        "verifier: GRPO advantage + entropy-routed, direction-adaptive teacher term, §7.4",
+        "verifier: GRPO advantage + entropy-routed, direction-adaptive teacher term, math.md §7.4",
         objective.dasd_loss,
         shaping=objective.dasd_shaping,
         needs_reward=True,
@@ -265,3 +263,32 @@ def objective_loss(config: Config, logits_BTV: torch.Tensor, batch: StepBatch) -
         loss_BT = loss_BT + settings.ref_kl_coef * k3_BT
         metrics["reference_kl"] = losses.masked_mean(k3_BT, mask_BT)
     return loss_BT, metrics
+
+
+TABLE_BEGIN = "<!-- objectives table: generated from objectives/registry.py by scripts/write_docs.py -->"
+TABLE_END = "<!-- end of the generated objectives table -->"
+
+
+def objectives_table(defaults: ObjectiveConfig) -> str:
+    """The Markdown table of docs/objectives.md: each objective, its branch, the teacher signal it needs at
+    ``defaults`` (the objective section's defaults), what else it needs, and its summary."""
+    lines = [
+        "| `objective.type` | branch | teacher sends | needs | what (docs/math.md §) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for record in RECORDS:
+        needs = [
+            label
+            for label, on in (
+                ("the student's own samples", record.student_samples),
+                ("a verifier reward", record.needs_reward),
+                ("n_per_prompt ≥ 2", record.needs_group),
+                ("a student pass", record.student_pass),
+            )
+            if on
+        ]
+        levels = signal_levels(record.request(defaults), record.distills) or "—"
+        lines.append(
+            f"| `{record.name}` | {record.branch} | {levels} | {', '.join(needs) or '—'} | {record.summary} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Pure token weights, masks and advantages (ALGORITHMS.md §7, §8, §12): tensors in, tensors out.
+"""Pure token weights, masks and advantages (math.md §7, §8, §12): tensors in, tensors out.
 
 Nothing here sees a model, tokenizer, config or process group. Conventions: [B, T] tensors with an explicit
 boolean ``mask_BT`` (True on completion tokens that receive loss), per-sequence [B] tensors, and rows of one
@@ -15,7 +15,7 @@ import torch
 
 from opdistill.objectives.losses import at_least_fp32
 
-SKIP, RKL, FKL = 0, 1, 2  # SEAD zones (§7.7)
+SKIP, RKL, FKL = 0, 1, 2  # SEAD zones (math.md §7.7)
 
 
 def _masked_quantile(values_BT: torch.Tensor, mask_BT: torch.Tensor, q: float) -> torch.Tensor:
@@ -48,8 +48,8 @@ def _by_group(values_B: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def position_decay(mask_BT: torch.Tensor, alpha: float, max_len: int, hard_limit: int = 0) -> torch.Tensor:
-    """Open-OPD position-decay weights w_t = exp(-α t / L_max) at 0-based response position t (ALGORITHMS.md
-    §8.4; α ∈ [1, 5]), the cheap baseline for every horizon method. ``hard_limit`` > 0 zeroes t ≥ L_kl_max
+    """Open-OPD position-decay weights w_t = exp(-α t / L_max) at 0-based response position t (docs/math.md
+    math.md §8.4; α ∈ [1, 5]), the cheap baseline for every horizon method. ``hard_limit`` > 0 zeroes t ≥ L_kl_max
     (the loop masks those tokens instead, so they also leave the token count). Shapes: mask [B, T] → w [B, T]
     float32, zero on unmasked positions."""
     mask_BT = mask_BT.bool()
@@ -66,7 +66,7 @@ def window_mask(
     where: Literal["first", "last", "random"] = "first",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Loss only on n masked tokens per row: the first n (prefix-only OPD, ALGORITHMS.md §8.3, Zhou et al. /
+    """Loss only on n masked tokens per row: the first n (prefix-only OPD, math.md §8.3, Zhou et al. /
     Zhang et al. 2026), or the [D] control experiments at an equal budget: the last n, or n drawn uniformly
     without replacement (reproducible from ``generator``). Rows with ≤ n masked tokens keep them all.
     Shapes: [B, T] bool → [B, T] bool."""
@@ -91,7 +91,7 @@ def iw_opd_weights(
     gamma: float,
     eps: float = 1e-8,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """IW-OPD position weights (Xie et al. 2026, "On the Position Bias of OPD"; ALGORITHMS.md §7.5, I12),
+    """IW-OPD position weights (Xie et al. 2026, "On the Position Bias of OPD"; math.md §7.5, I12),
     as in TRL ``_compute_iw_opd_loss``: a_t = (log p_T - log p_rollout) m_t, P_t = Σ_{s<t} |a_s|,
     S = max(Σ_s |a_s|, ε), w_t = 1 + γ (1 - P_t / S) ∈ [1, 1+γ], non-increasing, 1+γ at the first token:
     tokens after a large accumulated discrepancy sit on drifted prefixes. Shapes: [B, T] → (w_BT, metrics);
@@ -119,7 +119,7 @@ def _min_max(values_N: torch.Tensor) -> torch.Tensor:
 def tip_keep_mask(
     entropy_BT: torch.Tensor, divergence_BT: torch.Tensor, mask_BT: torch.Tensor, ratio: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """TIP's deterministic soft-OR selector (Xu et al. 2026, arXiv 2604.14084; ALGORITHMS.md §7.1, [S*]):
+    """TIP's deterministic soft-OR selector (Xu et al. 2026, arXiv 2604.14084; math.md §7.1, [S*]):
     batch min-max normalise student entropy ĥ and teacher-student divergence δ̂ over masked tokens, score
     s = ĥ + δ̂ - ĥδ̂, keep the top ⌊ρN⌋ of the N masked tokens. Low-entropy, high-divergence tokens
     ("overconfident and wrong", Q3) thus survive alongside uncertain ones. Ties go to the earlier flat
@@ -145,15 +145,15 @@ def tip_keep_mask(
 def entropy_gate(
     teacher_entropy_BT: torch.Tensor, mask_BT: torch.Tensor, threshold: float = 0.8
 ) -> torch.Tensor:
-    """EOPD's gate (Jin et al. 2026, arXiv 2603.07079; ALGORITHMS.md §7.2, [S*]): True on masked tokens whose
+    """EOPD's gate (Jin et al. 2026, arXiv 2603.07079; math.md §7.2, [S*]): True on masked tokens whose
     teacher entropy exceeds τ nats (0.8, full vocabulary), where the top-K forward-KL term is added to the
     PG-RKL loss. Shapes: [B, T] → [B, T] bool."""
     return mask_BT.bool() & (teacher_entropy_BT.detach() > threshold)
 
 
 def sequence_perplexity(logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """PPL(y) = exp(-mean_t log p(y_t)) over each row's masked tokens (SCOPE, Zheng et al. 2026; ALGORITHMS.md
-    §7.3). Shapes: [B, T] → [B]; a row without masked tokens has PPL 1."""
+    """PPL(y) = exp(-mean_t log p(y_t)) over each row's masked tokens (SCOPE, Zheng et al. 2026; docs/math.md
+    math.md §7.3). Shapes: [B, T] → [B]; a row without masked tokens has PPL 1."""
     mask_BT = mask_BT.bool()
     return torch.exp(-_masked_row_mean(at_least_fp32(logp_BT.detach()), mask_BT))
 
@@ -165,7 +165,7 @@ def scope_weights(
     group_size: int,
     tau: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """SCOPE dual-path weights (Zheng et al. 2026, arXiv 2604.10688; ALGORITHMS.md §7.3): within each prompt
+    """SCOPE dual-path weights (Zheng et al. 2026, arXiv 2604.10688; math.md §7.3): within each prompt
     group, correct rows get PPL_S^{1/τ} normalised over the group's correct rows (amplify low-confidence
     correct paths, MLE branch) and incorrect rows PPL_T^{-1/τ} normalised over its incorrect rows (down-weight
     flawed prefixes the teacher finds unlikely, OPD branch); computed as a softmax of log-PPL. Each non-empty
@@ -190,8 +190,8 @@ def grpo_advantage(
     reward_B: torch.Tensor, group_size: int, eps: float = 1e-6, scale: bool = True
 ) -> torch.Tensor:
     """GRPO group-relative advantage (R - mean_group R) / (std_group R + ε) with the unbiased std, as TRL
-    (ALGORITHMS.md §12); ``scale=False`` only centres (Dr. GRPO). A group of one has advantage exactly 0, the
-    n = 1 pitfall of §12. Shapes: [B] → [B]."""
+    (math.md §12); ``scale=False`` only centres (Dr. GRPO). A group of one has advantage exactly 0, the
+    n = 1 pitfall of math.md §12. Shapes: [B] → [B]."""
     reward_NG = _by_group(at_least_fp32(reward_B.detach()), group_size)
     centred_NG = reward_NG - reward_NG.mean(1, keepdim=True)
     if scale and group_size > 1:  # torch.std of one sample is NaN
@@ -202,7 +202,7 @@ def grpo_advantage(
 def route_weights(
     correct_B: torch.Tensor, route: Literal["all", "failed_only", "correct_only"] = "all"
 ) -> torch.Tensor:
-    """Per-sample routing of a loss component by verifier outcome (ALGORITHMS.md §12 ``route_opd``, [D]; SCOPE
+    """Per-sample routing of a loss component by verifier outcome (math.md §12 ``route_opd``, [D]; SCOPE
     and slime's ``opd_distill_sample_mask``): 1.0 on the rows the component applies to, else 0. [B] → [B]."""
     correct_B = correct_B.bool()
     if route == "all":
@@ -223,7 +223,7 @@ def dasd_advantage(
     rho: float = 0.2,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """DASD direction-adaptive advantage (Zhang et al. 2026, arXiv 2605.22263; ALGORITHMS.md §7.4, [S*]
+    """DASD direction-adaptive advantage (Zhang et al. 2026, arXiv 2605.22263; math.md §7.4, [S*]
     formula): with δ_t = log p_T(y_t) - log p_S(y_t), δ̄ = δ / (MAD(δ) + ε) ([D] per-trajectory
     mean-absolute-deviation scale), τ_ρ the entropy above which the row's top-ρ share of tokens lies (its
     (1-ρ)-quantile, linear interpolation) and σ_H the mean absolute deviation (≥ ε) of the row's student
@@ -259,7 +259,7 @@ def kat_trap_mask(
     patience: int = 3,
     min_position: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KAT's KL-agreement trap (Xin et al. 2026, arXiv 2606.09471; ALGORITHMS.md §7.6, [D] rule): the KL
+    """KAT's KL-agreement trap (Xin et al. 2026, arXiv 2606.09471; math.md §7.6, [D] rule): the KL
     stream k (exact RKL_t, or max(ℓ_t, 0)) is averaged over masked tokens in windows of width W, stride W,
     from ``min_position``; only windows ending inside the row (last masked position + 1) count. A row is
     trapped at the first window j* with windows j*..j*+P-1 all below ``threshold`` (persistent teacher
@@ -291,7 +291,7 @@ def kat_threshold(
     kappa: float = 0.25,
     decay: float = 0.9,
 ) -> tuple[float, float]:
-    """KAT's training-adaptive threshold (ALGORITHMS.md §7.6, [D]): EMA ← decay·EMA + (1-decay)·median of the
+    """KAT's training-adaptive threshold (math.md §7.6, [D]): EMA ← decay·EMA + (1-decay)·median of the
     batch's masked k (the median itself at the first step; the old EMA when nothing is masked), τ = κ·EMA.
     Returns (threshold, new_ema) as floats; carry ``new_ema`` to the next step."""
     mask_BT = mask_BT.bool()
@@ -310,7 +310,7 @@ def sead_zones(
     skip_percentile: float = 50,
     fkl_percentile: float = 90,
 ) -> torch.Tensor:
-    """SEAD token zones (Lee et al. 2026, arXiv 2606.28562; ALGORITHMS.md §7.7, [D] thresholds from batch
+    """SEAD token zones (Lee et al. 2026, arXiv 2606.28562; math.md §7.7, [D] thresholds from batch
     percentiles over masked tokens): FKL where H_T ≥ P_90(H_T) (teacher uncertain, takes precedence); SKIP
     where H_T ≤ P_50(H_T) and H_S ≤ P_50(H_S) (both confident); RKL otherwise; unmasked tokens are SKIP.
     Shapes: [B, T] → [B, T] int64 of ``SKIP``/``RKL``/``FKL``."""
@@ -326,7 +326,7 @@ def sead_zones(
 
 
 def sead_anneal(step: int, total_steps: int, start: float = 0.8) -> float:
-    """SEAD's cosine-annealed forward-KL weight λ = start · ½(1 + cos(π · step / total)) (ALGORITHMS.md §7.7,
+    """SEAD's cosine-annealed forward-KL weight λ = start · ½(1 + cos(π · step / total)) (math.md §7.7,
     [S*] 0.8 → 0; forward → reverse KL as competence grows); held at 0 after ``total_steps``."""
     if total_steps <= 0:
         raise ValueError(f"sead_anneal needs total_steps > 0, got {total_steps}")
@@ -341,7 +341,7 @@ def prune_weights(
     max_events: int = 32,
     min_weight: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Prune-OPD cumulative reliability decay (Yang et al. 2026, arXiv 2605.07804; ALGORITHMS.md §8.2, [D]
+    """Prune-OPD cumulative reliability decay (Yang et al. 2026, arXiv 2605.07804; math.md §8.2, [D]
     formulas): a drift event is a masked token with top-K overlap o_t < η, n_t counts events up to and
     including t, w_t = ζ^{n_t}, hard-stopped to 0 once n_t ≥ N_max: monotone non-increasing along each row.
     Metrics: ``prune_effective_length`` = mean over rows of L_eff, the number of leading masked tokens with
@@ -358,7 +358,7 @@ def prune_weights(
 
 
 def sead_competence(step: int, total_steps: int, start: float = 0.3) -> float:
-    """SEAD's competence threshold c(step) = c0 + (1 - c0) · min(1, step / (0.7 · total)) (ALGORITHMS.md §7.7,
+    """SEAD's competence threshold c(step) = c0 + (1 - c0) · min(1, step / (0.7 · total)) (math.md §7.7,
     [D]): at ``step`` the curriculum trains only on prompts whose difficulty d = 1 - pass rate ≤ c."""
     if total_steps <= 0:
         raise ValueError(f"sead_competence needs total_steps > 0, got {total_steps}")
@@ -367,7 +367,7 @@ def sead_competence(step: int, total_steps: int, start: float = 0.3) -> float:
 
 def through_last(mask_BT: torch.Tensor, keep_BT: torch.Tensor) -> torch.Tensor:
     """``mask`` cut after each row's last ``keep`` token: the reward stream of a response whose loss ends
-    there (loss windows, KAT traps, position limits; ALGORITHMS.md §7.6, §8.3), so discounted advantages of
+    there (loss windows, KAT traps, position limits; math.md §7.6, §8.3), so discounted advantages of
     kept tokens do not see rewards of a dropped suffix. Rows with nothing kept become empty. [B, T] bool."""
     keep_BT = keep_BT.bool() & mask_BT.bool()
     positions_T = torch.arange(keep_BT.shape[1], device=keep_BT.device)

@@ -1,4 +1,4 @@
-"""Pure diagnostics (ALGORITHMS.md §11.4, §13): entropies, log-ratio health, top-k overlap and its mass and
+"""Pure diagnostics (math.md §11.4, §13): entropies, log-ratio health, top-k overlap and its mass and
 advantage, teacher rank, per-position buckets, length pathology, diversity, pass@k, gap recovery and alarms.
 
 Tensors, lists or strings in; numbers (or detached per-token tensors) out. Nothing here sees a model,
@@ -29,14 +29,14 @@ def token_entropy(logits_BTV: torch.Tensor) -> torch.Tensor:
 
 
 def high_entropy_rate(entropy_BT: torch.Tensor, mask_BT: torch.Tensor, threshold: float = 0.8) -> float:
-    """Fraction of masked tokens whose entropy exceeds ``threshold`` nats (ALGORITHMS.md §13.1; 0.8 = EOPD's
+    """Fraction of masked tokens whose entropy exceeds ``threshold`` nats (math.md §13.1; 0.8 = EOPD's
     gate). Vanilla OPD was reported to keep 6.8% such tokens against the teacher's 18.5%."""
     mask_BT = mask_BT.bool()
     return float((entropy_BT[mask_BT] > threshold).float().mean()) if mask_BT.any() else 0.0
 
 
 def log_ratio_stats(log_ratio_BT: torch.Tensor, mask_BT: torch.Tensor) -> dict[str, float]:
-    """Training-health numbers of the sampled log-ratio ℓ = log p_S(y) - log p_T(y) (ALGORITHMS.md §13.6):
+    """Training-health numbers of the sampled log-ratio ℓ = log p_S(y) - log p_T(y) (math.md §13.6):
     ``teacher_kl`` = mean ℓ (the sampled reverse-KL estimate), ``abs_log_ratio`` = mean |ℓ|, and
     ``positive_log_ratio_frac`` = share of tokens with ℓ > 0 (negative reward; Fu et al.'s sign imbalance)."""
     mask_BT = mask_BT.bool()
@@ -51,7 +51,7 @@ def log_ratio_stats(log_ratio_BT: torch.Tensor, mask_BT: torch.Tensor) -> dict[s
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021; ALGORITHMS.md §13.2, I11):
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021; math.md §13.2, I11):
     1 - C(n-c, k) / C(n, k), computed as a stable product."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
@@ -70,7 +70,7 @@ def _shared_ids(student_ids_BTK: torch.Tensor, teacher_ids_BTK: torch.Tensor) ->
 
 
 def topk_overlap(student_ids_BTK: torch.Tensor, teacher_ids_BTK: torch.Tensor) -> torch.Tensor:
-    """overlap@K = |TopK_S ∩ TopK_T| / K at every position (ALGORITHMS.md §8.2, §13.3; Prune-OPD's local
+    """overlap@K = |TopK_S ∩ TopK_T| / K at every position (math.md §8.2, §13.3; Prune-OPD's local
     compatibility signal, Yang et al. 2026): the share of the student's top-K ids that are also the teacher's.
     Both id sets are assumed duplicate-free; K is the last dim. Shapes: [B, T, K] int ×2 → [B, T] float."""
     return _shared_ids(student_ids_BTK, teacher_ids_BTK).any(-1).sum(-1) / student_ids_BTK.shape[-1]
@@ -84,7 +84,7 @@ def overlap_stats(
     mask_BT: torch.Tensor,
 ) -> dict[str, float]:
     """Rethinking OPD's alignment diagnostics at student-visited states (Li, Zuo, He et al. 2026, arXiv
-    2604.13016; ALGORITHMS.md §11.4), from both models' top-k ids and full-vocabulary-normalised log-probs,
+    2604.13016; math.md §11.4), from both models' top-k ids and full-vocabulary-normalised log-probs,
     as masked means over positions: ``overlap`` = |I|/k with I = S_p ∩ S_q, ``overlap_mass_student`` = Σ_I p,
     ``overlap_mass_teacher`` = Σ_I q, and ``overlap_advantage`` = mean_{v∈I} p̄(v)(log q̄(v) - log p̄(v)) with
     p̄, q̄ renormalised on I, over positions with I non-empty. Its sum over I is -KL(p̄ ‖ q̄), so it is ≤ 0 and
@@ -116,7 +116,7 @@ def overlap_stats(
 def entropy_gap(
     student_entropy_BT: torch.Tensor, teacher_entropy_BT: torch.Tensor, mask_BT: torch.Tensor
 ) -> float:
-    """Mean entropy gap ΔH = |H(q_t) - H(p_t)| over masked tokens (ALGORITHMS.md §11.4; Rethinking OPD, Li et
+    """Mean entropy gap ΔH = |H(q_t) - H(p_t)| over masked tokens (math.md §11.4; Rethinking OPD, Li et
     al. 2026): it narrows when OPD succeeds and stays wide when it stalls. Shapes: [B, T] ×3 → float."""
     gap_BT = at_least_fp32(teacher_entropy_BT.detach()) - at_least_fp32(student_entropy_BT.detach())
     return masked_mean(gap_BT.abs(), mask_BT)
@@ -124,7 +124,7 @@ def entropy_gap(
 
 def teacher_rank(teacher_topk_ids_BTK: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
     """1-based rank of each sampled token among the teacher's top-k ids (most likely first), k + 1 when it is
-    absent (ALGORITHMS.md §13.3, §13.6; Open-OPD ``compute_teacher_rank_at_k``): sampled tokens drifting out
+    absent (math.md §13.3, §13.6; Open-OPD ``compute_teacher_rank_at_k``): sampled tokens drifting out
     of the teacher's top-k late in a response mark coverage decay. Shapes: [B, T, k], [B, T] → [B, T] int64."""
     hit_BTK = teacher_topk_ids_BTK == tokens_BT.unsqueeze(-1)
     k = teacher_topk_ids_BTK.shape[-1]
@@ -147,7 +147,7 @@ def position_buckets(
     values_BT: torch.Tensor, mask_BT: torch.Tensor, edges: Sequence[int]
 ) -> list[float | None]:
     """Mean of a per-token quantity in response-position buckets [edges[i], edges[i+1]), the last open-ended
-    (ALGORITHMS.md §13.3, coverage decay; e.g. edges (0, 100, 500, 2000)): sampled ℓ, exact RKL, overlap,
+    (math.md §13.3, coverage decay; e.g. edges (0, 100, 500, 2000)): sampled ℓ, exact RKL, overlap,
     teacher rank, teacher entropy. Position = column index. Positions before edges[0] are dropped; an empty
     bucket gives None. Shapes: [B, T] ×2 → list of len(edges)."""
     if not edges or any(a >= b for a, b in pairwise(edges)):
@@ -158,7 +158,7 @@ def position_buckets(
 
 
 def relative_buckets(values_BT: torch.Tensor, mask_BT: torch.Tensor, n: int = 10) -> list[float | None]:
-    """Mean of a per-token quantity by fraction of each row's own length (ALGORITHMS.md §13.3; deciles for
+    """Mean of a per-token quantity by fraction of each row's own length (math.md §13.3; deciles for
     n = 10): position t of a row of length L goes to bucket ⌊n t / L⌋, so bucket i covers [i/n, (i+1)/n) of
     every response. L runs to the row's last masked token (pass the completion mask). An empty bucket gives
     None. Shapes: [B, T] ×2 → list of n."""
@@ -171,8 +171,8 @@ def relative_buckets(values_BT: torch.Tensor, mask_BT: torch.Tensor, n: int = 10
 def abs_log_ratio_quantiles(
     log_ratio_BT: torch.Tensor, mask_BT: torch.Tensor, qs: Sequence[float] = (0.5, 0.9, 0.99)
 ) -> dict[str, float]:
-    """Quantiles of |ℓ| = |log p_S(y) - log p_T(y)| over masked tokens (linear interpolation; ALGORITHMS.md
-    §13.3, §13.6): a widening upper tail flags tokens the teacher finds implausible (Fu et al. Fig. 4). Keys
+    """Quantiles of |ℓ| = |log p_S(y) - log p_T(y)| over masked tokens (linear interpolation; docs/math.md
+    math.md §13.3, §13.6): a widening upper tail flags tokens the teacher finds implausible (Fu et al. Fig. 4). Keys
     ``abs_log_ratio_p50`` etc. Shapes: [B, T] ×2 → dict of floats (0.0 for an empty mask)."""
     values_N = at_least_fp32(log_ratio_BT.detach())[mask_BT.bool()].abs()
     keys = [f"abs_log_ratio_p{100 * q:g}" for q in qs]
@@ -183,7 +183,7 @@ def abs_log_ratio_quantiles(
 
 
 def truncation_rate(truncated_B: torch.Tensor | Sequence[bool]) -> float:
-    """TruncRate: the fraction of rollouts that hit the length cap without EOS (ALGORITHMS.md §13.5; StableOPD,
+    """TruncRate: the fraction of rollouts that hit the length cap without EOS (math.md §13.5; StableOPD,
     Luo et al. 2026, where it goes to 1 within ~30 steps of a collapsing run). [B] bool → float."""
     truncated_B = torch.as_tensor(truncated_B, dtype=torch.float64)
     return float(truncated_B.mean()) if truncated_B.numel() else 0.0
@@ -191,7 +191,7 @@ def truncation_rate(truncated_B: torch.Tensor | Sequence[bool]) -> float:
 
 def repetition_rate(texts: Sequence[str], tail_chars: int = 10_000, ratio: float = 10.0) -> float:
     """RepRate: the fraction of texts at least L = ``tail_chars`` characters long whose last L characters
-    compress well, len(bytes) / len(zlib.compress(bytes)) > τ = ``ratio`` on UTF-8 (ALGORITHMS.md §13.5;
+    compress well, len(bytes) / len(zlib.compress(bytes)) > τ = ``ratio`` on UTF-8 (math.md §13.5;
     StableOPD, Luo et al. 2026, L = 10,000, τ = 10; shorten L for short tasks). Shorter texts count as not
     repetitive but stay in the denominator."""
     if tail_chars < 1:
@@ -203,7 +203,7 @@ def repetition_rate(texts: Sequence[str], tail_chars: int = 10_000, ratio: float
 
 def ngram_repeat_mask(tokens_BT: torch.Tensor, mask_BT: torch.Tensor, n: int = 3) -> torch.Tensor:
     """True on each token that completes an n-gram already seen earlier in its row (overlaps allowed), as
-    Open-OPD's ``build_token_repetition_mask`` on the response (ALGORITHMS.md §13.5, §8.1; StableOPD found
+    Open-OPD's ``build_token_repetition_mask`` on the response (math.md §13.5, §8.1; StableOPD found
     repeated tokens carry 4–9× the mean advantage). Only n-grams whose n tokens are all masked count.
     Shapes: [B, T] int, [B, T] → [B, T] bool."""
     if n < 1:
@@ -228,12 +228,12 @@ def ngram_repeat_mask(tokens_BT: torch.Tensor, mask_BT: torch.Tensor, n: int = 3
 
 
 def repeated_token_rate(tokens_BT: torch.Tensor, mask_BT: torch.Tensor, n: int = 3) -> float:
-    """Share of masked tokens that complete a repeated n-gram (``ngram_repeat_mask``; ALGORITHMS.md §13.5)."""
+    """Share of masked tokens that complete a repeated n-gram (``ngram_repeat_mask``; math.md §13.5)."""
     return masked_mean(ngram_repeat_mask(tokens_BT, mask_BT, n).float(), mask_BT)
 
 
 def distinct_answers(answers_per_prompt: Sequence[Sequence[str]]) -> float:
-    """Mean number of distinct final answers among each prompt's samples (ALGORITHMS.md §13.4): a count, not a
+    """Mean number of distinct final answers among each prompt's samples (math.md §13.4): a count, not a
     fraction, so it reads as "how many answers does the student still consider"; divide by n for a fraction.
     It falls toward 1 as diversity collapses. 0.0 for no prompts."""
     if not answers_per_prompt:
@@ -242,7 +242,7 @@ def distinct_answers(answers_per_prompt: Sequence[Sequence[str]]) -> float:
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
-    """distinct-n on characters (ALGORITHMS.md §13.4; Li et al. 2016): distinct character n-grams over all
+    """distinct-n on characters (math.md §13.4; Li et al. 2016): distinct character n-grams over all
     responses / total character n-grams, pooled across responses (this project's tasks are character
     tokenised). 1.0 = no n-gram repeats anywhere; 0.0 when no text has n characters."""
     grams = [text[i : i + n] for text in texts for i in range(len(text) - n + 1)]
@@ -250,7 +250,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
 
 def gap_recovery(acc_after: float, acc_before: float, acc_teacher: float) -> float | None:
-    """(Acc_after - Acc_before) / (Acc_teacher - Acc_before) (ALGORITHMS.md §11.4; Rethinking OPD, Li et al.
+    """(Acc_after - Acc_before) / (Acc_teacher - Acc_before) (math.md §11.4; Rethinking OPD, Li et al.
     2026): 1 = the student reached the teacher, 0 = no gain, < 0 = it got worse. None when the teacher is not
     better than the student was, so there is no gap to recover."""
     if acc_teacher <= acc_before:
@@ -259,13 +259,13 @@ def gap_recovery(acc_after: float, acc_before: float, acc_teacher: float) -> flo
 
 
 def diversity_collapse(student_her: float, teacher_her: float, ratio: float = 0.5) -> bool:
-    """Alarm when the student's high-entropy-token rate falls below ``ratio`` × the teacher's (ALGORITHMS.md
-    §13.1; EOPD, Jin et al. 2026, saw 6.8% vs 18.5% under vanilla OPD). Never fires for a teacher rate of 0."""
+    """Alarm when the student's high-entropy-token rate falls below ``ratio`` × the teacher's (docs/math.md
+    math.md §13.1; EOPD, Jin et al. 2026, saw 6.8% vs 18.5% under vanilla OPD). Never fires for a teacher rate of 0."""
     return student_her < ratio * teacher_her
 
 
 def rising(values: Sequence[float], evals: int) -> bool:
-    """True when the last ``evals`` values are strictly increasing (ALGORITHMS.md §13.1: e.g. "teacher_kl
+    """True when the last ``evals`` values are strictly increasing (math.md §13.1: e.g. "teacher_kl
     rising for M evals"); False while fewer than ``evals`` values exist."""
     if evals < 2:
         raise ValueError(f"rising needs evals >= 2 to compare values, got {evals}")

@@ -1,4 +1,4 @@
-"""Held-out evaluation: greedy accuracy, avg@n and unbiased pass@k (ALGORITHMS.md §13.2)."""
+"""Held-out evaluation: greedy accuracy, avg@n and unbiased pass@k (math.md §13.2)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def evaluate(
         result[f"avg@{n}"] = sum(c / n for c in correct) / len(examples)
         for k in ks or pass_k_ladder(n):
             result[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(examples)
-        # diversity (ALGORITHMS §13.4): distinct final answers per problem, distinct character n-grams
+        # diversity (math.md §13.4): distinct final answers per problem, distinct character n-grams
         extract = getattr(verify, "extract", str.strip)
         answers = [[extract(sampled[i * n + j]) or "" for j in range(n)] for i in range(len(examples))]
         result["distinct_answers"] = distinct_answers(answers)
@@ -102,6 +102,6 @@ def mean_token_entropy(
 
 
 def pass_k_ladder(n: int) -> list[int]:
-    """k = 1, 2, 4, ... up to n (and n itself): the pass@k curve of ALGORITHMS §13.2."""
+    """k = 1, 2, 4, ... up to n (and n itself): the pass@k curve of math.md §13.2."""
     ladder = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
     return ladder if ladder[-1] == n else [*ladder, n]

@@ -1,4 +1,4 @@
-"""Why a run works or fails: the diagnostics of ALGORITHMS.md §11.4 and §13 on the step's own rollouts.
+"""Why a run works or fails: the diagnostics of math.md §11.4 and §13 on the step's own rollouts.
 
 Orchestration only: every quantity is a pure function in ``diagnostics.py``. Every
 ``train.diagnostics_every`` steps the teacher's one pass over the rollouts also sends its top-k and entropy
@@ -31,7 +31,7 @@ TRAP_RATE = 0.25  # [D] share of responses in a KL agreement trap that trips the
 @torch.no_grad()
 def diagnose(config: Config, student, tokenizer, batch: StepBatch) -> dict[str, float | list[float | None]]:
     """Top-k overlap and masses, entropies and high-entropy rates of both models, |log-ratio| quantiles,
-    per-position sampled reverse KL (by decile of length, and by token position in §13.3's bins), exact
+    per-position sampled reverse KL (by decile of length, and by token position in math.md §13.3's bins), exact
     reverse KL, overlap and teacher rank, the 3-gram repetition rate and StableOPD's zlib repetition rate
     of the decoded responses, on ``batch``'s rollouts. Entropies of the teacher are at the student's states."""
     rollout, signal_ = batch.rollout, batch.signal
@@ -88,14 +88,14 @@ class AlarmState:
 
 
 def alarms(record: dict, state: AlarmState, evaluated: bool) -> list[str]:
-    """Alarms that trip for the first time at this step, each as "name: message" (ALGORITHMS.md §13; each
+    """Alarms that trip for the first time at this step, each as "name: message" (math.md §13; each
     trips once per run); ``state`` is updated with this step.
 
     non_finite: the step's loss or gradient was not finite (the step was skipped) · diversity_collapse: the
-    student's high-entropy-token rate is under half the teacher's at the same states (§13.1) ·
+    student's high-entropy-token rate is under half the teacher's at the same states (math.md §13.1) ·
     truncation_collapse: most responses hit the length cap for several steps (StableOPD's length inflation,
-    §13.5) · teacher_kl_rising: the mean teacher_kl between evaluations rose for several evaluations ·
-    kl_agreement_trap: a quarter or more of the responses end in a KAT trap (§7.6)."""
+    math.md §13.5) · teacher_kl_rising: the mean teacher_kl between evaluations rose for several evaluations ·
+    kl_agreement_trap: a quarter or more of the responses end in a KAT trap (math.md §7.6)."""
     tripped = state.tripped
     fired: list[str] = []
 

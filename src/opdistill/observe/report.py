@@ -93,7 +93,7 @@ def _heat_map(name: str, run_dir: Path, path: Path) -> str:
 
 
 def _pass_at_k_curve(runs: dict[str, Path], path: Path) -> str:
-    """pass@k against k at each run's last evaluation that sampled (ALGORITHMS §13.2): a curve that rises
+    """pass@k against k at each run's last evaluation that sampled (math.md §13.2): a curve that rises
     less over k than another run's has less diversity to offer, whatever its pass@1."""
     fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=110)
     drawn = False

@@ -2,7 +2,7 @@
 
 The output has the fields of the input data (prompt, answer, id, privileged) plus ``completion``, so it
 serves as ``data.train_file`` for SFT on teacher samples, sequence-level KD or an off-policy cold start
-(ALGORITHMS §11.2). Validity, not correctness, decides what is kept: a completion must end (EOS before
+(math.md §11.2). Validity, not correctness, decides what is kept: a completion must end (EOS before
 ``max_new_tokens``), contain the ``require`` pattern when one is given, repeat no line 5 times or more and no
 100-character span 3 times or more. An invalid sample is drawn again, at most ``max_retries`` times (only
 when sampling: a greedy retry would repeat itself), then dropped; the counts say why.
@@ -22,12 +22,12 @@ from opdistill.observe.evaluate import decode_completions
 from opdistill.observe.progress import NullProgress, ProgressBar
 from opdistill.sampling.rollout import sample_prompts
 
-REPEATED_LINE = 5  # a non-blank line this many times makes a completion invalid (§11.2)
-SPAN, REPEATED_SPAN = 100, 3  # a 100-character span this many times makes it invalid (§11.2)
+REPEATED_LINE = 5  # a non-blank line this many times makes a completion invalid (math.md §11.2)
+SPAN, REPEATED_SPAN = 100, 3  # a 100-character span this many times makes it invalid (math.md §11.2)
 
 
 def invalid_reason(text: str, truncated: bool, require: re.Pattern | None = None) -> str | None:
-    """Why ``text`` is not a valid completion (ALGORITHMS §11.2), or None when it is."""
+    """Why ``text`` is not a valid completion (math.md §11.2), or None when it is."""
     if truncated:
         return "truncated"
     if require is not None and not require.search(text):

@@ -1,4 +1,4 @@
-"""TRD refinement (ALGORITHMS.md §9.3): the teacher turns the student's raw rollout y_o into a refined
+"""TRD refinement (math.md §9.3): the teacher turns the student's raw rollout y_o into a refined
 trajectory y_r that keeps the useful part of y_o and unfolds the correction; distillation then runs along
 y_r. This module only builds y_r (and chooses, per row, between y_r and y_o); the loss is the objective's.
 
@@ -29,7 +29,7 @@ prompts and lays the chosen completions out as the sampler does: right-padded, E
 the first EOS, ``truncated_B`` where no EOS falls within ``max_new_tokens``. Its ``sampler_logp_BT`` is y_o's
 for rows that keep y_o and 0 on refined rows: those tokens were not sampled by the student, so estimators
 that rely on on-policy samples (the sampled-token PG branch, importance ratios, sampled KL estimates) are not
-valid on them; distil along y_r with a divergence over the teacher's distribution (§9.3: FKL, full vocab).
+valid on them; distil along y_r with a divergence over the teacher's distribution (math.md §9.3: FKL, full vocab).
 
 Metrics (floats, shares of the batch's rows): ``trd_refined`` (trained on y_r), ``trd_fail_to_pass`` and
 ``trd_pass_to_fail`` (y_o failed and y_r passed / y_o passed and y_r failed, whichever the row keeps: the

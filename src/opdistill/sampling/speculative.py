@@ -1,4 +1,4 @@
-"""SKD sampling: the student proposes each token and the teacher verifies it (ALGORITHMS.md §9.2).
+"""SKD sampling: the student proposes each token and the teacher verifies it (math.md §9.2).
 
 Xu et al., 2025, "Speculative Knowledge Distillation" (arXiv 2410.11325), Algorithm 1. A ``rollout.Guide``:
 ``generate`` keeps its single decode loop and calls this guide at every step.

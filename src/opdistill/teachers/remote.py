@@ -28,7 +28,7 @@ NEEDS_FULL_LOGITS = (
 
 
 class RemoteTeacher:
-    """A teacher behind HTTP: token ids go out, only L0/L1 signal comes back (DESIGN.md "Scaling out").
+    """A teacher behind HTTP: token ids go out, only L0/L1 signal comes back (docs/remote_teacher.md).
 
     ``api="opd"`` talks to ``opd serve-teacher`` (server.py): ``GET /info`` once, where the tokenizer
     fingerprint must equal the student's; then ``POST /score`` with the rollout split into requests of at

@@ -1,6 +1,6 @@
 """`opd serve-teacher`: a teacher on other machines, scoring token ids over HTTP (stdlib only).
 
-The student's trainer sends token ids and gets back only the L0/L1 signal (ALGORITHMS.md §1.3) — the
+The student's trainer sends token ids and gets back only the L0/L1 signal (math.md §1.3) — the
 sampled token's log-prob, the teacher's top-K, log-probs at given ids, the entropy — never logits over
 the vocabulary. Requests queued while a forward runs are merged into the next forward (up to
 ``max_batch_tokens`` padded tokens), so several trainers or micro-batches share the teacher's GPU.

@@ -1,4 +1,4 @@
-"""Off-policy cold start (ALGORITHMS.md §11.2; Li, Zuo, He et al. 2026): before distillation, SFT the student
+"""Off-policy cold start (math.md §11.2; Li, Zuo, He et al. 2026): before distillation, SFT the student
 on validity-filtered teacher samples of the first ``cold_start.samples`` training prompts, then distil on
 prompts disjoint from those. The samples are filtered for validity, not correctness (``opd generate``'s
 filters), and the SFT runs through the loop's own ``train_step`` with an SFT objective."""
@@ -33,7 +33,7 @@ from opdistill.training.step import train_step
 from opdistill.types import Cost, StepBatch
 
 WARMUP_STEPS = 10  # linear warmup of the SFT learning rate, then constant
-MAX_RETRIES = 3  # an invalid teacher sample is drawn again at most this often (§11.2)
+MAX_RETRIES = 3  # an invalid teacher sample is drawn again at most this often (math.md §11.2)
 
 
 def cold_start(

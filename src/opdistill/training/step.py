@@ -33,7 +33,7 @@ def train_step(config: Config, model, optimizer, batch: StepBatch, world: World 
         config.train.micro_batch_size, world, last=sft is None,
     )  # fmt: skip
     trained_tokens = int(rollout.attention_mask.sum())
-    if sft is not None:  # the SFT-stabiliser (ALGORITHMS §5.5): token-mean CE on its own batch
+    if sft is not None:  # the SFT-stabiliser (math.md §5.5): token-mean CE on its own batch
         sft_tokens = distributed.all_sum(float(sft.loss_mask_BT.sum()), world)
         sft_normalizer = losses.Normalizer(
             "token-mean", sft_tokens, distributed.all_sum(float(len(sft.tokens_BT)), world)

@@ -8,7 +8,7 @@ after ``>`` comes the answer, read back from the steps in reverse. Operands are 
 prompts have one length. A problem belongs to the test split iff crc32(prompt) % 10 == 0, so the
 splits are disjoint by construction, whatever the sizes and seeds.
 
-The two OPSD regimes (ALGORITHMS §6.7) as options: ``privileged=rule`` gives every example the same
+The two OPSD regimes (math.md §6.7) as options: ``privileged=rule`` gives every example the same
 privileged context ``>>``, a shared rule: write the answer reversed (``...>0115``), which the answer
 and completion follow; ``privileged=answer`` gives each example its own answer as context (``>5110,``),
 instance-specific. ``shown=true`` puts the context in the prompt (``>>4721+0389=``, what the OPSD

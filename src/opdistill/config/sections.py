@@ -1,22 +1,14 @@
-"""Typed run configuration: frozen dataclasses, YAML files and dotted ``section.field=value`` overrides.
-
-Every field has a default and a comment; ``Literal`` fields list their choices. Unknown keys are an
-error that names the closest valid key, and the resolved config is written into every run directory.
-"""
+"""The run configuration's sections: frozen dataclasses, each field with a default and a comment (``Literal``
+fields list their choices), validated in ``__post_init__`` with messages that say what to change. loading.py
+reads them from YAML and overrides; docs/configuration.md is generated from them."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 from opdistill.data.examples import EXAMPLE_FIELDS
 from opdistill.errors import UserError
@@ -75,10 +67,10 @@ class DataConfig:
     completions: SftTargets = "dataset"  # SFT on: dataset | teacher (fresh each step) | teacher_pool (reused)
     pool_size: int = 4096  # teacher_pool: prompts in the cached pool (teacher = fresh samples every step)
     teacher_temperature: float = 0.0  # teacher / teacher_pool completions: 0 = greedy
-    curriculum: bool = False  # SEAD's competence gate: train on prompts no harder than c(step) (§7.7)
+    curriculum: bool = False  # SEAD's competence gate: train on prompts no harder than c(step) (math.md §7.7)
     curriculum_samples: int = 8  # curriculum: samples of the initial student per pool prompt (difficulty)
     curriculum_start: float = 0.3  # curriculum: c(0); c rises linearly to 1 at 70% of train.steps
-    select_fraction: float = 0.0  # teacher-aligned prompt selection (§11.3): keep this top share of the pool
+    select_fraction: float = 0.0  # teacher-aligned prompt selection (math.md §11.3): keep this top share
     select_topk: int = 16  # selection: k of the step-0 student-teacher top-k overlap that scores a prompt
     select_mix: float = 0.5  # selection: share of each step's prompts drawn at random from the pool instead
 
@@ -112,7 +104,7 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling threshold
     max_new_tokens: int = 64  # completions stop at EOS or here (then counted as truncated)
     on_policy_fraction: float = 1.0  # GKD λ: share of steps on student samples (else data.completions)
-    skd_topk: int = -1  # SKD §9.2: tokens outside the teacher's top-K are resampled (-1 off, 0 all), e.g. 25
+    skd_topk: int = -1  # SKD (math.md §9.2): resample tokens outside the teacher's top-K (-1 off, 0 all)
 
     def __post_init__(self):
         if self.n_per_prompt < 1 or self.max_new_tokens < 1:
@@ -137,19 +129,19 @@ class ObjectiveConfig:
     token_clip_soft: bool = False  # c·tanh(D/c) instead of min(D, c): bounded, but keeps a gradient
     kl_coef: float = 1.0  # c_KL: scale of the sampled reverse-KL advantage
     discount: float = 0.0  # γ: 0 = per-token (myopic) advantage, 1 = full reward-to-go
-    baseline: Literal["none", "vopd"] = "none"  # sampled_rkl: vopd = subtract the exact per-state RKL (§10)
+    baseline: Literal["none", "vopd"] = "none"  # sampled_rkl: vopd = minus the exact RKL (math.md §10)
     baseline_topk: int = 0  # vopd baseline over the student's top-K, renormalised (0 = full vocabulary)
     pg_clip: float = 0.0  # policy-gradient types: PPO clip ε (0 = plain importance sampling), e.g. 0.2
     pg_clip_high: float = 0.0  # sampled_rkl: upper ε if different from pg_clip (0 = same)
     dual_clip: float = 0.0  # with pg_clip: cap negative-advantage token losses at c·|A| (0 = off), e.g. 3
-    grpo_coef: float = 0.0  # RLVR hybrid c_R: add c_R x GRPO advantage of the verifier reward (§12), e.g. 1
+    grpo_coef: float = 0.0  # RLVR hybrid c_R: add c_R x GRPO advantage of the verifier reward (math.md §12)
     route_opd: Route = "all"  # which samples get the teacher term: all | failed_only | correct_only
     route_rl: Route = "all"  # which samples get the GRPO term
     scope_tau: float = 1.0  # scope: temperature of the perplexity weights
     dasd_beta: float = 1.0  # dasd: β, scale of the direction-adaptive teacher term
     dasd_rho: float = 0.2  # dasd: share of highest-entropy (forking) tokens pushed away from the teacher
     ref_kl_coef: float = 0.0  # StableOPD β: k3 KL to the initial student on sampled tokens, e.g. 1e-3
-    sft_coef: float = 0.0  # SFT-stabiliser: add coef x CE on data.completions of the same prompts (§5.5)
+    sft_coef: float = 0.0  # SFT-stabiliser: add coef x CE on data.completions of the prompts (math.md §5.5)
     aggregation: Aggregation = "token-mean"  # per-token losses -> one number: see docs/objectives.md
     aggregation_constant: float = 1.0  # divisor of aggregation=constant
 
@@ -247,7 +239,7 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class WeightingConfig:
-    # Detached per-token weights and masks on any distillation objective (ALGORITHMS §7-§8): a weight scales the
+    # Detached per-token weights and masks on any distillation objective (math.md §7-§8): a weight scales the
     # teacher term (the advantage, or the divergence); a mask also leaves the token out of the token count.
     position_decay: float = 0.0  # α of w_t = exp(-α t / rollout.max_new_tokens), Open-OPD (0 = off), e.g. 3
     position_limit: int = 0  # no loss on response positions >= N (0 = off)
@@ -349,7 +341,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class OpsdConfig:
-    # OPSD (ALGORITHMS §6): the teacher is the student's own weights, shown the example's `privileged` field,
+    # OPSD (math.md §6): the teacher is the student's own weights, shown the example's `privileged` field,
     # which the student never sees; teacher and student scores line up by response position.
     teacher: Literal["off", "frozen", "ema", "live"] = "off"  # frozen: the initial student | ema | live
     ema_decay: float = 0.999  # teacher=ema: teacher <- d x teacher + (1 - d) x student after every step
@@ -383,7 +375,7 @@ TRD_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TrdConfig:
-    # TRD (ALGORITHMS §9.3): the teacher refines each student rollout and the student distils along the refined
+    # TRD (math.md §9.3): the teacher refines each student rollout and the student distils along the refined
     # trajectory. prefix: keep the student's tokens up to the first one outside the teacher's top-cut_topk,
     # the teacher writes the rest; prompt: the teacher rewrites the whole draft from `template`.
     mode: Literal["off", "prefix", "prompt"] = "off"  # prefix (any teacher) | prompt (instruction teachers)
@@ -402,7 +394,7 @@ class TrdConfig:
 
 @dataclass(frozen=True)
 class ColdStartConfig:
-    # Off-policy cold start (ALGORITHMS §11.2): before distillation, SFT the student on validity-filtered
+    # Off-policy cold start (math.md §11.2): before distillation, SFT the student on validity-filtered
     # teacher samples of the first `samples` training prompts; distillation then never sees those prompts.
     samples: int = 0  # teacher samples to generate and SFT on (0 = no cold start)
     steps: int = 100  # SFT steps on them
@@ -558,7 +550,7 @@ class Config:
 
     @property
     def teacher_request(self) -> SignalRequest:
-        """What the teacher must send (ALGORITHMS §1.3): L0 always; L2 for full-vocabulary objectives, the exact
+        """What the teacher must send (math.md §1.3): L0 always; L2 for full-vocabulary objectives, the exact
         vOPD baseline and TIP; L1 (its top-K) or L1s (at the student's top-K) for the top-K objectives, EOPD
         and Prune-OPD; its entropy for EOPD and SEAD."""
         objective, weighting = self.objective, self.weighting
@@ -570,141 +562,3 @@ class Config:
             full=own.full or (vopd and not objective.baseline_topk) or bool(weighting.tip_ratio),
             entropy=own.entropy or bool(weighting.eopd_coef),
         )
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- ``section.field=value`` overrides, validated into a frozen Config."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist.") from None
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {path} is not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(
-                f"config file {path} must hold a mapping of sections, e.g. 'train: {{steps: 100}}'."
-            )
-        raw = loaded or {}
-    for item in overrides:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise UserError(f"override {item!r} must look like section.field=value, e.g. train.steps=100.")
-        *parents, leaf = key.split(".")
-        node = raw
-        for name in parents:
-            child = node.setdefault(name, {})
-            if not isinstance(child, dict):
-                raise UserError(f"override {item!r}: {name} is not a section.")
-            node = child
-        try:
-            node[leaf] = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError:
-            raise UserError(f"override {item!r}: the value is not valid YAML (quote it).") from None
-    return from_dict(Config, raw, "")
-
-
-def from_dict(cls: type, raw: dict[str, Any], where: str):
-    """Build dataclass ``cls`` from a plain mapping, checking keys and value types."""
-    if not isinstance(raw, dict):
-        raise UserError(f"{where or 'config'} must be a mapping, got {raw!r}.")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{where}{key}"
-        if key not in fields:
-            valid = [f"{where}{name}" for name in fields]
-            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
-            hint = f" Did you mean {close[0]}?" if close else f" Valid keys: {', '.join(valid)}."
-            raise UserError(f"unknown config key {dotted!r}.{hint}")
-        kwargs[key] = _coerce(hints[key], value, dotted)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``hint`` (with the int->float and list->tuple coercions YAML needs)."""
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where + ".")  # type: ignore[arg-type]
-    if origin is Literal:
-        if value not in typing.get_args(hint):
-            choices = ", ".join(repr(c) for c in typing.get_args(hint))
-            raise UserError(f"{where} must be one of {choices}; got {value!r}.")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _coerce(option, value, where)
-            except UserError:
-                continue
-        raise UserError(f"{where} has the wrong type: {value!r}.")
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise UserError(f"{where} must be a list of {len(args)} values, e.g. [0.9, 0.98]; got {value!r}.")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value, strict=True))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{where} must be a mapping, e.g. {{digits: 4}}; got {value!r}.")
-        _, value_hint = typing.get_args(hint)
-        if value_hint is Any:
-            return dict(value)
-        return {key: _coerce(value_hint, item, f"{where}.{key}") for key, item in value.items()}
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            raise UserError(f"{where} must be a float; got {value!r}.") from None
-    if hint is str and value is None:
-        return ""
-    if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise UserError(f"{where} must be a {hint.__name__}; got {value!r}.")
-    return value
-
-
-def describe() -> str:
-    """Every config key with its default and the comment beside its declaration (for ``--help``)."""
-    lines, defaults, hints = [], Config(), typing.get_type_hints(Config)
-    for section in dataclasses.fields(Config):
-        cls = hints[section.name]
-        if not isinstance(cls, type) or not dataclasses.is_dataclass(cls):  # teachers: tag -> teacher.* keys
-            comment = re.search(
-                rf"^\s+{section.name}:[^#\n]*#\s*(.+)$", inspect.getsource(Config), flags=re.M
-            )
-            lines.append(f"  {section.name}={{}}  {comment.group(1) if comment else ''}".rstrip())
-            continue
-        comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M))
-        default = getattr(defaults, section.name)
-        for f in dataclasses.fields(cls):
-            value = getattr(default, f.name)
-            lines.append(f"  {section.name}.{f.name}={value!r}  {comments.get(f.name, '')}".rstrip())
-    return "\n".join(lines)
-
-
-def to_dict(config: Config) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) for YAML output."""
-
-    def plain(value):
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return {name: plain(value) for name, value in dataclasses.asdict(config).items()}
-
-
-def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
-def replace(config: Config, **sections: dict[str, Any]) -> Config:
-    """Copy of ``config`` with fields of named sections changed: ``replace(c, train={"steps": 5})``."""
-    changed = {
-        name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()
-    }
-    return dataclasses.replace(config, **changed)
