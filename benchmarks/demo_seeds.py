@@ -1,6 +1,7 @@
 """Run `opd demo` for several seeds (one after another, nothing else running) and print a Markdown table.
 
-    python benchmarks/demo_seeds.py --seeds 0 1 2 --out runs/bench-demo [--teacher DIR] [--budget 60] [--prompts N]
+    python benchmarks/demo_seeds.py --seeds 0 1 2 --out runs/bench-demo \\
+        [--teacher DIR] [--budget 60] [--prompts N]
 
 Rows come from each run's summary.json; README.md and benchmarks/RESULTS.md quote this output.
 """
@@ -30,8 +31,18 @@ def main() -> None:
     for seed in args.seeds:
         run_dir = args.out / f"seed{seed}"
         if not (run_dir / "summary.json").is_file():
-            command = [sys.executable, "-m", "opdistill.cli", "demo", "--seed", str(seed), "--out", str(run_dir),
-                       "--budget", str(args.budget)]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "opdistill.cli",
+                "demo",
+                "--seed",
+                str(seed),
+                "--out",
+                str(run_dir),
+                "--budget",
+                str(args.budget),
+            ]
             if args.teacher:
                 command += ["--teacher", str(args.teacher)]
             if args.prompts:
@@ -43,11 +54,14 @@ def main() -> None:
             f"| {seed} | {s['teacher_acc']:.3f} | {s['student_before_acc']:.3f} | **{s['opd_acc']:.3f}** | "
             f"{s['sft_acc']:.3f} | {s['sft_pool_acc']:.3f} | {steps} | {s['wall_s']:.0f} s |"
         )
-    print(f"teacher {s['teacher_params'] / 1e3:.0f}k params, student {s['student_params'] / 1e3:.0f}k params, "
-          f"{args.budget:.0f} s of training per method, {args.prompts or 'unlimited'} training prompts, "
-          f"{s['eval_problems']} held-out problems")  # fmt: skip
     print(
-        "| seed | teacher | student before | **opd** | sft (fresh samples) | sft_pool | opd / sft / sft_pool steps | wall time |"
+        f"teacher {s['teacher_params'] / 1e3:.0f}k params, student {s['student_params'] / 1e3:.0f}k params, "
+        f"{args.budget:.0f} s of training per method, {args.prompts or 'unlimited'} training prompts, "
+        f"{s['eval_problems']} held-out problems"
+    )
+    print(
+        "| seed | teacher | student before | **opd** | sft (fresh samples) | sft_pool "
+        "| opd / sft / sft_pool steps | wall time |"
     )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))

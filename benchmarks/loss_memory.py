@@ -114,7 +114,8 @@ def make_loss(case: str, T: int, V: int, K: int, chunk_elements: int):
 def run_case(case: str, T: int, V: int, K: int) -> dict:
     torch.manual_seed(0)
     unchunked = case == REFERENCE_CASE
-    # warm-up at 8 x 64 through the same path (unchunked, or chunks of 2 positions) so lazy init is not counted
+    # warm-up at 8 x 64 through the same path (unchunked, or chunks of 2 positions) so lazy init is not
+    # counted
     make_loss(case, 8, 64, K, 8 * 64 + 1 if unchunked else 2 * 64)[1]()
     gc.collect()
     student_BTV, loss = make_loss(case, T, V, K, T * V + 1 if unchunked else CHUNK_ELEMENTS)
@@ -156,8 +157,18 @@ def main() -> None:
     rows, over = [], []
     for case in [*CHUNKED_CASES, REFERENCE_CASE]:
         T = min(args.reference_T, args.T) if case == REFERENCE_CASE else args.T
-        command = [sys.executable, __file__, "--case", case, "--T", str(T), "--V", str(args.V),
-                   "--K", str(args.K)]  # fmt: skip
+        command = [
+            sys.executable,
+            __file__,
+            "--case",
+            case,
+            "--T",
+            str(T),
+            "--V",
+            str(args.V),
+            "--K",
+            str(args.K),
+        ]
         default, fixed = (
             json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
             for env in (None, {**os.environ, **FIXED_MMAP})
@@ -169,8 +180,11 @@ def main() -> None:
             if (
                 masked > 16 * MB
             ):  # an earlier high-water mark above the pre-loss state: the extra is overstated
-                print(f"note: {case} ({name}): peak before the loss was {masked / MB:.0f} MB above the "
-                      "resident set", file=sys.stderr)  # fmt: skip
+                print(
+                    f"note: {case} ({name}): peak before the loss was {masked / MB:.0f} MB above the "
+                    "resident set",
+                    file=sys.stderr,
+                )
         within = ["yes" if result["extra"] <= bound else "no" for result in (default, fixed)]
         if case != REFERENCE_CASE and default["extra"] > bound:
             within[0] = "**NO**"
@@ -184,7 +198,8 @@ def main() -> None:
             f"{default['wall_s']:.1f} / {fixed['wall_s']:.1f} |"
         )
     print(
-        f"V = {args.V}, B = 1, CHUNK_ELEMENTS = {CHUNK_ELEMENTS} ({max(1, CHUNK_ELEMENTS // args.V)} positions "
+        f"V = {args.V}, B = 1, CHUNK_ELEMENTS = {CHUNK_ELEMENTS} "
+        f"({max(1, CHUNK_ELEMENTS // args.V)} positions "
         f"per chunk), torch {torch.__version__}, {torch.get_num_threads()} threads; MB = 10^6 bytes; "
         "ratio = extra / fp32 [T,V]×2; pairs are glibc default / mmap ≥ 4 MiB"
     )

@@ -3,8 +3,9 @@
     python benchmarks/opsd_regimes.py [--out build/opsd] [--base-steps 800] [--steps 200] [--seed 0]
 
 For each regime (rule: every example shares the context ">>", answer reversed; answer: each example's own
-answer as context, answers written without the carry chain) it runs configs/opsd_<regime>_base.yaml (SFT of the shipped student on a 50/50 mix of
-context-shown and plain prompts) and then configs/opsd_<regime>.yaml (OPSD with the frozen self-teacher),
+answer as context, answers written without the carry chain) it runs configs/opsd_<regime>_base.yaml
+(SFT of the shipped student on a 50/50 mix of context-shown and plain prompts) and then
+configs/opsd_<regime>.yaml (OPSD with the frozen self-teacher),
 each under --out, and evaluates the base and the OPSD student greedily on the 1,000 held-out problems
 with the context hidden (the student's test condition) and shown (the self-teacher's view). A run whose
 final/ exists is reused. docs/data_modes.md and benchmarks/RESULTS.md quote this output.
@@ -45,23 +46,36 @@ def main() -> None:
     for regime in ("rule", "answer"):
         base, opsd = args.out / f"{regime}-base", args.out / f"{regime}-opsd"
         if not (base / "final").is_dir():
-            config = load_config(CONFIGS / f"opsd_{regime}_base.yaml", [
-                f"train.steps={args.base_steps}", f"train.out_dir={base}", "train.eval_every=0",
-            ])  # fmt: skip
+            config = load_config(
+                CONFIGS / f"opsd_{regime}_base.yaml",
+                [
+                    f"train.steps={args.base_steps}",
+                    f"train.out_dir={base}",
+                    "train.eval_every=0",
+                ],
+            )
             loop.run(config)
         if not (opsd / "final").is_dir():
-            config = load_config(CONFIGS / f"opsd_{regime}.yaml", [
-                f"student.path={base / 'final'}", f"train.steps={args.steps}", f"train.seed={args.seed}",
-                f"train.out_dir={opsd}",
-            ])  # fmt: skip
+            config = load_config(
+                CONFIGS / f"opsd_{regime}.yaml",
+                [
+                    f"student.path={base / 'final'}",
+                    f"train.steps={args.steps}",
+                    f"train.seed={args.seed}",
+                    f"train.out_dir={opsd}",
+                ],
+            )
             loop.run(config)
         hidden = [accuracy(d / "final", regime, shown=False) for d in (base, opsd)]
         shown = [accuracy(d / "final", regime, shown=True) for d in (base, opsd)]
         rows.append(f"| {regime} | {hidden[0]:.3f} | **{hidden[1]:.3f}** | {shown[0]:.3f} | {shown[1]:.3f} |")
-    print(f"base SFT {args.base_steps} steps, OPSD {args.steps} steps (frozen self-teacher, JSD β = 0.5), "
-          "greedy accuracy on 1,000 held-out problems")  # fmt: skip
     print(
-        "| regime | without context, before | **without context, after OPSD** | with context, before | with context, after |"
+        f"base SFT {args.base_steps} steps, OPSD {args.steps} steps (frozen self-teacher, JSD β = 0.5), "
+        "greedy accuracy on 1,000 held-out problems"
+    )
+    print(
+        "| regime | without context, before | **without context, after OPSD** "
+        "| with context, before | with context, after |"
     )
     print("|---|---|---|---|---|")
     print("\n".join(rows))

@@ -65,24 +65,39 @@ RLVR = [
 # name -> (label, what it trains on, overrides of configs/distill_addition.yaml)
 METHODS: dict[str, tuple[str, str, list[str]]] = {
     "opd": ("OPD (full_rkl)", "student samples, teacher scores every token", ["objective.type=full_rkl"]),
-    "sft_pool": ("SFT on teacher pool", "cross-entropy on 4,096 greedy teacher completions, reused",
-                 ["objective.type=sft", "data.completions=teacher_pool"]),
+    "sft_pool": (
+        "SFT on teacher pool",
+        "cross-entropy on 4,096 greedy teacher completions, reused",
+        ["objective.type=sft", "data.completions=teacher_pool"],
+    ),
     # at the shared lr 1e-3 GRPO collapsed (0.706 -> 0.19 held-out at step 10, 0.006 at step 20): 3e-4 is the
     # repository's policy-gradient lr (benchmarks/objectives.py)
-    "rlvr": ("RLVR (GRPO, no teacher)", "student samples, verifier reward, GRPO G=4",
-             [*RLVR, "optim.lr=3e-4"]),
+    "rlvr": (
+        "RLVR (GRPO, no teacher)",
+        "student samples, verifier reward, GRPO G=4",
+        [*RLVR, "optim.lr=3e-4"],
+    ),
     "rlvr_lr1e-3": ("RLVR at lr 1e-3", "as rlvr, at the shared lr (not run by default)", RLVR),
-}  # fmt: skip
+}
 DEFAULT_METHODS = ["opd", "sft_pool", "rlvr"]
 COLORS = {"opd": "tab:blue", "sft_pool": "tab:orange", "rlvr": "tab:green", "rlvr_lr1e-3": "tab:red"}
 
 
 def run_config(method: str, seed: int, args: argparse.Namespace) -> Config:
-    return load_config(BASE_CONFIG, [
-        *METHODS[method][2], f"train.steps={args.steps}", f"train.seed={seed}",
-        f"train.eval_every={args.eval_every}", f"train.eval_size={args.eval_size}", "train.diagnostics_every=0",
-        "train.save_every=0", f"train.out_dir={args.out / f'{method}-seed{seed}'}", f"train.threads={THREADS}",
-    ])  # fmt: skip
+    return load_config(
+        BASE_CONFIG,
+        [
+            *METHODS[method][2],
+            f"train.steps={args.steps}",
+            f"train.seed={seed}",
+            f"train.eval_every={args.eval_every}",
+            f"train.eval_size={args.eval_size}",
+            "train.diagnostics_every=0",
+            "train.save_every=0",
+            f"train.out_dir={args.out / f'{method}-seed{seed}'}",
+            f"train.threads={THREADS}",
+        ],
+    )
 
 
 def param_count(path: str) -> int:
@@ -134,11 +149,22 @@ def run_method(method: str, seed: int, args: argparse.Namespace) -> dict:
     for line in (out / "eval.jsonl").read_text().splitlines():
         record = json.loads(line)
         row = rows[record["step"]]
-        curve.append({"step": record["step"], "acc": record["greedy_acc"],
-                      "student_flops": student_flops(row, args.student_params),
-                      "teacher_flops": teacher_flops(row, args.teacher_params)})  # fmt: skip
-    return {**result, "method": method, "seed": seed, "curve": curve, "reused": reused,
-            "teacher_flops_total": teacher_flops(rows[max(rows)], args.teacher_params)}  # fmt: skip
+        curve.append(
+            {
+                "step": record["step"],
+                "acc": record["greedy_acc"],
+                "student_flops": student_flops(row, args.student_params),
+                "teacher_flops": teacher_flops(row, args.teacher_params),
+            }
+        )
+    return {
+        **result,
+        "method": method,
+        "seed": seed,
+        "curve": curve,
+        "reused": reused,
+        "teacher_flops_total": teacher_flops(rows[max(rows)], args.teacher_params),
+    }
 
 
 def first_reach(run: dict, target: float) -> dict | None:
@@ -181,7 +207,10 @@ def table(runs: list[dict], target: float) -> list[str]:
         settled = [settled_reach(r, target) for r in group]
         at_step = " / ".join("—" if h is None else str(h["step"]) for h in first)
         finals = " / ".join(f"{r['final_eval']['greedy_acc']:.3f}" for r in group)
-        seconds = f"{statistics.mean(r['elapsed_s'] for r in group):.0f} / {statistics.mean(r['wall_s'] for r in group):.0f}"
+        seconds = (
+            f"{statistics.mean(r['elapsed_s'] for r in group):.0f} / "
+            f"{statistics.mean(r['wall_s'] for r in group):.0f}"
+        )
         teacher_total = statistics.mean(r["teacher_flops_total"] for r in group)
         if method.startswith("rlvr"):  # the loop's scoring forward, multiplied by kl_coef = 0
             teacher_to_target, teacher_run = (
@@ -218,8 +247,16 @@ def plot(runs: list[dict], target: float, teacher_acc: float, start_acc: float, 
             xs = [x_of(p) if needs_teacher else p["student_flops"] for p in points]
             label = None if method in labelled else METHODS[method][0]
             labelled.add(method)
-            ax.plot(xs, [p["acc"] for p in points], color=COLORS[method], lw=1.2, alpha=0.8, marker=".", ms=3,
-                    label=label)  # fmt: skip
+            ax.plot(
+                xs,
+                [p["acc"] for p in points],
+                color=COLORS[method],
+                lw=1.2,
+                alpha=0.8,
+                marker=".",
+                ms=3,
+                label=label,
+            )
         ax.axhline(target, color="black", ls="--", lw=1, label=f"target 0.9 × teacher = {target:.3f}")
         ax.axhline(teacher_acc, color="gray", ls="-", lw=0.8, label=f"teacher {teacher_acc:.3f}")
         ax.axhline(start_acc, color="gray", ls=":", lw=1, label=f"student warm start {start_acc:.3f}")
@@ -247,23 +284,35 @@ def lr_probe_note(args: argparse.Namespace) -> str:
     for path in probes:
         curve = [json.loads(line) for line in path.read_text().splitlines()]
         low = min(curve, key=lambda r: r["greedy_acc"])
-        parts.append(f"{path.parent.name}: {curve[0]['greedy_acc']:.3f} at step 0, {low['greedy_acc']:.3f} at "
-                     f"step {low['step']}, {curve[-1]['greedy_acc']:.3f} at step {curve[-1]['step']}")  # fmt: skip
-    return ("RLVR runs at lr 3e-4 (the others at 1e-3) because at 1e-3 it collapses: `--methods rlvr_lr1e-3` "
-            f"(same budget) gave {'; '.join(parts)}.")  # fmt: skip
+        parts.append(
+            f"{path.parent.name}: {curve[0]['greedy_acc']:.3f} at step 0, {low['greedy_acc']:.3f} at "
+            f"step {low['step']}, {curve[-1]['greedy_acc']:.3f} at step {curve[-1]['step']}"
+        )
+    return (
+        "RLVR runs at lr 3e-4 (the others at 1e-3) because at 1e-3 it collapses: `--methods rlvr_lr1e-3` "
+        f"(same budget) gave {'; '.join(parts)}."
+    )
 
 
 def machine() -> str:
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)  # fmt: skip
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            cpu,
+        )
     import transformers
 
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
-            f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"{THREADS} torch threads")  # fmt: skip
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
+        f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{THREADS} torch threads"
+    )
 
 
 def main() -> None:
@@ -278,8 +327,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--out", type=Path, default=Path("runs/sample_efficiency"))
-    parser.add_argument("--report", type=Path, default=REPO / "benchmarks" / "sample_efficiency",
-                        help="writes REPORT.md and REPORT.png")  # fmt: skip
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=REPO / "benchmarks" / "sample_efficiency",
+        help="writes REPORT.md and REPORT.png",
+    )
     parser.add_argument("--quick", action="store_true", help="150 steps, eval every 25 on 500, seed 0")
     args = parser.parse_args()
     if args.quick:
@@ -305,8 +358,11 @@ def main() -> None:
             run = run_method(method, seed, args)
             hit = first_reach(run, target)
             reach = "not reached" if hit is None else f"step {hit['step']}, {hit['student_flops']:.2e} FLOPs"
-            print(f"{method} seed {seed}: final {run['final_eval']['greedy_acc']:.3f}, target {reach}, "
-                  f"{run['elapsed_s']:.0f} s training", flush=True)  # fmt: skip
+            print(
+                f"{method} seed {seed}: final {run['final_eval']['greedy_acc']:.3f}, target {reach}, "
+                f"{run['elapsed_s']:.0f} s training",
+                flush=True,
+            )
             runs.append(run)
     start_acc = runs[0]["curve"][0]["acc"]
     reused = sum(run["reused"] for run in runs)
@@ -324,14 +380,16 @@ def main() -> None:
         "# Sample efficiency: student FLOPs to 90% of the teacher's accuracy (addition, 4 digits)",
         "",
         f"`{command}`, run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{(time.perf_counter() - started) / 60:.1f} min in all ({reused} of {len(runs)} runs reused from `{args.out}`).",
+        f"{(time.perf_counter() - started) / 60:.1f} min in all "
+        f"({reused} of {len(runs)} runs reused from `{args.out}`).",
         "",
         f"Machine: {machine()}. Shared with other jobs: load average {load_before[0]:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end, so seconds are noisy; the comparison is in FLOPs.",
         "",
         f"Every run: `configs/distill_addition.yaml` + `train.steps={args.steps} train.seed=S "
         f"train.eval_every={args.eval_every} train.eval_size={args.eval_size} train.diagnostics_every=0 "
-        f"train.save_every=0 train.threads={THREADS}`, 64 sequences per step, seeds {args.seeds}. Per method:",
+        f"train.save_every=0 train.threads={THREADS}`, 64 sequences per step, seeds {args.seeds}. "
+        "Per method:",
         "",
         per_method,
         "",
@@ -340,12 +398,15 @@ def main() -> None:
         f"**{teacher_acc:.3f}**, so the target is **{target:.4f}**; the student starts at {start_acc:.3f}.",
         "",
         "Student FLOPs = 6N × trained tokens (prompt included) + 2N × student-sampled tokens + 2N × the "
-        "sampler's prompt prefill, from metrics.jsonl's cumulative counters; evaluation excluded; attention-score "
+        "sampler's prompt prefill, from metrics.jsonl's cumulative counters; evaluation excluded; "
+        "attention-score "
         'FLOPs ignored. "To target" = at the first evaluation (every '
         f"{args.eval_every} steps) with greedy accuracy ≥ the target, so it overstates by up to "
-        f"{args.eval_every} steps' compute; with {args.eval_size} problems one evaluation's binomial noise near "
+        f"{args.eval_every} steps' compute; with {args.eval_size} problems one evaluation's binomial "
+        "noise near "
         f"0.9 is ±{100 * (0.09 / args.eval_size) ** 0.5:.1f} points. Teacher FLOPs = 2 N_teacher × tokens it "
-        "scored or generated. `train s` is training time (evaluation excluded; SFT's includes making the pool).",
+        "scored or generated. `train s` is training time (evaluation excluded; SFT's includes making "
+        "the pool).",
         "",
         *table_lines,
         "",

@@ -6,8 +6,9 @@ World size: `opd distill --config configs/distill_addition.yaml` (shipped studen
 per step) in one process and under `torchrun --nproc_per_node=2` with DDP and FSDP2, same global batch;
 each process gets 2 threads / world size, so both use the machine's 2 cores. Response length: the
 shipped student sampling 16 responses of exactly N tokens (EOS ignored), one teacher forward, the student's
-full_rkl forward + backward and AdamW, in one process (the library's parts, as in benchmarks/waste.py). Step time is the median `step_s` after --warmup;
-peak memory is the largest resident set of any one process of the run (`getrusage` of the children).
+full_rkl forward + backward and AdamW, in one process (the library's parts, as in benchmarks/waste.py).
+Step time is the median `step_s` after --warmup; peak memory is the largest resident set of any one
+process of the run (`getrusage` of the children).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import sys
 from pathlib import Path
 
 BASE = [
-    "train.eval_every=0", "train.eval_size=1", "train.diagnostics_every=0", "train.save_every=0",
+    "train.eval_every=0",
+    "train.eval_size=1",
+    "train.diagnostics_every=0",
+    "train.save_every=0",
     "rollout.max_new_tokens=52",
-]  # fmt: skip
+]
 
 
 MEASURE = """import resource, subprocess, sys
@@ -36,14 +40,26 @@ def run(out: Path, overrides: list[str], world_size: int, steps: int) -> tuple[l
     """(metrics.jsonl records, peak RSS in MB of the largest process) of one `opd distill` run."""
     shutil.rmtree(out, ignore_errors=True)
     threads = max(1, 2 // world_size)
-    args = ["-m", "opdistill.cli", "distill", *overrides, f"train.steps={steps}", f"train.threads={threads}",
-            f"train.out_dir={out}"]  # fmt: skip
+    args = [
+        "-m",
+        "opdistill.cli",
+        "distill",
+        *overrides,
+        f"train.steps={steps}",
+        f"train.threads={threads}",
+        f"train.out_dir={out}",
+    ]
     if world_size > 1:
         args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     # a fresh parent per run: ru_maxrss of its children is the largest process of this run alone
-    done = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, *args], check=True, env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, sys.executable, *args],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     peak_kb = int(done.stdout.split()[-1])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return rows, peak_kb / 1024
@@ -71,14 +87,28 @@ def main() -> None:
         out = root / f"world{world_size}-{parallel}"
         rows, peak = run(out, [*addition, f"train.parallel={parallel}"], world_size, args.steps)
         median = statistics.median(r["step_s"] for r in rows[args.warmup :])
-        print(f"| {world_size} | {parallel if world_size > 1 else '-'} | {median:.3f} | {64 / median:.0f} | {peak:.0f} |",
-              flush=True)  # fmt: skip
+        print(
+            f"| {world_size} | {parallel if world_size > 1 else '-'} | {median:.3f} | "
+            f"{64 / median:.0f} | {peak:.0f} |",
+            flush=True,
+        )
 
     print("\n| response tokens | median s/step | s per 1k response tokens | peak RSS (MB) |")
     print("|---|---|---|---|")
     for length in args.lengths:
-        command = [sys.executable, "-c", MEASURE, sys.executable, __file__, "--length-worker", str(length),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-c",
+            MEASURE,
+            sys.executable,
+            __file__,
+            "--length-worker",
+            str(length),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         done = subprocess.run(command, check=True, capture_output=True, text=True)
         median, peak_kb = float(done.stdout.split()[-2]), int(done.stdout.split()[-1])
         print(

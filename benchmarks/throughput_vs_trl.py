@@ -13,8 +13,9 @@ betas (0.9, 0.98) and weight decay 0.01, 10 warmup steps then cosine to 10% of l
 threads (TRL's warmup starts at lr 0 where opdistill's starts at lr/10: the same ramp one step later). Every
 other TRL argument keeps its default; report_to="none", save_strategy="no" and disable_tqdm=True are set
 as a user timing a run would set them. opdistill runs `configs/distill_addition.yaml` with
-train.diagnostics_every=0 and train.eval_every=0, so no timed step runs diagnostics or an evaluation. β is GKD's (TRL convention; opdistill's objective.jsd_beta uses the same one): β = 1 is the reverse
-KL (opdistill full_rkl), β = 0.5 the JSD (opdistill jsd, jsd_beta 0.5).
+train.diagnostics_every=0 and train.eval_every=0, so no timed step runs diagnostics or an evaluation. β is
+GKD's (TRL convention; opdistill's objective.jsd_beta uses the same one): β = 1 is the reverse KL
+(opdistill full_rkl), β = 0.5 the JSD (opdistill jsd, jsd_beta 0.5).
 
 Timing. Each (row, repeat) is a fresh subprocess; repeats are interleaved and the row order rotates per
 repeat, so slow phases of a shared machine spread over all rows. One step's time is the wall time between
@@ -23,8 +24,9 @@ backward, optimizer, logging). TRL's on_step_begin -> on_step_end misses the bat
 tokenizes there) and the logging, so it is reported beside it as "in-step s", as is opdistill's own
 metrics.jsonl step_s. The first --warmup steps of each run are dropped; the rest are pooled over repeats:
 median and interquartile range; also the 10th percentile (the least disturbed steps) and the median CPU
-seconds of the process per step, both less sensitive to other jobs on a shared machine. Student tokens per step = completion tokens that receive loss: the sampled
-tokens up to and including the first EOS (GKD: labels != -100; DistillationTrainer: completion_mask;
+seconds of the process per step, both less sensitive to other jobs on a shared machine. Student tokens
+per step = completion tokens that receive loss: the sampled tokens up to and including the first EOS
+(GKD: labels != -100; DistillationTrainer: completion_mask;
 opdistill: loss_tokens). Tokens/s = median tokens per step / median s per step. Accuracy: greedy exact match
 on the first --eval-size held-out problems (opdistill.evaluate.evaluate), after the run's --steps steps.
 
@@ -71,13 +73,21 @@ ROWS = [
     Row("gkd-default-b1", "gkd", 1.0, label="GKDTrainer, TRL defaults (gradient checkpointing on)"),
     Row("gkd-nogc-b1", "gkd", 1.0, False, label="GKDTrainer, gradient_checkpointing=False"),
     Row("dist-default-b1", "distillation", 1.0, label="DistillationTrainer, TRL defaults (gc on)"),
-    Row("dist-nogc-b1", "distillation", 1.0, False, label="DistillationTrainer, gradient_checkpointing=False"),
+    Row(
+        "dist-nogc-b1", "distillation", 1.0, False, label="DistillationTrainer, gradient_checkpointing=False"
+    ),
     Row("opd-b0.5", "opdistill", 0.5, label="opdistill jsd, jsd_beta=0.5 (defaults)"),
     Row("gkd-default-b0.5", "gkd", 0.5, label="GKDTrainer, TRL defaults (gradient checkpointing on)"),
     Row("gkd-nogc-b0.5", "gkd", 0.5, False, label="GKDTrainer, gradient_checkpointing=False"),
     Row("dist-default-b0.5", "distillation", 0.5, label="DistillationTrainer, TRL defaults (gc on)"),
-    Row("dist-nogc-b0.5", "distillation", 0.5, False, label="DistillationTrainer, gradient_checkpointing=False"),
-]  # fmt: skip
+    Row(
+        "dist-nogc-b0.5",
+        "distillation",
+        0.5,
+        False,
+        label="DistillationTrainer, gradient_checkpointing=False",
+    ),
+]
 # not run unless named with --only: TRL's bf16 default too (autocast on CPU changes the numerics)
 EXTRA_ROWS = [
     Row("gkd-alldefaults-b1", "gkd", 1.0, bf16=None, label="GKDTrainer, TRL all defaults incl. bf16"),
@@ -141,7 +151,8 @@ def time_module_forward(module, clock: StepClock, key: str) -> None:
 
 
 def opdistill_worker(row: Row, args) -> dict[str, Any]:
-    """One opdistill run of ``args.steps`` steps; phases timed by wrapping module functions (src is untouched)."""
+    """One opdistill run of ``args.steps`` steps; phases timed by wrapping module functions (src is
+    untouched)."""
     from opdistill.config import load_config
     from opdistill.teachers import local as teachers
     from opdistill.training import batches
@@ -174,17 +185,30 @@ def opdistill_worker(row: Row, args) -> dict[str, Any]:
     train_module.train_step = timed_train_step
 
     run_dir = Path(args.run_dir)
-    objective = ["objective.type=full_rkl"] if row.beta == 1 else [
-        "objective.type=jsd", f"objective.jsd_beta={row.beta}"
-    ]  # fmt: skip
+    objective = (
+        ["objective.type=full_rkl"]
+        if row.beta == 1
+        else ["objective.type=jsd", f"objective.jsd_beta={row.beta}"]
+    )
     overrides = [
-        *objective, f"student.path={args.student}", f"teacher.path={args.teacher}",
-        f"rollout.max_new_tokens={args.max_new_tokens}", "rollout.temperature=1.0", "rollout.top_p=1.0",
-        "rollout.n_per_prompt=1", "rollout.on_policy_fraction=1.0",
-        f"train.prompts_per_step={args.batch}", f"train.steps={args.steps}", f"train.seed={args.seed}",
-        "train.eval_every=0", f"train.eval_size={args.eval_size}", "train.save_every=0",
-        "train.diagnostics_every=0", f"train.threads={THREADS}", f"train.out_dir={run_dir / 'opd'}",
-    ]  # fmt: skip
+        *objective,
+        f"student.path={args.student}",
+        f"teacher.path={args.teacher}",
+        f"rollout.max_new_tokens={args.max_new_tokens}",
+        "rollout.temperature=1.0",
+        "rollout.top_p=1.0",
+        "rollout.n_per_prompt=1",
+        "rollout.on_policy_fraction=1.0",
+        f"train.prompts_per_step={args.batch}",
+        f"train.steps={args.steps}",
+        f"train.seed={args.seed}",
+        "train.eval_every=0",
+        f"train.eval_size={args.eval_size}",
+        "train.save_every=0",
+        "train.diagnostics_every=0",
+        f"train.threads={THREADS}",
+        f"train.out_dir={run_dir / 'opd'}",
+    ]
     config = load_config(BASE_CONFIG, overrides)
     started = time.perf_counter()
     result = train_module.run(config, show_progress=False)
@@ -229,11 +253,22 @@ def trl_worker(row: Row, args) -> dict[str, Any]:
     time_module_forward(teacher.model, clock, "teacher_s")  # the backbone: both trainers call it
 
     common: dict[str, Any] = dict(
-        per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps,
-        learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.98, weight_decay=0.01, max_grad_norm=1.0,
-        warmup_steps=10, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-        seed=args.seed, report_to="none", save_strategy="no", disable_tqdm=True,
-    )  # fmt: skip
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        learning_rate=1e-3,
+        adam_beta1=0.9,
+        adam_beta2=0.98,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        warmup_steps=10,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        seed=args.seed,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     if row.bf16 is not None:
         common["bf16"] = row.bf16
     else:  # TRL's default bf16=True: transformers refuses it without a GPU unless use_cpu is set
@@ -270,18 +305,25 @@ def trl_worker(row: Row, args) -> dict[str, Any]:
                     return clock.timed("train_step_s", super().training_step)(*a, **k)
 
             # GKD's collator tokenizes the whole conversation even at λ = 1, so it needs the completion too
-            rows = [{"messages": [*ex.messages(), {"role": "assistant", "content": ex.completion}]}
-                    for ex in examples]  # fmt: skip
+            rows = [
+                {"messages": [*ex.messages(), {"role": "assistant", "content": ex.completion}]}
+                for ex in examples
+            ]
             trainer = TimedGKD(
-                model=student, teacher_model=teacher, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                processing_class=tokenizer, callbacks=[Timing()],
-            )  # fmt: skip
+                model=student,
+                teacher_model=teacher,
+                args=config,
+                train_dataset=datasets.Dataset.from_list(rows),
+                processing_class=tokenizer,
+                callbacks=[Timing()],
+            )
             resolved = {"generation use_cache": trainer.generation_config.use_cache}
         else:
             from trl import DistillationConfig, DistillationTrainer
 
-            specific = dict(beta=row.beta, temperature=1.0, top_k=0, top_p=1.0,
-                            max_completion_length=args.max_new_tokens)  # fmt: skip
+            specific = dict(
+                beta=row.beta, temperature=1.0, top_k=0, top_p=1.0, max_completion_length=args.max_new_tokens
+            )
             config = DistillationConfig(output_dir=output_dir, **common, **specific)
 
             class TimedDistillation(DistillationTrainer):
@@ -298,9 +340,13 @@ def trl_worker(row: Row, args) -> dict[str, Any]:
 
             rows = [{"prompt": ex.messages()} for ex in examples]
             trainer = TimedDistillation(
-                model=student, teacher_model=teacher, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                processing_class=tokenizer, callbacks=[Timing()],
-            )  # fmt: skip
+                model=student,
+                teacher_model=teacher,
+                args=config,
+                train_dataset=datasets.Dataset.from_list(rows),
+                processing_class=tokenizer,
+                callbacks=[Timing()],
+            )
             # DistillationTrainer leaves use_cache unset: generate's default, the KV cache, applies
             resolved = {"generation use_cache": trainer.generation_config.use_cache or "unset (cache on)"}
         resolved.update(
@@ -315,7 +361,7 @@ def trl_worker(row: Row, args) -> dict[str, Any]:
                     "dataloader_num_workers",
                     "torch_empty_cache_steps",
                 )
-            }  # fmt: skip
+            }
         )
         started = time.perf_counter()
         trainer.train()
@@ -403,7 +449,8 @@ def summarise(row: Row, runs: list[dict], warmup: int) -> dict[str, Any]:
         "tokens_per_s": tokens / statistics.median(interval),
         "accuracy": [run["accuracy"] for run in runs],
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
-        # means (they add up): sampling, teacher forward, student forward/loss/backward, optimizer and the rest
+        # means (they add up): sampling, teacher forward, student forward/loss/backward, optimizer and the
+        # rest
         "sampling_s": mean("sampling_s"),
         "teacher_s": mean("teacher_s"),
         "interval_mean_s": mean("interval_s"),
@@ -436,7 +483,8 @@ def settings_lines(settings: dict[str, dict]) -> list[str]:
         ]
         lines.append(
             f"* opdistill: `train.run` on `{opd[0]['base_config']}` (its defaults otherwise) with "
-            f"{' '.join(shared)}; plus objective.type=full_rkl (β=1) or objective.type=jsd objective.jsd_beta=0.5; "
+            f"{' '.join(shared)}; plus objective.type=full_rkl (β=1) or objective.type=jsd "
+            "objective.jsd_beta=0.5; "
             "train.seed = repeat index."
         )
     trl_rows = {name: value for name, value in settings.items() if "set" in value}
@@ -487,14 +535,17 @@ def report(rows: list[Row], summaries: dict[str, dict], args, info: dict, settin
         )
         accuracy = ", ".join(f"{a:.3f}" for a in s["accuracy"])
         lines.append(
-            f"| {row.name} | {row.label}, β={row.beta:g} | {s['median_s']:.3f} | {s['q1']:.3f}–{s['q3']:.3f} | "
-            f"{s['p10']:.3f} | {s['in_step_s']:.3f} | {s['cpu_s']:.3f} | {s['tokens_per_step']:.0f} | {s['tokens_per_s']:,.0f} | "
+            f"| {row.name} | {row.label}, β={row.beta:g} | {s['median_s']:.3f} | "
+            f"{s['q1']:.3f}–{s['q3']:.3f} | "
+            f"{s['p10']:.3f} | {s['in_step_s']:.3f} | {s['cpu_s']:.3f} | {s['tokens_per_step']:.0f} | "
+            f"{s['tokens_per_s']:,.0f} | "
             f"{ratio} | {p10_ratio} | {cpu_ratio} | "
             f"{accuracy} | {s['peak_rss_mb']:.0f} |"
         )
     lines += [
         "",
-        "Where a step goes (mean s per timed step; the parts add up to the mean step, which can exceed the median):",
+        "Where a step goes (mean s per timed step; the parts add up to the mean step, which can exceed "
+        "the median):",
         "",
         "| row | mean step | sampling | teacher forward | student fwd+loss+bwd | optimizer | rest |",
         "|---|---|---|---|---|---|---|",
@@ -513,9 +564,11 @@ def report(rows: list[Row], summaries: dict[str, dict], args, info: dict, settin
         )
     lines += [
         "",
-        "Sampling: opdistill `sample_prompts` (padding + KV-cached sampling); GKD `generate_on_policy_outputs`; "
+        "Sampling: opdistill `sample_prompts` (padding + KV-cached sampling); GKD "
+        "`generate_on_policy_outputs`; "
         "DistillationTrainer `_generate` (chat-template tokenization + `generate`). Teacher: opdistill "
-        "`LocalTeacher.score` (forward + log-softmax); TRL the teacher backbone's forward (hooks; its head and "
+        "`LocalTeacher.score` (forward + log-softmax); TRL the teacher backbone's forward (hooks; its head "
+        "and "
         "softmax fall in the loss). TRL's rest = clip, AdamW, scheduler, logging and the next batch's fetch "
         "(GKD's collator tokenization); opdistill's rest = prompt batching, metrics and the JSONL line.",
         "",
@@ -607,10 +660,27 @@ def main() -> None:
 def run_all(args, rows: list[Row], out: Path) -> set[str]:
     """Every row once per repeat, each in a fresh subprocess, the order rotated per repeat; returns the rows
     that failed at least once (their logs stay in the run directory)."""
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": str(THREADS),
-           "MKL_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    shared = ["--steps", str(args.steps), "--eval-size", str(args.eval_size), "--batch", str(args.batch),
-              "--max-new-tokens", str(args.max_new_tokens), "--student", args.student, "--teacher", args.teacher]  # fmt: skip
+    env = {
+        **os.environ,
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+        "OMP_NUM_THREADS": str(THREADS),
+        "MKL_NUM_THREADS": str(THREADS),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    shared = [
+        "--steps",
+        str(args.steps),
+        "--eval-size",
+        str(args.eval_size),
+        "--batch",
+        str(args.batch),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--student",
+        args.student,
+        "--teacher",
+        args.teacher,
+    ]
     failed: set[str] = set()
     for repeat in range(args.repeats):
         order = rows[repeat % len(rows) :] + rows[: repeat % len(rows)]
@@ -618,8 +688,19 @@ def run_all(args, rows: list[Row], out: Path) -> set[str]:
             run_dir = out / f"r{repeat}-{row.name}"
             run_dir.mkdir()
             result_path = run_dir / "result.json"
-            command = [sys.executable, str(Path(__file__).resolve()), "--worker", row.name, "--seed", str(repeat),
-                       "--run-dir", str(run_dir), "--result", str(result_path), *shared]  # fmt: skip
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--worker",
+                row.name,
+                "--seed",
+                str(repeat),
+                "--run-dir",
+                str(run_dir),
+                "--result",
+                str(result_path),
+                *shared,
+            ]
             run_started = time.perf_counter()
             with (run_dir / "log.txt").open("w") as log:
                 status = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -628,14 +709,21 @@ def run_all(args, rows: list[Row], out: Path) -> set[str]:
             if status.returncode or not result_path.is_file():
                 failed.add(row.name)
                 tail = (run_dir / "log.txt").read_text().splitlines()[-15:]
-                print(f"{where} FAILED (exit {status.returncode}, {run_dir / 'log.txt'}):\n  " + "\n  ".join(tail),
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"{where} FAILED (exit {status.returncode}, {run_dir / 'log.txt'}):\n  "
+                    + "\n  ".join(tail),
+                    file=sys.stderr,
+                    flush=True,
+                )
                 continue
             result = json.loads(result_path.read_text())
             times = [r["interval_s"] for r in result["records"][args.warmup :]]
-            print(f"{where}: median {statistics.median(times):.3f} s/step, accuracy {result['accuracy']:.3f}, "
-                  f"load {result['loadavg_1min'][0]:.1f}->{result['loadavg_1min'][1]:.1f}, {took:.0f} s",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"{where}: median {statistics.median(times):.3f} s/step, accuracy {result['accuracy']:.3f}, "
+                f"load {result['loadavg_1min'][0]:.1f}->{result['loadavg_1min'][1]:.1f}, {took:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     return failed
 
 
@@ -643,8 +731,10 @@ def render(out: Path) -> str:
     """The report of run directory ``out`` from its result files; also written to out/report.md."""
     args = argparse.Namespace(**json.loads((out / "args.json").read_text()))
     rows = [ALL_ROWS[name] for name in args.rows]
-    runs = {row.name: [json.loads(p.read_text()) for p in sorted(out.glob(f"r*-{row.name}/result.json"))]
-            for row in rows}  # fmt: skip
+    runs = {
+        row.name: [json.loads(p.read_text()) for p in sorted(out.glob(f"r*-{row.name}/result.json"))]
+        for row in rows
+    }
     settings = {name: found[0]["settings"] for name, found in runs.items() if found}
     summaries = {name: summarise(ALL_ROWS[name], found, args.warmup) for name, found in runs.items() if found}
     loads = [load for found in runs.values() for run in found for load in run["loadavg_1min"]]

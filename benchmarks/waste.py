@@ -60,10 +60,14 @@ def parts(config, steps: range) -> list[dict[str, float]]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         updated = time.perf_counter()
-        timings.append({
-            "sample": sampled - started, "teacher": scored - sampled, "student": updated - scored,
-            "tokens": int(mask_BT.sum()),
-        })  # fmt: skip
+        timings.append(
+            {
+                "sample": sampled - started,
+                "teacher": scored - sampled,
+                "student": updated - scored,
+                "tokens": int(mask_BT.sum()),
+            }
+        )
     return timings
 
 
@@ -84,11 +88,19 @@ def main() -> None:
     for repeat in range(args.repeats):
         out = Path(args.out) / f"r{repeat}"
         shutil.rmtree(out, ignore_errors=True)
-        config = load_config("configs/distill_addition.yaml", [
-            f"objective.type={args.objective}", f"train.steps={args.steps}", "train.eval_every=0",
-            "train.eval_size=1", "train.diagnostics_every=0", "train.save_every=0", "train.threads=2",
-            f"train.out_dir={out}",
-        ])  # fmt: skip
+        config = load_config(
+            "configs/distill_addition.yaml",
+            [
+                f"objective.type={args.objective}",
+                f"train.steps={args.steps}",
+                "train.eval_every=0",
+                "train.eval_size=1",
+                "train.diagnostics_every=0",
+                "train.save_every=0",
+                "train.threads=2",
+                f"train.out_dir={out}",
+            ],
+        )
         loop.run(config, show_progress=False)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup :]
         step_s += [r["step_s"] for r in rows]
@@ -99,8 +111,11 @@ def main() -> None:
             part_tokens.append(timing["tokens"])
     median = {key: statistics.median(values) for key, values in part_s.items()}
     step, total = statistics.median(step_s), sum(median.values())
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; {args.repeats} repeats x {len(measured)} steps, objective {args.objective}")  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; {args.repeats} repeats x {len(measured)} steps, "
+        f"objective {args.objective}"
+    )
     print("| | median s/step | tokens with loss per step |")
     print("|---|---|---|")
     print(f"| opdistill step | {step:.4f} | {statistics.median(tokens):.0f} |")

@@ -8,8 +8,8 @@ import torch
 from opdistill.config import ModelSpec
 from opdistill.models import char_tokenizer, tiny_model
 
-# Models this small gain nothing from a second intra-op thread, and on a busy machine its spin-waits made tests
-# 15-40x slower.
+# Models this small gain nothing from a second intra-op thread, and on a busy machine its spin-waits made
+# tests 15-40x slower.
 torch.set_num_threads(1)
 
 
@@ -34,9 +34,17 @@ def tiny_run(tmp_path):
     from opdistill.config import load_config
 
     def make(*overrides: str, out: str = "run"):
-        return load_config(None, [
-            f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1", "train.prompts_per_step=4",
-            "train.eval_every=0", "train.eval_size=4", f"train.out_dir={tmp_path / out}", *overrides,
-        ])  # fmt: skip
+        return load_config(
+            None,
+            [
+                f"teacher.path={asset_dir('addition-teacher')}",
+                "student.preset=d16l1",
+                "train.prompts_per_step=4",
+                "train.eval_every=0",
+                "train.eval_size=4",
+                f"train.out_dir={tmp_path / out}",
+                *overrides,
+            ],
+        )
 
     return make

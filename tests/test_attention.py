@@ -20,8 +20,16 @@ attend = attention.attend  # the real one, for the counting wrappers below
 def _qwen3():
     """Grouped-query attention (2 key/value heads for 4) and per-head q/k norms."""
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=18, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)  # fmt: skip
+    config = Qwen3Config(
+        vocab_size=18,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+    )
     return Qwen3ForCausalLM(config)
 
 

@@ -54,8 +54,14 @@ def reverse_task(tmp_path_factory):
 
 
 def test_own_jsonl_task_sft_distill_eval(tmp_path, reverse_task):
-    data = [f"data.train_file={reverse_task / 'train.jsonl'}", f"data.eval_file={reverse_task / 'eval.jsonl'}",
-            "data.answer_regex=([a-f]+)$", "rollout.max_new_tokens=12", "train.prompts_per_step=16", "train.eval_size=50"]  # fmt: skip
+    data = [
+        f"data.train_file={reverse_task / 'train.jsonl'}",
+        f"data.eval_file={reverse_task / 'eval.jsonl'}",
+        "data.answer_regex=([a-f]+)$",
+        "rollout.max_new_tokens=12",
+        "train.prompts_per_step=16",
+        "train.eval_size=50",
+    ]
     teacher = opd(
         "sft",
         *data,
@@ -69,15 +75,32 @@ def test_own_jsonl_task_sft_distill_eval(tmp_path, reverse_task):
     assert summary["steps"] == 30 and 0 <= summary["final_eval"]["greedy_acc"] <= 1
     student = opd("sft", *data, "student.preset=d16l1", "train.steps=5", f"train.out_dir={tmp_path / 's'}")
     assert student.returncode == 0, student.stderr
-    distill = opd("distill", *data, f"student.path={tmp_path / 's' / 'final'}", f"teacher.path={tmp_path / 't' / 'final'}",
-                  "train.steps=4", f"train.out_dir={tmp_path / 'd'}")  # fmt: skip
+    distill = opd(
+        "distill",
+        *data,
+        f"student.path={tmp_path / 's' / 'final'}",
+        f"teacher.path={tmp_path / 't' / 'final'}",
+        "train.steps=4",
+        f"train.out_dir={tmp_path / 'd'}",
+    )
     assert distill.returncode == 0, distill.stderr
     rows = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(
         "teacher_kl" in r and "truncation_rate" in r for r in rows
     )
-    ev = opd("eval", "--model", str(tmp_path / "d" / "final"), "--data", str(reverse_task / "eval.jsonl"),
-             "--answer-regex", "([a-f]+)$", "--n", "4", "--k", "1,2,4")  # fmt: skip
+    ev = opd(
+        "eval",
+        "--model",
+        str(tmp_path / "d" / "final"),
+        "--data",
+        str(reverse_task / "eval.jsonl"),
+        "--answer-regex",
+        "([a-f]+)$",
+        "--n",
+        "4",
+        "--k",
+        "1,2,4",
+    )
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout)
     assert result["n_problems"] == 50 and set(result) >= {"greedy_acc", "avg@4", "pass@1", "pass@4"}
@@ -137,17 +160,31 @@ def test_bad_input_is_one_clear_sentence(tmp_path, args, message):
 def test_malformed_data_line_and_tokenizer_mismatch(tmp_path, reverse_task):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 3}\n')
-    _one_clear_sentence(opd("sft", f"data.train_file={bad}", f"train.out_dir={tmp_path / 'a'}"),
-                        f"{bad}:2: field 'completion' must be a string")  # fmt: skip
-    mismatch = opd("distill", f"data.train_file={reverse_task / 'train.jsonl'}", f"teacher.path={TEACHER}",
-                   f"train.out_dir={tmp_path / 'b'}")  # fmt: skip
+    _one_clear_sentence(
+        opd("sft", f"data.train_file={bad}", f"train.out_dir={tmp_path / 'a'}"),
+        f"{bad}:2: field 'completion' must be a string",
+    )
+    mismatch = opd(
+        "distill",
+        f"data.train_file={reverse_task / 'train.jsonl'}",
+        f"teacher.path={TEACHER}",
+        f"train.out_dir={tmp_path / 'b'}",
+    )
     _one_clear_sentence(mismatch, "teacher and student tokenizers differ")
 
 
 def test_interrupted_run_checkpoints_and_resumes(tmp_path):
     out = tmp_path / "run"
-    args = ["distill", f"teacher.path={TEACHER}", "student.preset=d16l1", "train.steps=60", "train.prompts_per_step=8",
-            "rollout.max_new_tokens=52", "train.eval_every=0", f"train.out_dir={out}"]  # fmt: skip
+    args = [
+        "distill",
+        f"teacher.path={TEACHER}",
+        "student.preset=d16l1",
+        "train.steps=60",
+        "train.prompts_per_step=8",
+        "rollout.max_new_tokens=52",
+        "train.eval_every=0",
+        f"train.out_dir={out}",
+    ]
     proc = subprocess.Popen(
         [sys.executable, "-m", "opdistill.cli", *args],
         stderr=subprocess.PIPE,

@@ -73,8 +73,16 @@ def run(tmp_path_factory):
     check_same_tokenizer(tokenizer, teacher_tokenizer)
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
     keys, cost = cold_start(config, task, tokenizer, student, LocalTeacher(teacher), out, ONE_PROCESS)
-    return dict(config=config, task=task, student=student, tokenizer=tokenizer, before=before, keys=keys,
-                out=out, cost=cost)  # fmt: skip
+    return dict(
+        config=config,
+        task=task,
+        student=student,
+        tokenizer=tokenizer,
+        before=before,
+        keys=keys,
+        out=out,
+        cost=cost,
+    )
 
 
 def test_kept_samples_are_valid_and_the_returned_prompts_are_theirs(run):
@@ -118,8 +126,16 @@ def test_a_resumed_run_reads_the_prompts_back_without_training(run):
     assert keys == run["keys"] and cost == Cost()  # read back: nothing is charged twice
     assert all(torch.equal(p, weights[name]) for name, p in run["student"].named_parameters())
     with pytest.raises(UserError, match="cold_start.jsonl"):
-        cold_start(run["config"], run["task"], run["tokenizer"], None, None, run["out"] / "none", ONE_PROCESS,
-                   resume=True)  # fmt: skip
+        cold_start(
+            run["config"],
+            run["task"],
+            run["tokenizer"],
+            None,
+            None,
+            run["out"] / "none",
+            ONE_PROCESS,
+            resume=True,
+        )
 
 
 def test_a_sample_without_eos_is_not_kept(run, tmp_path):

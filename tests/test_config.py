@@ -104,8 +104,10 @@ def test_sampled_estimators_refuse_off_policy_batches():
         (["objective.type=sampled_rkl"], SignalRequest()),
         (["objective.type=k2"], SignalRequest()),
         (["objective.type=sampled_rkl", "objective.baseline=vopd"], SignalRequest(full=True)),
-        (["objective.type=sampled_rkl", "objective.baseline=vopd", "objective.baseline_topk=8"],
-         SignalRequest(at_ids=True)),
+        (
+            ["objective.type=sampled_rkl", "objective.baseline=vopd", "objective.baseline_topk=8"],
+            SignalRequest(at_ids=True),
+        ),
         (["objective.type=full_rkl"], SignalRequest(full=True)),
         (["objective.type=jsd"], SignalRequest(full=True)),
         (["objective.type=topk_rkl", "objective.topk=4"], SignalRequest(at_ids=True)),
@@ -113,7 +115,7 @@ def test_sampled_estimators_refuse_off_policy_batches():
         (["objective.type=topk_rkl", "objective.topk_support=intersect"], SignalRequest(topk=16)),
         (["objective.type=topk_rkl", "objective.topk_support=union"], SignalRequest(topk=16, at_ids=True)),
     ],
-)  # fmt: skip
+)
 def test_teacher_is_asked_only_for_the_signal_the_objective_needs(overrides, signal):
     assert load_config(None, overrides).teacher_request == signal
 
@@ -124,38 +126,83 @@ def test_token_clip_applies_to_full_vocabulary_objectives_only():
     assert load_config(None, ["objective.type=jsd", "objective.token_clip=0.1"]).objective.token_clip == 0.1
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["objective.type=sampled_rkl", "objective.grpo_coef=1"], "GRPO advantage is 0 with one sample"),
-    (["objective.type=jsd", "objective.grpo_coef=1", "rollout.n_per_prompt=4"], "grpo_coef must be >= 0 and applies"),
-    (["objective.type=scope", "rollout.on_policy_fraction=0.5"], "sampled_rkl estimates|student's own samples"),
-    (["objective.type=sft", "weighting.tip_ratio=0.5"], "apply to distillation objectives"),
-    (["objective.type=jsd", "weighting.kat=true", "rollout.on_policy_fraction=0.5"], "sampling log-probs"),
-    (["objective.type=jsd", "weighting.iw_opd_gamma=0.5", "rollout.skd_topk=4"], "not with rollout.skd_topk"),
-    (["objective.type=sampled_rkl", "trd.mode=prefix"], "own samples; with trd.mode use a full-vocabulary"),
-    (["objective.type=jsd", "objective.grpo_coef=1", "rollout.n_per_prompt=4", "rollout.skd_topk=0"], "grpo_coef must"),
-    (["objective.type=full_rkl", "objective.route_opd=failed_only", "trd.mode=prefix"], "apply to objective.type=sampled_rkl"),
-    (["rollout.skd_topk=4", "teacher.url=http://x:1"], "rollout.skd_topk runs the teacher model in this process"),
-    (["cold_start.samples=8", "teachers={b: {path: x}}"], "cold_start.samples uses the one default teacher"),
-    (["rollout.skd_topk=-2"], "rollout.skd_topk must be -1"),
-    (["trd.mode=prompt", "trd.template='{prompt}'"], "trd.template must contain {draft}"),
-    (["cold_start.require=("], "cold_start.require='\\(' does not compile"),
-    (["data.select_fraction=1.5"], "data.select_fraction and data.select_mix must be in"),
-    (["data.select_fraction=0.5", "data.curriculum=true"], "each choose the prompts: use one"),
-    (["objective.type=sft", "cold_start.samples=8"], "apply to distillation objectives"),
-    (["objective.type=jsd", "data.select_fraction=0.5", "rollout.on_policy_fraction=0.5"], "keep rollout.on_policy_fraction=1"),
-    (["objective.type=topk_rkl", "objective.temperature=2"], "temperature applies to full_rkl, full_fkl and jsd"),
-    (["objective.type=minillm"], "set objective.discount in"),
-    (["objective.type=minillm", "objective.discount=1", "rollout.on_policy_fraction=0.5"], "student's own samples"),
-    (["objective.type=jsd", "objective.ref_kl_coef=0.1", "rollout.on_policy_fraction=0.5"], "student's own samples"),
-    (["objective.type=sampled_rkl", "objective.baseline_topk=8"], "set objective.baseline=vopd"),
-    (["objective.type=sft", "objective.ref_kl_coef=0.1"], "apply to distillation objectives"),
-    (["objective.type=sft", "data.curriculum=true"], "apply to distillation objectives"),
-    (["objective.type=jsd", "data.curriculum=true", "rollout.on_policy_fraction=0.5"], "prompts the student samples"),
-    (["objective.type=jsd", "weighting.kat=true"], "can only trap responses of at least"),
-    (["objective.type=scope", "objective.discount=0.5"], "do not apply to objective.type=scope"),
-    (["objective.type=jsd", "objective.pg_clip=0.2"], "pg_clip applies to the policy-gradient types"),
-    (["weighting.tip_ratio=2"], "tip_ratio and prune_eta must be in"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["objective.type=sampled_rkl", "objective.grpo_coef=1"], "GRPO advantage is 0 with one sample"),
+        (
+            ["objective.type=jsd", "objective.grpo_coef=1", "rollout.n_per_prompt=4"],
+            "grpo_coef must be >= 0 and applies",
+        ),
+        (
+            ["objective.type=scope", "rollout.on_policy_fraction=0.5"],
+            "sampled_rkl estimates|student's own samples",
+        ),
+        (["objective.type=sft", "weighting.tip_ratio=0.5"], "apply to distillation objectives"),
+        (
+            ["objective.type=jsd", "weighting.kat=true", "rollout.on_policy_fraction=0.5"],
+            "sampling log-probs",
+        ),
+        (
+            ["objective.type=jsd", "weighting.iw_opd_gamma=0.5", "rollout.skd_topk=4"],
+            "not with rollout.skd_topk",
+        ),
+        (
+            ["objective.type=sampled_rkl", "trd.mode=prefix"],
+            "own samples; with trd.mode use a full-vocabulary",
+        ),
+        (
+            ["objective.type=jsd", "objective.grpo_coef=1", "rollout.n_per_prompt=4", "rollout.skd_topk=0"],
+            "grpo_coef must",
+        ),
+        (
+            ["objective.type=full_rkl", "objective.route_opd=failed_only", "trd.mode=prefix"],
+            "apply to objective.type=sampled_rkl",
+        ),
+        (
+            ["rollout.skd_topk=4", "teacher.url=http://x:1"],
+            "rollout.skd_topk runs the teacher model in this process",
+        ),
+        (
+            ["cold_start.samples=8", "teachers={b: {path: x}}"],
+            "cold_start.samples uses the one default teacher",
+        ),
+        (["rollout.skd_topk=-2"], "rollout.skd_topk must be -1"),
+        (["trd.mode=prompt", "trd.template='{prompt}'"], "trd.template must contain {draft}"),
+        (["cold_start.require=("], "cold_start.require='\\(' does not compile"),
+        (["data.select_fraction=1.5"], "data.select_fraction and data.select_mix must be in"),
+        (["data.select_fraction=0.5", "data.curriculum=true"], "each choose the prompts: use one"),
+        (["objective.type=sft", "cold_start.samples=8"], "apply to distillation objectives"),
+        (
+            ["objective.type=jsd", "data.select_fraction=0.5", "rollout.on_policy_fraction=0.5"],
+            "keep rollout.on_policy_fraction=1",
+        ),
+        (
+            ["objective.type=topk_rkl", "objective.temperature=2"],
+            "temperature applies to full_rkl, full_fkl and jsd",
+        ),
+        (["objective.type=minillm"], "set objective.discount in"),
+        (
+            ["objective.type=minillm", "objective.discount=1", "rollout.on_policy_fraction=0.5"],
+            "student's own samples",
+        ),
+        (
+            ["objective.type=jsd", "objective.ref_kl_coef=0.1", "rollout.on_policy_fraction=0.5"],
+            "student's own samples",
+        ),
+        (["objective.type=sampled_rkl", "objective.baseline_topk=8"], "set objective.baseline=vopd"),
+        (["objective.type=sft", "objective.ref_kl_coef=0.1"], "apply to distillation objectives"),
+        (["objective.type=sft", "data.curriculum=true"], "apply to distillation objectives"),
+        (
+            ["objective.type=jsd", "data.curriculum=true", "rollout.on_policy_fraction=0.5"],
+            "prompts the student samples",
+        ),
+        (["objective.type=jsd", "weighting.kat=true"], "can only trap responses of at least"),
+        (["objective.type=scope", "objective.discount=0.5"], "do not apply to objective.type=scope"),
+        (["objective.type=jsd", "objective.pg_clip=0.2"], "pg_clip applies to the policy-gradient types"),
+        (["weighting.tip_ratio=2"], "tip_ratio and prune_eta must be in"),
+    ],
+)
 def test_objective_and_weighting_pairings_are_clear_errors(overrides, message):
     with pytest.raises(UserError, match=message):
         load_config(None, overrides)
@@ -168,5 +215,12 @@ def test_routing_without_a_grpo_term_needs_no_group():
 
 def test_k1_intersection_warns_as_its_loss_is_identically_zero():
     with pytest.warns(UserWarning, match="identically 0"):
-        load_config(None, ["objective.type=topk_rkl", "objective.topk=1", "objective.topk_variant=renorm",
-                           "objective.topk_support=intersect"])  # fmt: skip
+        load_config(
+            None,
+            [
+                "objective.type=topk_rkl",
+                "objective.topk=1",
+                "objective.topk_variant=renorm",
+                "objective.topk_support=intersect",
+            ],
+        )

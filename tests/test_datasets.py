@@ -189,8 +189,17 @@ def test_opd_eval_reads_the_evaluation_split_of_a_dataset(tmp_path, capsys):
 
     rows = [{"prompt": f"{1000 + i}+{2000 + i}=", "answer": 3000 + 2 * i} for i in range(6)]
     datasets.DatasetDict(test=datasets.Dataset.from_list(rows)).save_to_disk(tmp_path / "only-test")
-    code = app.main(["eval", "--model", str(asset_dir("addition-teacher")), "--data", str(tmp_path / "only-test"),
-                     "--max-new-tokens", "52"])  # fmt: skip
+    code = app.main(
+        [
+            "eval",
+            "--model",
+            str(asset_dir("addition-teacher")),
+            "--data",
+            str(tmp_path / "only-test"),
+            "--max-new-tokens",
+            "52",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["greedy_acc"] >= 5 / 6  # the teacher is right ~99% of the time

@@ -22,14 +22,18 @@ from opdistill.sampling.decode import HFDecoder, LeanDecoder, decoder_for
 from opdistill.sampling.rollout import sample_prompts
 
 SIZES = dict(
-    vocab_size=18, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=18,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
     max_position_embeddings=128,
-)  # fmt: skip
+)
 
 
 def _model(arch: str, **extra):
-    """Tiny models of each lean architecture: grouped-query attention (2 KV heads for 4), Qwen2's q/k/v biases,
-    Llama's attention biases (q/k/v and output), Qwen3's per-head q/k norms, untied and tied heads."""
+    """Tiny models of each lean architecture: grouped-query attention (2 KV heads for 4), Qwen2's q/k/v
+    biases, Llama's attention biases (q/k/v and output), Qwen3's per-head q/k norms, untied and tied heads."""
     torch.manual_seed(0)
     cls, config = {
         "llama": (LlamaForCausalLM, LlamaConfig(**SIZES, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -75,8 +79,14 @@ def test_sampling_is_the_same_with_either_decoder(make_model, tokenizer, monkeyp
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in ("12+34=", "5+6=", "123+4=")] * 2
 
     def sample():
-        return sample_prompts(model, tokenizer, prompts, max_new_tokens=20, temperature=1.0,
-                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+        return sample_prompts(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=20,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     lean = sample()
     monkeypatch.setattr(rollout_module, "decoder_for", lambda m: decoder_for(m, lean=False))

@@ -1,4 +1,5 @@
-"""pass@k (I11), entropy, overlap, position buckets, length pathology and diversity against hand-computed values."""
+"""pass@k (I11), entropy, overlap, position buckets, length pathology and diversity against hand-computed
+values."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """torchrun with two CPU ranks (gloo): DDP and FSDP2 match one process on the same global batch, and a
 checkpoint written by two ranks resumes on two ranks exactly. Real launcher, real process group; the FSDP2
-runs score with a real `opd serve-teacher` server on loopback, the path of the GPU recipe in docs/scaling.md."""
+runs score with a real `opd serve-teacher` server on loopback, the path of the GPU recipe in
+docs/scaling.md."""
 
 from __future__ import annotations
 
@@ -32,10 +33,17 @@ CONFIG = {
     "objective": {"type": "topk_rkl", "topk": 8, "topk_support": "teacher", "topk_variant": "tail"},
     "optim": {"warmup_steps": 1},
     "train": {
-        "steps": 4, "prompts_per_step": 8, "micro_batch_size": 2, "eval_every": 0, "eval_size": 8,
-        "diagnostics_every": 2, "save_every": 2, "keep_checkpoints": 0, "threads": 1,
+        "steps": 4,
+        "prompts_per_step": 8,
+        "micro_batch_size": 2,
+        "eval_every": 0,
+        "eval_size": 8,
+        "diagnostics_every": 2,
+        "save_every": 2,
+        "keep_checkpoints": 0,
+        "threads": 1,
     },
-}  # fmt: skip
+}
 
 
 def _torchrun(config_path: Path, *args: str) -> None:

@@ -102,7 +102,8 @@ def test_padding_invariance():
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_matches_trl_generalized_jsd_loss(beta, temperature):
-    """Independent reference: TRL's GKDTrainer.generalized_jsd_loss, value and gradient (test-only dependency)."""
+    """Independent reference: TRL's GKDTrainer.generalized_jsd_loss, value and gradient (test-only
+    dependency)."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.gkd import GKDTrainer
 

@@ -18,16 +18,19 @@ from opdistill.sampling.generate import invalid_reason
 TEACHER = str(asset_dir("addition-teacher"))
 
 
-@pytest.mark.parametrize("text,truncated,require,reason", [
-    ("the answer is \\boxed{4}", False, r"\\boxed", None),
-    ("the answer is \\boxed{4}", True, r"\\boxed", "truncated"),
-    ("the answer is 4", False, r"\\boxed", "missing required pattern"),
-    ("step\n" * 5 + "done", False, None, "repeated line"),
-    ("step\n" * 4 + "done", False, None, None),  # four repeats are allowed
-    ("\n\n\n\n\n\nx", False, None, None),  # blank lines do not count
-    ("abcdefghij" * 12 + "-" + "abcdefghij" * 12 + "-" + "abcdefghij" * 12, False, None, "repeated span"),
-    ("".join(chr(65 + i % 26) + str(i) for i in range(200)), False, None, None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text,truncated,require,reason",
+    [
+        ("the answer is \\boxed{4}", False, r"\\boxed", None),
+        ("the answer is \\boxed{4}", True, r"\\boxed", "truncated"),
+        ("the answer is 4", False, r"\\boxed", "missing required pattern"),
+        ("step\n" * 5 + "done", False, None, "repeated line"),
+        ("step\n" * 4 + "done", False, None, None),  # four repeats are allowed
+        ("\n\n\n\n\n\nx", False, None, None),  # blank lines do not count
+        ("abcdefghij" * 12 + "-" + "abcdefghij" * 12 + "-" + "abcdefghij" * 12, False, None, "repeated span"),
+        ("".join(chr(65 + i % 26) + str(i) for i in range(200)), False, None, None),
+    ],
+)
 def test_validity_filters(text, truncated, require, reason):
     assert invalid_reason(text, truncated, re.compile(require) if require else None) == reason
 
@@ -40,8 +43,25 @@ def test_a_span_seen_twice_is_still_valid():
 
 def test_teacher_samples_become_training_data(tmp_path, capsys):
     out = tmp_path / "teacher.jsonl"
-    code = app.main(["generate", "--model", TEACHER, "--task", "addition", "--limit", "12", "--n", "2",
-                     "--temperature", "1", "--max-new-tokens", "52", "--out", str(out)])  # fmt: skip
+    code = app.main(
+        [
+            "generate",
+            "--model",
+            TEACHER,
+            "--task",
+            "addition",
+            "--limit",
+            "12",
+            "--n",
+            "2",
+            "--temperature",
+            "1",
+            "--max-new-tokens",
+            "52",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0 and "kept 24 of 24" in capsys.readouterr().err
     rows = read_jsonl(out)
     task = load_task(task="addition")
@@ -65,8 +85,15 @@ def test_invalid_samples_are_redrawn_then_dropped_with_their_reason():
 
     generation.sample_prompts = counting
     try:
-        kept, counts = generation.generate(model, tokenizer, examples, temperature=1.0, max_new_tokens=52,
-                                           require=re.compile("never there"), max_retries=2)  # fmt: skip
+        kept, counts = generation.generate(
+            model,
+            tokenizer,
+            examples,
+            temperature=1.0,
+            max_new_tokens=52,
+            require=re.compile("never there"),
+            max_retries=2,
+        )
         greedy, greedy_counts = generation.generate(
             model, tokenizer, examples, max_new_tokens=10, max_retries=2
         )

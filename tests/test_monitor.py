@@ -71,8 +71,13 @@ def test_an_alarm_in_a_run_is_printed_once_and_kept_in_the_run_directory(tiny_ru
 
 
 def test_periodic_evaluation_records_pass_at_k_and_diversity(tiny_run, tmp_path):
-    config = tiny_run(f"student.path={asset_dir('addition-student')}", "train.steps=2", "train.eval_every=2",
-                      "train.eval_size=8", "train.eval_samples=4")  # fmt: skip
+    config = tiny_run(
+        f"student.path={asset_dir('addition-student')}",
+        "train.steps=2",
+        "train.eval_every=2",
+        "train.eval_size=8",
+        "train.eval_samples=4",
+    )
     loop.run(config, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2]

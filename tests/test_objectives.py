@@ -64,8 +64,13 @@ def _config(*overrides):
 def test_route_opd_removes_the_teacher_term_from_the_samples_it_excludes(setup):
     student, teacher, rollout = setup
     failed = torch.zeros(4)  # no sample is correct: correct_only routing leaves only the GRPO term
-    routed, _ = _loss(_config("objective.grpo_coef=1", "objective.route_opd=correct_only"), student, teacher,
-                      rollout, failed)  # fmt: skip
+    routed, _ = _loss(
+        _config("objective.grpo_coef=1", "objective.route_opd=correct_only"),
+        student,
+        teacher,
+        rollout,
+        failed,
+    )
     grpo_only, _ = _loss(
         _config("objective.grpo_coef=1", "objective.kl_coef=0"), student, teacher, rollout, failed
     )
@@ -81,12 +86,13 @@ def test_scope_trains_correct_samples_by_likelihood_and_failed_ones_by_reverse_k
     config = _config("objective.type=scope")
     correct = torch.tensor([1.0, 0.0, 1.0, 1.0])
     per_token_BT, _ = micro_batch_loss(config, student, _batch(config, student, teacher, rollout, correct))
-    signal_ = teacher.score(rollout, config.teacher_request)
-    # at the sampler's parameters ρ = 1: a correct row's token loss is -w (prompt 0 has one correct row: w = 1)
+    signal = teacher.score(rollout, config.teacher_request)
+    # at the sampler's parameters ρ = 1: a correct row's token loss is -w (prompt 0 has one correct row:
+    # w = 1)
     mask_BT = rollout.loss_mask_BT
     torch.testing.assert_close(per_token_BT[0][mask_BT[0]], -torch.ones(int(mask_BT[0].sum())))
     # the failed row of prompt 0 (w = 1) carries the sampled reverse KL advantage -ℓ = log p_T - log p_S
-    expected_BT = -(signal_.token_logp_BT[1] - rollout.sampler_logp_BT[1])
+    expected_BT = -(signal.token_logp_BT[1] - rollout.sampler_logp_BT[1])
     torch.testing.assert_close(per_token_BT[1][mask_BT[1]], expected_BT[mask_BT[1]], atol=1e-5, rtol=1e-4)
     # prompt 1 has two correct rows: their weights (PPL_S softmax) sum to 1
     totals = [-float(per_token_BT[row][mask_BT[row]].detach().mean()) for row in (2, 3)]
@@ -96,12 +102,14 @@ def test_scope_trains_correct_samples_by_likelihood_and_failed_ones_by_reverse_k
 def test_eopd_adds_forward_kl_only_where_the_teacher_is_uncertain(setup):
     student, teacher, rollout = setup
     base, _ = _loss(_config(), student, teacher, rollout)
-    closed, metrics = _loss(_config("weighting.eopd_coef=1", "weighting.eopd_threshold=100"), student, teacher,
-                            rollout)  # fmt: skip
+    closed, metrics = _loss(
+        _config("weighting.eopd_coef=1", "weighting.eopd_threshold=100"), student, teacher, rollout
+    )
     torch.testing.assert_close(closed, base)  # gate shut: only the policy-gradient term
     assert metrics["eopd_gate_frac"] == 0
-    opened, metrics = _loss(_config("weighting.eopd_coef=1", "weighting.eopd_threshold=0"), student, teacher,
-                            rollout)  # fmt: skip
+    opened, metrics = _loss(
+        _config("weighting.eopd_coef=1", "weighting.eopd_threshold=0"), student, teacher, rollout
+    )
     assert metrics["eopd_gate_frac"] == 1 and opened > base  # the forward KL on the teacher's top-16 adds on
 
 
@@ -116,16 +124,25 @@ def test_reference_kl_is_zero_at_the_reference_and_positive_away_from_it(setup, 
     assert metrics["reference_kl"] > 0
 
 
-@pytest.mark.parametrize("overrides", [
-    ("objective.type=sampled_rkl", "weighting.tip_ratio=0.5"),
-    ("objective.type=sead",),
-    ("objective.type=minillm", "objective.discount=0.5"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("objective.type=sampled_rkl", "weighting.tip_ratio=0.5"),
+        ("objective.type=sead",),
+        ("objective.type=minillm", "objective.discount=0.5"),
+    ],
+)
 def test_batch_wide_shaping_is_the_same_for_any_micro_batch_size(tiny_run, tmp_path, overrides):
     finals = []
     for micro in (0, 3):
-        config = tiny_run("train.prompts_per_step=8", "rollout.max_new_tokens=52", "train.steps=3",
-                          f"train.micro_batch_size={micro}", *overrides, out=str(micro))  # fmt: skip
+        config = tiny_run(
+            "train.prompts_per_step=8",
+            "rollout.max_new_tokens=52",
+            "train.steps=3",
+            f"train.micro_batch_size={micro}",
+            *overrides,
+            out=str(micro),
+        )
         loop.run(config, show_progress=False)
         model, _ = load_model(ModelSpec(path=str(tmp_path / str(micro) / "final")))
         finals.append(dict(model.named_parameters()))
@@ -133,13 +150,21 @@ def test_batch_wide_shaping_is_the_same_for_any_micro_batch_size(tiny_run, tmp_p
         torch.testing.assert_close(param, finals[1][name], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("overrides", [
-    ("objective.type=minillm", "objective.discount=0.5"),
-    ("objective.type=sead",),
-    ("objective.type=topk_rkl", "objective.topk=4", "objective.topk_support=union"),
-    ("objective.type=topk_rkl", "objective.topk=4", "objective.topk_variant=tail", "objective.topk_support=teacher"),
-    ("objective.type=sampled_rkl", "weighting.iw_opd_gamma=0.5", "weighting.position_decay=2"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("objective.type=minillm", "objective.discount=0.5"),
+        ("objective.type=sead",),
+        ("objective.type=topk_rkl", "objective.topk=4", "objective.topk_support=union"),
+        (
+            "objective.type=topk_rkl",
+            "objective.topk=4",
+            "objective.topk_variant=tail",
+            "objective.topk_support=teacher",
+        ),
+        ("objective.type=sampled_rkl", "weighting.iw_opd_gamma=0.5", "weighting.position_decay=2"),
+    ],
+)
 def test_teacher_equal_to_student_gives_zero_loss_and_zero_gradient(setup, overrides):
     student, _, rollout = setup
     config = _config(*overrides)
@@ -157,8 +182,8 @@ def test_a_loss_window_also_ends_the_reward_stream_and_a_position_limit_masks(se
     per_token_BT, _ = micro_batch_loss(config, student, batch)
     assert batch.shaping is not None and batch.shaping.mask_BT.sum(1).tolist() == [1, 1, 1, 1]
     # with only token 0 left, its return is its own reward: A_0 = log p_T(y_0) - log p_S(y_0), at ρ = 1
-    signal_ = teacher.score(rollout, config.teacher_request)
-    own_BT = -(signal_.token_logp_BT - rollout.sampler_logp_BT)
+    signal = teacher.score(rollout, config.teacher_request)
+    own_BT = -(signal.token_logp_BT - rollout.sampler_logp_BT)
     torch.testing.assert_close(per_token_BT[:, 0].detach(), own_BT[:, 0], atol=1e-5, rtol=1e-4)
     limited = _batch(_config("weighting.position_limit=2"), student, teacher, rollout)
     assert limited.shaping is not None and limited.shaping.mask_BT.sum(1).tolist() == [2, 2, 2, 2]
@@ -177,8 +202,12 @@ def test_diagnostics_of_a_student_scored_by_itself_show_perfect_alignment(setup,
     from opdistill.observe import monitor
 
     student, _, rollout = setup
-    config = _config("objective.topk=4", "weighting.kat_window=1", "weighting.kat_patience=2",
-                     "weighting.kat_min_position=0")  # responses this short can be checked for KL traps  # fmt: skip
+    config = _config(
+        "objective.topk=4",
+        "weighting.kat_window=1",
+        "weighting.kat_patience=2",
+        "weighting.kat_min_position=0",
+    )  # responses this short can be checked for KL traps
     twin = LocalTeacher(copy.deepcopy(student))
     batch = StepBatch(rollout, batches.score(config, student, twin, rollout, config.diagnostics_request), {})
     out = monitor.diagnose(config, student, tokenizer, batch)
@@ -194,9 +223,19 @@ def test_diagnostics_of_a_student_scored_by_itself_show_perfect_alignment(setup,
 
 
 def test_diagnostics_are_logged_at_their_cadence(tiny_run, tmp_path):
-    loop.run(tiny_run("objective.type=sampled_rkl", "train.steps=3", "train.diagnostics_every=2"),
-              show_progress=False)  # fmt: skip
+    loop.run(
+        tiny_run("objective.type=sampled_rkl", "train.steps=3", "train.diagnostics_every=2"),
+        show_progress=False,
+    )
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    keys = {"overlap", "overlap_mass_student", "teacher_high_entropy_rate", "entropy_gap", "kl_by_position",
-            "teacher_rank_by_position", "repeated_token_rate", "abs_log_ratio_p90"}  # fmt: skip
+    keys = {
+        "overlap",
+        "overlap_mass_student",
+        "teacher_high_entropy_rate",
+        "entropy_gap",
+        "kl_by_position",
+        "teacher_rank_by_position",
+        "repeated_token_rate",
+        "abs_log_ratio_p90",
+    }
     assert [keys <= set(r) for r in rows] == [True, False, True]

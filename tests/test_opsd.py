@@ -28,9 +28,12 @@ def test_privileged_view_rewrites_the_last_user_turn_and_can_add_a_system_turn()
     )
     view = privileged_view(chat, "{prompt} (answer: {privileged})", system="Reference: {privileged}")
     assert view.prompt == (
-        ("system", "Reference: 46"), ("system", "be brief"), ("user", "hi"), ("assistant", "yo"),
+        ("system", "Reference: 46"),
+        ("system", "be brief"),
+        ("user", "hi"),
+        ("assistant", "yo"),
         ("user", "sum (answer: 46)"),
-    )  # fmt: skip
+    )
     with pytest.raises(UserError, match="no user turn"):
         privileged_view(Example(prompt=(("system", "x"),), privileged="y"), "{privileged}{prompt}")
 
@@ -57,7 +60,8 @@ def test_self_teacher_scores_line_up_with_the_student_by_response_position(make_
     scorer = Scorer(config, tokenizer, model, {"": LocalTeacher(model)})
     signal, _ = scorer(rollout, rows, SignalRequest(full=True))
     for b, ex in enumerate(rows):
-        # the teacher's sequence, built independently: BOS, privileged context, prompt, completion (no padding)
+        # the teacher's sequence, built independently: BOS, privileged context, prompt, completion
+        # (no padding)
         prompt = [tokenizer.bos_token_id] + tokenizer.encode(
             ex.privileged + ex.prompt, add_special_tokens=False
         )
@@ -68,7 +72,12 @@ def test_self_teacher_scores_line_up_with_the_student_by_response_position(make_
         T = len(completion)
         got_TV = torch.log_softmax(signal.logits_BTV[b, :T], -1)
         torch.testing.assert_close(got_TV, expected_TV, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(signal.token_logp_BT[b, :T], expected_TV.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1), atol=1e-5, rtol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            signal.token_logp_BT[b, :T],
+            expected_TV.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1),
+            atol=1e-5,
+            rtol=1e-5,
+        )
     # the context changes the scores (else this test could not tell a teacher that ignores it)
     plain, _ = Scorer(load_config(None), tokenizer, model, {"": LocalTeacher(model)})(
         rollout, rows, SignalRequest()
@@ -135,11 +144,22 @@ def test_opsd_config_errors(overrides, message):
 
 
 def _run_config(tmp_path, *overrides):
-    return load_config(None, [
-        f"student.path={STUDENT}", "data.task_options={privileged: rule}", "objective.type=jsd",
-        "train.prompts_per_step=16", "rollout.max_new_tokens=52", "train.eval_every=0", "train.eval_size=20",
-        "optim.lr=1e-3", "optim.warmup_steps=2", f"train.out_dir={tmp_path / 'run'}", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            f"student.path={STUDENT}",
+            "data.task_options={privileged: rule}",
+            "objective.type=jsd",
+            "train.prompts_per_step=16",
+            "rollout.max_new_tokens=52",
+            "train.eval_every=0",
+            "train.eval_size=20",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=2",
+            f"train.out_dir={tmp_path / 'run'}",
+            *overrides,
+        ],
+    )
 
 
 @pytest.mark.parametrize(
@@ -157,7 +177,8 @@ def _run_config(tmp_path, *overrides):
     ],
 )
 def test_an_opsd_run_lowers_its_divergence(tmp_path, mode, objective, target):
-    """The shipped student, shown the shared rule `>>` as its teacher: the rule-free student moves toward it."""
+    """The shipped student, shown the shared rule `>>` as its teacher: the rule-free student moves toward
+    it."""
     overrides = [f"opsd.teacher={mode}", "train.steps=20", *f"objective.type={objective}".split()]
     loop.run(_run_config(tmp_path, *overrides), show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -174,11 +195,21 @@ def test_multi_teacher_run_logs_per_teacher_metrics(tmp_path):
         {"prompt": f"{a:04d}+{a * 7 % 10000:04d}=", "teacher": "big" if a % 2 else ""} for a in range(1, 40)
     ]
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    config = load_config(None, [
-        f"student.path={STUDENT}", f"teacher.path={STUDENT}", f"teachers={{big: {{path: {TEACHER}}}}}",
-        f"data.train_file={data}", "train.prompts_per_step=16", "train.steps=20", "rollout.max_new_tokens=52",
-        "train.eval_every=0", "optim.warmup_steps=2", f"train.out_dir={tmp_path / 'run'}",
-    ])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            f"student.path={STUDENT}",
+            f"teacher.path={STUDENT}",
+            f"teachers={{big: {{path: {TEACHER}}}}}",
+            f"data.train_file={data}",
+            "train.prompts_per_step=16",
+            "train.steps=20",
+            "rollout.max_new_tokens=52",
+            "train.eval_every=0",
+            "optim.warmup_steps=2",
+            f"train.out_dir={tmp_path / 'run'}",
+        ],
+    )
     loop.run(config, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["teacher_sequences/big"] + r["teacher_sequences/default"] == 16 for r in rows)

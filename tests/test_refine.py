@@ -31,9 +31,13 @@ def addition_setup():
 
 def student_rollout(student, tokenizer, rows, temperature=1.0, max_new=MAX_NEW, seed=0) -> Rollout:
     return sample_prompts(
-        student, tokenizer, encode_prompts(tokenizer, rows), max_new_tokens=max_new, temperature=temperature,
+        student,
+        tokenizer,
+        encode_prompts(tokenizer, rows),
+        max_new_tokens=max_new,
+        temperature=temperature,
         generator=torch.Generator().manual_seed(seed),
-    )  # fmt: skip
+    )
 
 
 def completions(rollout: Rollout) -> list[list[int]]:
@@ -90,9 +94,14 @@ def test_a_teacher_equal_to_the_student_keeps_every_rollout(addition_setup, monk
         rollout = student_rollout(student, tokenizer, rows, temperature)
         settings = TrdConfig(mode="prefix", cut_topk=cut_topk, select="always", max_nll_gap=1.0)
         refined, metrics = refine(
-            rollout, rows, teacher=student, student=student, tokenizer=tokenizer, settings=settings,
+            rollout,
+            rows,
+            teacher=student,
+            student=student,
+            tokenizer=tokenizer,
+            settings=settings,
             max_new_tokens=MAX_NEW,
-        )  # fmt: skip
+        )
         for name in rollout.__dataclass_fields__:
             assert torch.equal(getattr(refined, name), getattr(rollout, name)), name
         assert metrics["trd_prefix_kept"] == 1.0
@@ -105,9 +114,14 @@ def test_prefix_cut_and_continuation_match_an_independent_teacher(addition_setup
     cut_topk = 2
     settings = TrdConfig(mode="prefix", cut_topk=cut_topk, select="always")
     refined, metrics = refine(
-        rollout, rows, teacher=teacher, student=student, tokenizer=tokenizer, settings=settings,
+        rollout,
+        rows,
+        teacher=teacher,
+        student=student,
+        tokenizer=tokenizer,
+        settings=settings,
         max_new_tokens=MAX_NEW,
-    )  # fmt: skip
+    )
     eos = tokenizer.eos_token_id
     drafts, prompts, outputs = completions(rollout), prompt_ids(rollout), completions(refined)
     cuts, shares = [], []
@@ -151,9 +165,15 @@ def test_selection_table_and_support_check(addition_setup):
 
     def run(verify=None, **settings):
         return refine(
-            rollout, rows, teacher=teacher, student=student, tokenizer=tokenizer, max_new_tokens=max_new,
-            settings=TrdConfig(mode="prefix", cut_topk=1, **settings), verify=verify,
-        )  # fmt: skip
+            rollout,
+            rows,
+            teacher=teacher,
+            student=student,
+            tokenizer=tokenizer,
+            max_new_tokens=max_new,
+            settings=TrdConfig(mode="prefix", cut_topk=1, **settings),
+            verify=verify,
+        )
 
     always, metrics = run(select="always")
     candidates = completions(always)
@@ -180,7 +200,10 @@ def test_selection_table_and_support_check(addition_setup):
 
     # support check: the student's NLL gap y_r - y_o, recomputed per row; a threshold between the gaps
     prompts = prompt_ids(rollout)
-    gaps = [mean_nll(student, p, c) - mean_nll(student, p, d) for p, c, d in zip(prompts, candidates, drafts, strict=True)]  # fmt: skip
+    gaps = [
+        mean_nll(student, p, c) - mean_nll(student, p, d)
+        for p, c, d in zip(prompts, candidates, drafts, strict=True)
+    ]
     low, high = sorted(gaps)[1:3]
     threshold = (low + high) / 2
     assert threshold > 0 and high - low > 0.05
@@ -205,16 +228,23 @@ def test_prompt_mode_writes_a_valid_student_trajectory(addition_setup, monkeypat
     rollout = rollout_of(prompts, drafts, tokenizer.pad_token_id)
     settings = TrdConfig(mode="prompt", template=template, select="always")
     refined, metrics = refine(
-        rollout, rows, teacher=teacher, student=student, tokenizer=tokenizer, settings=settings,
+        rollout,
+        rows,
+        teacher=teacher,
+        student=student,
+        tokenizer=tokenizer,
+        settings=settings,
         max_new_tokens=max_new,
-    )  # fmt: skip
+    )
     eos = tokenizer.eos_token_id
     assert torch.equal(refined.prompt_ids_BP, rollout.prompt_ids_BP)
     assert torch.equal(refined.prompt_mask_BP, rollout.prompt_mask_BP)
     assert_sampler_layout(refined, eos, tokenizer.pad_token_id, max_new)
     outputs = completions(refined)
     for ex, draft, output in zip(rows, draft_texts, outputs, strict=True):
-        teacher_prompt = encode_prompts(tokenizer, [Example(prompt=template.format(prompt=ex.prompt, draft=draft))])[0]  # fmt: skip
+        teacher_prompt = encode_prompts(
+            tokenizer, [Example(prompt=template.format(prompt=ex.prompt, draft=draft))]
+        )[0]
         written = greedy(teacher, teacher_prompt, max_new, eos)
         text = completion_text(tokenizer, written)
         expected = (
@@ -244,9 +274,14 @@ def test_prompt_mode_writes_a_valid_student_trajectory(addition_setup, monkeypat
     monkeypatch.setattr("opdistill.sampling.refine.sample_prompts", lambda *args, **kwargs: written)
     short = rollout_of(prompts[:3], [draft[:4] for draft in drafts[:3]], tokenizer.pad_token_id)
     scripted, metrics = refine(
-        short, rows[:3], teacher=teacher, student=student, tokenizer=tokenizer, settings=settings,
+        short,
+        rows[:3],
+        teacher=teacher,
+        student=student,
+        tokenizer=tokenizer,
+        settings=settings,
         max_new_tokens=4,
-    )  # fmt: skip
+    )
     assert completions(scripted) == [[five, six, six], [five, eos], drafts[2][:4]]
     assert metrics["trd_refined"] == 2 / 3
     assert scripted.truncated_B.tolist() == [True, False, True]
@@ -270,14 +305,22 @@ def test_the_addition_teacher_repairs_a_corrupted_digit(addition_setup):
     rollout = rollout_of(encode_prompts(tokenizer, rows), drafts, tokenizer.pad_token_id)
     settings = TrdConfig(mode="prefix", cut_topk=1, select="verified")
     refined, metrics = refine(
-        rollout, rows, teacher=teacher, student=student, tokenizer=tokenizer, settings=settings,
-        max_new_tokens=MAX_NEW, verify=verify,
-    )  # fmt: skip
+        rollout,
+        rows,
+        teacher=teacher,
+        student=student,
+        tokenizer=tokenizer,
+        settings=settings,
+        max_new_tokens=MAX_NEW,
+        verify=verify,
+    )
     for ex, j, draft, output in zip(rows, corrupt_at, drafts, completions(refined), strict=True):
         assert output[:j] == draft[:j] and output[j] != draft[j]  # cut exactly at the corruption
         assert completion_text(tokenizer, output) == ex.completion and verify(ex.completion, ex)
         assert output[-1] == tokenizer.eos_token_id
-    assert metrics["trd_prefix_kept"] == pytest.approx(sum(j / len(d) for j, d in zip(corrupt_at, drafts, strict=True)) / 4)  # fmt: skip
+    assert metrics["trd_prefix_kept"] == pytest.approx(
+        sum(j / len(d) for j, d in zip(corrupt_at, drafts, strict=True)) / 4
+    )
     assert metrics["trd_fail_to_pass"] == metrics["trd_refined"] == 1.0
     assert metrics["trd_pass_to_fail"] == 0.0
     assert not refined.truncated_B.any()

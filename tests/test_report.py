@@ -13,30 +13,54 @@ from opdistill.config import load_config
 from opdistill.observe.report import write_report
 from opdistill.training import loop
 
-SECTIONS = ("Runs", "Did the student close the gap?", "Did diversity collapse?", "Alarms",
-            "Where does the teacher's signal degrade?")  # fmt: skip
+SECTIONS = (
+    "Runs",
+    "Did the student close the gap?",
+    "Did diversity collapse?",
+    "Alarms",
+    "Where does the teacher's signal degrade?",
+)
 
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    """Two short runs: one healthy with diagnostics and sampled evals, one whose responses are all truncated."""
+    """Two short runs: one healthy with diagnostics and sampled evals, one whose responses are all
+    truncated."""
     root = tmp_path_factory.mktemp("runs")
-    common = [f"teacher.path={asset_dir('addition-teacher')}", f"student.path={asset_dir('addition-student')}",
-              "train.prompts_per_step=4", "train.steps=4", "train.eval_every=2", "train.eval_size=8",
-              "train.diagnostics_every=1"]  # fmt: skip
+    common = [
+        f"teacher.path={asset_dir('addition-teacher')}",
+        f"student.path={asset_dir('addition-student')}",
+        "train.prompts_per_step=4",
+        "train.steps=4",
+        "train.eval_every=2",
+        "train.eval_size=8",
+        "train.diagnostics_every=1",
+    ]
     runs = {"healthy": root / "healthy", "truncated": root / "truncated"}
-    loop.run(load_config(None, [*common, "train.eval_samples=4", f"train.out_dir={runs['healthy']}"]),
-              show_progress=False)  # fmt: skip
-    loop.run(load_config(None, [*common, "rollout.max_new_tokens=4", f"train.out_dir={runs['truncated']}"]),
-              show_progress=False)  # fmt: skip
+    loop.run(
+        load_config(None, [*common, "train.eval_samples=4", f"train.out_dir={runs['healthy']}"]),
+        show_progress=False,
+    )
+    loop.run(
+        load_config(None, [*common, "rollout.max_new_tokens=4", f"train.out_dir={runs['truncated']}"]),
+        show_progress=False,
+    )
     return runs
 
 
 def test_report_has_every_section_plot_and_alarm(recorded, tmp_path):
     page = write_report(recorded, tmp_path).read_text()
     assert all(f"<h2>{heading}</h2>" in page.replace("&#x27;", "'") for heading in SECTIONS)
-    for alt in ("pass@k curve", "Held-out greedy accuracy", "Teacher KL", "High-entropy-token rate", "per-position KL of healthy",
-                "per-position KL of truncated", "Top-k overlap", "Truncation rate"):  # fmt: skip
+    for alt in (
+        "pass@k curve",
+        "Held-out greedy accuracy",
+        "Teacher KL",
+        "High-entropy-token rate",
+        "per-position KL of healthy",
+        "per-position KL of truncated",
+        "Top-k overlap",
+        "Truncation rate",
+    ):
         assert f'alt="{alt}' in page, alt
     assert "truncation_collapse" in page and "pass@4" in page and "distinct_answers" in page
     assert page.count("data:image/png;base64,") >= 10  # self-contained: every plot embedded

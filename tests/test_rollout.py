@@ -119,9 +119,15 @@ def test_a_batch_split_across_ranks_samples_the_same_rows_as_the_whole_batch(mak
         ids, mask = left_pad(part, tokenizer.pad_token_id)
         torch.manual_seed(11)
         return generate(
-            model, ids, mask, max_new_tokens=8, eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id, temperature=1.0, rows=rows,
-        )  # fmt: skip
+            model,
+            ids,
+            mask,
+            max_new_tokens=8,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            temperature=1.0,
+            rows=rows,
+        )
 
     whole = sample(prompts, (0, 4))
     halves = [sample(prompts[:2], (0, 4)), sample(prompts[2:], (2, 4))]

@@ -45,8 +45,9 @@ def test_a_teacher_identical_to_the_student_scores_one_and_another_less(make_mod
 def _reference_scores(
     student, teacher, prompts_BP: torch.Tensor, eos_id: int, k: int, steps: int
 ) -> list[float]:
-    """Greedy decoding without a KV cache (equal-length prompts: no padding), then |TopK_S ∩ TopK_T| / k at each
-    visited state from one full forward of each model, averaged over the response up to and including EOS."""
+    """Greedy decoding without a KV cache (equal-length prompts: no padding), then |TopK_S ∩ TopK_T| / k at
+    each visited state from one full forward of each model, averaged over the response up to and including
+    EOS."""
     ids_BL = prompts_BP
     for _ in range(steps):
         ids_BL = torch.cat([ids_BL, student(input_ids=ids_BL).logits[:, -1:].argmax(-1)], dim=1)

@@ -67,7 +67,8 @@ def student_topk_ids(rollout: Rollout, k: int = 3) -> torch.Tensor:
 
 
 def assert_same_signal(remote: TeacherSignal, local: TeacherSignal, mask_BT: torch.Tensor) -> None:
-    """Equal wherever a loss can read them: every position for the masked L0 / entropy, loss positions else."""
+    """Equal wherever a loss can read them: every position for the masked L0 / entropy, loss positions
+    else."""
     torch.testing.assert_close(remote.token_logp_BT, local.token_logp_BT, atol=1e-5, rtol=1e-5)
     for name in ("topk_ids_BTK", "topk_logp_BTK", "given_ids_BTK", "given_logp_BTK"):
         got, want = getattr(remote, name), getattr(local, name)
@@ -99,7 +100,8 @@ def test_remote_scores_equal_the_local_teacher(server, teacher_model, tokenizer)
         assert_same_signal(
             remote.score(rollout, request, ids), local.score(rollout, request, ids), rollout.loss_mask_BT
         )
-    # 29 tokens against the server's 40 per request: a doubled rollout goes out as two requests, scored the same
+    # 29 tokens against the server's 40 per request: a doubled rollout goes out as two requests, scored the
+    # same
     doubled = make_rollout(tokenizer, *[("12+34=", "5=", "999+1=", "7+7=") * 2, ("46", "5", "1000", "") * 2])
     ids = student_topk_ids(doubled)
     assert_same_signal(
@@ -116,9 +118,13 @@ def test_concurrent_requests_are_batched_into_one_forward(teacher_model, tokeniz
         remote = RemoteTeacher(server.url, tokenizer)
         results: dict[int, TeacherSignal] = {}
         threads = [
-            threading.Thread(target=lambda i=i: results.__setitem__(i, remote.score(rollouts[i], EVERYTHING, student_topk_ids(rollouts[i]))))
+            threading.Thread(
+                target=lambda i=i: results.__setitem__(
+                    i, remote.score(rollouts[i], EVERYTHING, student_topk_ids(rollouts[i]))
+                )
+            )
             for i in range(len(rollouts))
-        ]  # fmt: skip
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -198,8 +204,14 @@ def test_client_survives_the_server_killed_and_restarted():
     request, ids_BTK = EVERYTHING, student_topk_ids(rollout)
     servers = [_start_server(port)]
     try:
-        remote = RemoteTeacher(f"http://127.0.0.1:{port}", tokenizer, timeout_s=1.0, retries=80, backoff_s=0.05,
-                               max_backoff_s=0.25)  # fmt: skip
+        remote = RemoteTeacher(
+            f"http://127.0.0.1:{port}",
+            tokenizer,
+            timeout_s=1.0,
+            retries=80,
+            backoff_s=0.05,
+            max_backoff_s=0.25,
+        )
         first = remote.score(rollout, request, ids_BTK)
 
         os.kill(servers[0].pid, signal.SIGSTOP)  # the server accepts the connection but never answers
@@ -282,19 +294,25 @@ def test_serve_teacher_with_a_bad_model_dir_is_one_sentence(tmp_path, capsys):
 
 
 def vllm_prompt_logprobs(model, tokenizer, ids: list[int], n: int) -> list:
-    """``choices[0].prompt_logprobs`` as vLLM documents it for prompt ``ids``, built from ``model``: position 0
-    None, then per position the ``n`` most likely ids plus the actual token, keyed by str(id), through JSON."""
+    """``choices[0].prompt_logprobs`` as vLLM documents it for prompt ``ids``, built from ``model``:
+    position 0 None, then per position the ``n`` most likely ids plus the actual token, keyed by str(id),
+    through JSON."""
     with torch.inference_mode():
         logp_LV = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     out: list = [None]
     for j in range(1, len(ids)):
         dist = logp_LV[j - 1]
         chosen = [*dist.topk(n).indices.tolist(), ids[j]]
-        out.append({
-            str(i): {"logprob": float(dist[i]), "rank": int((dist > dist[i]).sum()) + 1,
-                     "decoded_token": tokenizer.decode([i])}
-            for i in chosen
-        })  # fmt: skip
+        out.append(
+            {
+                str(i): {
+                    "logprob": float(dist[i]),
+                    "rank": int((dist > dist[i]).sum()) + 1,
+                    "decoded_token": tokenizer.decode([i]),
+                }
+                for i in chosen
+            }
+        )
     return json.loads(json.dumps(out))
 
 
@@ -303,8 +321,13 @@ def test_vllm_format_prompt_logprobs_parse_into_the_local_signal(teacher_model, 
     local = LocalTeacher(teacher_model).score(rollout, SignalRequest(topk=4), None)
     for b, (prompt, completion) in enumerate(zip(*rollout_sequences(rollout), strict=True)):
         body = vllm_request("teacher", prompt, completion, 4)
-        assert body == {"model": "teacher", "prompt": prompt + completion, "max_tokens": 1, "temperature": 1.0,
-                        "prompt_logprobs": 4}  # fmt: skip
+        assert body == {
+            "model": "teacher",
+            "prompt": prompt + completion,
+            "max_tokens": 1,
+            "temperature": 1.0,
+            "prompt_logprobs": 4,
+        }
         if not completion:
             continue
         parsed = parse_vllm_prompt_logprobs(
@@ -341,8 +364,15 @@ def test_vllm_format_client_against_a_fake_endpoint(teacher_model, tokenizer):
                 return
             bodies.append(body)
             logprobs = vllm_prompt_logprobs(teacher_model, tokenizer, body["prompt"], body["prompt_logprobs"])
-            self._send({"object": "text_completion", "model": "teacher",
-                        "choices": [{"index": 0, "text": "1", "prompt_logprobs": logprobs, "finish_reason": "length"}]})  # fmt: skip
+            self._send(
+                {
+                    "object": "text_completion",
+                    "model": "teacher",
+                    "choices": [
+                        {"index": 0, "text": "1", "prompt_logprobs": logprobs, "finish_reason": "length"}
+                    ],
+                }
+            )
 
         def _send(self, payload):
             data = json.dumps(payload).encode()

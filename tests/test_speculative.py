@@ -28,9 +28,18 @@ def _prompts(tokenizer, texts=TEXTS) -> list[list[int]]:
 def _generate(model, tokenizer, prompts, seed: int, guide=None, temperature=1.0, top_p=1.0, rows=None):
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     return generate(
-        model, ids, mask, max_new_tokens=STEPS, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-        temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(seed), rows=rows, guide=guide,
-    )  # fmt: skip
+        model,
+        ids,
+        mask,
+        max_new_tokens=STEPS,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        top_p=top_p,
+        generator=torch.Generator().manual_seed(seed),
+        rows=rows,
+        guide=guide,
+    )
 
 
 def _guide(teacher, topk: int, temperature=1.0, top_p=1.0) -> SpeculativeGuide:
@@ -48,8 +57,10 @@ def test_topk_of_the_whole_vocabulary_is_plain_student_sampling(models, tokenize
         assert torch.equal(skd.loss_mask_BT, plain.loss_mask_BT)
         assert torch.equal(skd.sampler_logp_BT, plain.sampler_logp_BT)
         assert guide.stats() == {
-            "skd_acceptance": 1.0, "skd_proposed": int(plain.loss_mask_BT.sum()), "skd_replaced": 0,
-        }  # fmt: skip
+            "skd_acceptance": 1.0,
+            "skd_proposed": int(plain.loss_mask_BT.sum()),
+            "skd_replaced": 0,
+        }
 
 
 def test_topk_zero_is_teacher_sampling_with_the_guides_random_stream(models, tokenizer):
@@ -116,9 +127,15 @@ def test_a_batch_split_across_ranks_samples_the_same_rows_as_the_whole_batch(mod
     def sample(part, rows):
         guide = _guide(teacher, 6)
         rollout = sample_prompts(
-            student, tokenizer, part, max_new_tokens=STEPS, temperature=1.0,
-            generator=torch.Generator().manual_seed(STUDENT_SEED), rows=rows, guide=guide,
-        )  # fmt: skip
+            student,
+            tokenizer,
+            part,
+            max_new_tokens=STEPS,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(STUDENT_SEED),
+            rows=rows,
+            guide=guide,
+        )
         return rollout, guide
 
     whole, whole_guide = sample(prompts, (0, 8))

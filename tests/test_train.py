@@ -16,11 +16,20 @@ from opdistill.training import loop
 
 
 def _config(tmp_path, *overrides):
-    return load_config(None, [
-        f"teacher.path={asset_dir('addition-teacher')}", "student.preset=d16l1",
-        "train.prompts_per_step=8", "rollout.max_new_tokens=52", "train.eval_every=0", "train.eval_size=20",
-        "optim.warmup_steps=1", f"train.out_dir={tmp_path / 'run'}", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            f"teacher.path={asset_dir('addition-teacher')}",
+            "student.preset=d16l1",
+            "train.prompts_per_step=8",
+            "rollout.max_new_tokens=52",
+            "train.eval_every=0",
+            "train.eval_size=20",
+            "optim.warmup_steps=1",
+            f"train.out_dir={tmp_path / 'run'}",
+            *overrides,
+        ],
+    )
 
 
 def _metrics(run_dir):
@@ -81,7 +90,8 @@ def _params(run_dir):
             "teacher_kl",
         ),
         (
-            "jsd weighting.kat=true weighting.kat_window=4 weighting.kat_min_position=8 weighting.kat_patience=2",
+            "jsd weighting.kat=true weighting.kat_window=4 weighting.kat_min_position=8 "
+            "weighting.kat_patience=2",
             "divergence",
         ),
         (f"full_rkl lora.rank=8 student.path={asset_dir('addition-student')} optim.lr=2e-3", "divergence"),
@@ -92,8 +102,14 @@ def _params(run_dir):
     ],
 )
 def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_path, objective, target):
-    config = _config(tmp_path, "train.prompts_per_step=16", "train.steps=30", "optim.lr=1e-2", "optim.warmup_steps=3",
-                     *f"objective.type={objective}".split())  # fmt: skip
+    config = _config(
+        tmp_path,
+        "train.prompts_per_step=16",
+        "train.steps=30",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=3",
+        *f"objective.type={objective}".split(),
+    )
     result = loop.run(config, show_progress=False)
     rows = _metrics(tmp_path / "run")
     values = [r[target] for r in rows]
@@ -111,19 +127,39 @@ def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_pa
     ).is_file()
 
 
-@pytest.mark.parametrize("overrides", [
-    ("objective.type=full_rkl",),
-    ("objective.type=sampled_rkl", "objective.discount=0.9"),
-    ("objective.type=sft", "data.completions=teacher_pool", "data.pool_size=24"),
-    ("objective.type=jsd", "rollout.on_policy_fraction=0.5"),
-    ("objective.type=full_rkl", "lora.rank=4"),
-    ("objective.type=jsd", "opsd.teacher=ema", "opsd.ema_decay=0.5", "data.task_options={privileged: rule}"),
-    ("objective.type=full_rkl", "cold_start.samples=16", "cold_start.steps=3", "cold_start.prompts_per_step=4"),
-    ("objective.type=full_rkl", "data.select_fraction=0.5", "data.pool_size=16", "data.select_topk=4"),
-    ("objective.type=jsd", "rollout.skd_topk=2", "trd.mode=prefix"),
-    ("objective.type=sead", "data.curriculum=true", "data.pool_size=32", "data.curriculum_samples=2",
-     "weighting.kat=true", "weighting.kat_window=4", "weighting.kat_min_position=8"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("objective.type=full_rkl",),
+        ("objective.type=sampled_rkl", "objective.discount=0.9"),
+        ("objective.type=sft", "data.completions=teacher_pool", "data.pool_size=24"),
+        ("objective.type=jsd", "rollout.on_policy_fraction=0.5"),
+        ("objective.type=full_rkl", "lora.rank=4"),
+        (
+            "objective.type=jsd",
+            "opsd.teacher=ema",
+            "opsd.ema_decay=0.5",
+            "data.task_options={privileged: rule}",
+        ),
+        (
+            "objective.type=full_rkl",
+            "cold_start.samples=16",
+            "cold_start.steps=3",
+            "cold_start.prompts_per_step=4",
+        ),
+        ("objective.type=full_rkl", "data.select_fraction=0.5", "data.pool_size=16", "data.select_topk=4"),
+        ("objective.type=jsd", "rollout.skd_topk=2", "trd.mode=prefix"),
+        (
+            "objective.type=sead",
+            "data.curriculum=true",
+            "data.pool_size=32",
+            "data.curriculum_samples=2",
+            "weighting.kat=true",
+            "weighting.kat_window=4",
+            "weighting.kat_min_position=8",
+        ),
+    ],
+)
 def test_resume_is_exact(tmp_path, overrides):
     whole = _config(tmp_path / "a", "train.steps=4", *overrides)
     loop.run(whole, show_progress=False)
@@ -139,8 +175,13 @@ def test_resume_is_exact(tmp_path, overrides):
 
 @pytest.mark.parametrize("completions,generated", [("dataset", False), ("teacher", True)])
 def test_gkd_mixing_draws_one_coin_per_step(tmp_path, completions, generated):
-    config = _config(tmp_path, "objective.type=jsd", "rollout.on_policy_fraction=0.5", "train.steps=12",
-                     f"data.completions={completions}")  # fmt: skip
+    config = _config(
+        tmp_path,
+        "objective.type=jsd",
+        "rollout.on_policy_fraction=0.5",
+        "train.steps=12",
+        f"data.completions={completions}",
+    )
     loop.run(config, show_progress=False)
     rows = _metrics(tmp_path / "run")
     coins = [r["on_policy"] for r in rows]
@@ -222,12 +263,12 @@ def test_sft_stabiliser_adds_coef_times_token_mean_cross_entropy(make_model, tok
     student = make_model(seed=5, preset="d16l1").float().train()
     on_policy = rollout([[1, 5, 6], [1, 7]], [[8, 9, 2], [10, 2]])
     sft = rollout([[1, 5, 6], [1, 7]], [[11, 12, 13, 2], [14, 2]])
-    signal_ = LocalTeacher(copy.deepcopy(student)).score(on_policy, SignalRequest(full=True))
+    signal = LocalTeacher(copy.deepcopy(student)).score(on_policy, SignalRequest(full=True))
     config = load_config(None, ["objective.type=full_rkl", "objective.sft_coef=0.5", "optim.grad_clip=0"])
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     reference = copy.deepcopy(student)
     optimizer = torch.optim.SGD(student.parameters(), lr=1.0)
-    metrics = train_step(config, student, optimizer, StepBatch(on_policy, signal_, {}, sft_rollout=sft))
+    metrics = train_step(config, student, optimizer, StepBatch(on_policy, signal, {}, sft_rollout=sft))
     assert metrics["divergence"] == pytest.approx(0.0, abs=1e-6) and metrics["sft_nll"] > 0
 
     nll = -token_logprobs(completion_logits(reference, sft), sft.tokens_BT)
@@ -238,8 +279,13 @@ def test_sft_stabiliser_adds_coef_times_token_mean_cross_entropy(make_model, tok
 
 
 def test_sft_stabiliser_in_a_run(tmp_path):
-    config = _config(tmp_path, "objective.type=sampled_rkl", "objective.sft_coef=0.5", "train.steps=3",
-                     "data.completions=teacher")  # fmt: skip
+    config = _config(
+        tmp_path,
+        "objective.type=sampled_rkl",
+        "objective.sft_coef=0.5",
+        "train.steps=3",
+        "data.completions=teacher",
+    )
     loop.run(config, show_progress=False)
     rows = _metrics(tmp_path / "run")
     assert all(r["sft_nll"] > 0 for r in rows) and rows[-1]["teacher_generated_tokens"] > 0
@@ -252,8 +298,13 @@ def test_the_loss_is_normalised_by_the_generated_tokens_not_the_dataset_completi
     data = tmp_path / "data.jsonl"
     rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a), "completion": "9" * 40} for a in range(100, 140)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = _config(tmp_path, f"data.train_file={data}", f"student.path={asset_dir('addition-student')}",
-                     "train.steps=2", "rollout.max_new_tokens=12")  # fmt: skip
+    config = _config(
+        tmp_path,
+        f"data.train_file={data}",
+        f"student.path={asset_dir('addition-student')}",
+        "train.steps=2",
+        "rollout.max_new_tokens=12",
+    )
     loop.run(config, show_progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     sampled = [records[0]["student_sampled_tokens"]] + [

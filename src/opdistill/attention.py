@@ -33,8 +33,8 @@ def attend(
     q_BHQD: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor, bias: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale + bias) v per head, [B, H, Q, D]. ``bias`` broadcasts to [B, H, Q, L]: 0 where a
-    query may attend, a large negative number where it may not. K key/value heads serve H query heads in groups
-    (grouped-query attention). The softmax runs in fp32, as transformers' eager attention does."""
+    query may attend, a large negative number where it may not. K key/value heads serve H query heads in
+    groups (grouped-query attention). The softmax runs in fp32, as transformers' eager attention does."""
     groups = q_BHQD.shape[1] // k_BKLD.shape[1]
     k_BHLD, v_BHLD = repeat_kv(k_BKLD, groups), repeat_kv(v_BKLD, groups)
     if q_BHQD.shape[-1] < NARROW:
@@ -50,14 +50,15 @@ def _weights(q_BHQD, k_BHLD, bias, scale) -> torch.Tensor:
 
 
 def _wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b per head, computed as (bᵀ aᵀ)ᵀ, so that the output's last dimension is the long one (L, not D)."""
+    """a @ b per head, computed as (bᵀ aᵀ)ᵀ, so that the output's last dimension is the long one (L, not
+    D)."""
     return torch.matmul(b.transpose(-1, -2), a.transpose(-1, -2)).transpose(-1, -2)
 
 
 class _Attention(torch.autograd.Function):
     """``attend`` for heads narrower than ``NARROW``, with its backward written out: every product of an
-    [L, L] and an [L, D] matrix runs as ``_wide`` (autograd's own backward of the two matmuls runs three of its
-    four products with D as the output's last dimension). Gradients equal autograd's to float tolerance
+    [L, L] and an [L, D] matrix runs as ``_wide`` (autograd's own backward of the two matmuls runs three of
+    its four products with D as the output's last dimension). Gradients equal autograd's to float tolerance
     (tests/test_attention.py)."""
 
     @staticmethod

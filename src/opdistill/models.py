@@ -46,7 +46,8 @@ CHAR_CHAT_TEMPLATE = (
 
 
 def char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer whose vocabulary is the special tokens plus every character in ``texts``."""
+    """A character-level tokenizer whose vocabulary is the special tokens plus every character in
+    ``texts``."""
     seen: set[str] = set()
     for text in texts:  # text by text: a streamed corpus is never held whole
         seen.update(text)
@@ -68,7 +69,8 @@ def char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
 
 
 def tiny_model(spec: ModelSpec, tokenizer, seed: int) -> torch.nn.Module:
-    """A fresh randomly initialised model of ``spec.preset`` size (4 heads, SwiGLU ff = 4 x hidden, tied embeddings)."""
+    """A fresh randomly initialised model of ``spec.preset`` size (4 heads, SwiGLU ff = 4 x hidden, tied
+    embeddings)."""
     parsed = parse_preset(spec.preset)
     assert parsed is not None  # ModelSpec validated it
     hidden, layers = parsed
@@ -120,7 +122,8 @@ def load_tokenizer(path: str | Path):
 
 
 def load_model(spec: ModelSpec, corpus: Iterable[str] = (), seed: int = 0):
-    """(model, tokenizer) from ``spec.path``, or a fresh tiny model with a character tokenizer over ``corpus``."""
+    """(model, tokenizer) from ``spec.path``, or a fresh tiny model with a character tokenizer over
+    ``corpus``."""
     if not spec.path:
         tokenizer = char_tokenizer(corpus)
         return tiny_model(spec, tokenizer, seed), tokenizer
@@ -169,7 +172,7 @@ def load_student(
 
 
 def save_model(model, tokenizer, path: str | Path, state_dict: dict | None = None) -> None:
-    """HF ``save_pretrained`` layout; ``state_dict`` (the full weights of a sharded model) overrides the model's.
+    """HF ``save_pretrained`` layout; ``state_dict`` (a sharded model's full weights) overrides the model's.
 
     A LoRA model (``apply_lora``) is saved twice: its adapter in ``path/adapter/`` (PEFT layout, what
     ``load_lora_adapter`` restores, with a digest of the base weights) and the merged weights in ``path``, so
@@ -265,15 +268,15 @@ def load_lora_adapter(model, path: str | Path) -> None:
             )
     if sorted(saved.get("target_modules") or []) != sorted(live.target_modules):
         raise UserError(
-            f"the adapter in {adapter} adapts other modules than this run's lora.target_modules: "
-            "resume with the LoRA config it was trained with."
+            f"the adapter in {adapter} adapts other modules than this run's lora.target_modules: resume with "
+            "the LoRA config it was trained with."
         )
     if (adapter / BASE_FILE).is_file():
         trained_on = json.loads((adapter / BASE_FILE).read_text())["base_sha256"]
         if trained_on != base_fingerprint(model.state_dict()):
             raise UserError(
-                f"the adapter in {adapter} was trained on other base weights than this run's student: "
-                "resume with the same student.path (and train.seed, for a fresh model)."
+                f"the adapter in {adapter} was trained on other base weights than this run's student: resume "
+                "with the same student.path (and train.seed, for a fresh model)."
             )
     state = load_file(weights)
     if set(state) != set(get_peft_model_state_dict(model)):
@@ -343,7 +346,8 @@ def check_same_tokenizer(student_tok, teacher_tok) -> None:
     else:
         detail += "; same tokens but different ids or special tokens"
     raise UserError(
-        f"teacher and student tokenizers differ ({detail}); on-policy distillation here needs one shared tokenizer."
+        f"teacher and student tokenizers differ ({detail}); on-policy distillation here needs one shared "
+        "tokenizer."
     )
 
 

@@ -90,8 +90,8 @@ class TeacherSignal:
 
     @staticmethod
     def gather(parts: list[tuple[torch.Tensor, TeacherSignal]], rows: int) -> TeacherSignal:
-        """One signal of ``rows`` rows from signals of some of them: ``(index_B, signal)`` pairs that cover each
-        row once (the teachers of a routed batch). Every part must carry the same fields."""
+        """One signal of ``rows`` rows from signals of some of them: ``(index_B, signal)`` pairs that cover
+        each row once (the teachers of a routed batch). Every part must carry the same fields."""
         index_B = torch.cat([index for index, _ in parts])
         order_B = torch.empty_like(index_B)
         order_B[index_B] = torch.arange(rows, device=index_B.device)
@@ -104,8 +104,9 @@ class TeacherSignal:
 
 @dataclass
 class Shaping:
-    """Per-token weights and masks of one step (shaping.py from weighting.py), applied on top of the objective's
-    own math; all detached. The rollout's own mask still says which tokens are real; this one which get loss."""
+    """Per-token weights and masks of one step (shaping.py from weighting.py), applied on top of the
+    objective's own math; all detached. The rollout's own mask still says which tokens are real; this one
+    which get loss."""
 
     mask_BT: torch.Tensor  # bool, tokens that receive loss (and count in the normaliser)
     weight_BT: torch.Tensor  # multiplies the teacher term (the advantage or the divergence)

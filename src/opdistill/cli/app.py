@@ -1,4 +1,5 @@
-"""`opd`: the command-line entry point. User errors print one sentence and exit 2 (``--debug`` for tracebacks)."""
+"""`opd`: the command-line entry point. User errors print one sentence and exit 2 (``--debug`` for
+tracebacks)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 from opdistill.config import describe
 from opdistill.errors import UserError
 
-EPILOG = """config keys, as section.field=value overrides or YAML sections (e.g. train.steps=100 optim.lr=3e-4),
-with their defaults:"""
+EPILOG = """config keys, as section.field=value overrides or YAML sections
+(e.g. train.steps=100 optim.lr=3e-4), with their defaults:"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,9 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--verifier", default="", help="--data: module:function(completion, example) -> bool")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument(
-        "--task-option", action="append", default=[], metavar="KEY=VALUE",
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="a task option (repeatable), as data.task_options, e.g. digits=5 or privileged=rule",
-    )  # fmt: skip
+    )
 
     gen = commands.add_parser(
         "generate", help="sample valid completions of a model on a prompt set into JSONL (SFT / seq-KD data)"
@@ -92,9 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument(
-        "--task-option", action="append", default=[], metavar="KEY=VALUE",
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="a task option (repeatable), as data.task_options, e.g. digits=5 or privileged=rule",
-    )  # fmt: skip
+    )
 
     tasks = commands.add_parser("tasks", help="list built-in tasks, or export one to JSONL")
     tasks.add_argument("--export", metavar="NAME", help="write examples of this task as JSONL")
@@ -104,9 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_argument("--tag", default="", help="set each example's teacher field (see `teachers`)")
     tasks.add_argument("--out", help="output file (default stdout)")
     tasks.add_argument(
-        "--task-option", action="append", default=[], metavar="KEY=VALUE",
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="a task option (repeatable), as data.task_options, e.g. digits=5 or privileged=rule",
-    )  # fmt: skip
+    )
 
     commands.add_parser(
         "objectives", help="list the objectives, their teacher signal, and the weighting keys"
@@ -161,8 +171,11 @@ def _train(args, objective: str) -> int:
         )
     result = loop.run(config, resume=args.resume)
     if not result["complete"]:
-        print(f"stopped at step {result['stopped_at']} with a checkpoint; continue with the same command and --resume.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"stopped at step {result['stopped_at']} with a checkpoint; continue with the same command and "
+            "--resume.",
+            file=sys.stderr,
+        )
         return 130
     print(json.dumps({k: result[k] for k in ("out", "steps", "elapsed_s", "final_eval")}, indent=2))
     return 0
@@ -173,8 +186,8 @@ def _demo(args) -> int:
 
     from opdistill.cli.demo import run_demo
 
-    out = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
-    run_demo(out, args.budget, args.seed, args.eval_n, args.teacher, args.student, args.prompts)
+    run_dir = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
+    run_demo(run_dir, args.budget, args.seed, args.eval_n, args.teacher, args.student, args.prompts)
     return 0
 
 
@@ -217,8 +230,17 @@ def _eval(args) -> int:
     if not max_new:
         lengths = [len(encode_completion(tokenizer, ex.completion)) for ex in examples if ex.completion]
         max_new = max(lengths) + 8 if lengths else 256
-    result = evaluate(model, tokenizer, examples, verify, max_new_tokens=max_new, n=args.n, ks=ks,
-                      temperature=args.temperature, seed=args.seed)  # fmt: skip
+    result = evaluate(
+        model,
+        tokenizer,
+        examples,
+        verify,
+        max_new_tokens=max_new,
+        n=args.n,
+        ks=ks,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
     print(json.dumps({"model": args.model, "data": args.task or args.data, **result}, indent=2))
     return 0
 
@@ -248,15 +270,27 @@ def _generate(args) -> int:
         examples = read_examples(args.data)[: args.limit or None]
     model, tokenizer = load_model(ModelSpec(path=args.model))
     kept, counts = generate(
-        model, tokenizer, examples, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p, require=require, max_retries=args.max_retries, seed=args.seed, show_progress=True,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        examples,
+        n=args.n,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        require=require,
+        max_retries=args.max_retries,
+        seed=args.seed,
+        show_progress=True,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(kept, out)
     total = len(examples) * args.n
     drops = ", ".join(f"{reason} {count}" for reason, count in counts.items() if reason != "kept")
-    print(f"opd generate: kept {counts['kept']} of {total} completions in {out}" + (f"; dropped: {drops}" if drops else ""),
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"opd generate: kept {counts['kept']} of {total} completions in {out}"
+        + (f"; dropped: {drops}" if drops else ""),
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -288,11 +322,11 @@ def _objectives(_args) -> int:
         levels = signal_levels(record.request(ObjectiveConfig()), record.distills)
         print(f"{record.name:16s} {record.branch:7s} {levels:14s} {record.summary}")
     print(
-        "\nL0 = log p_T of each sampled token; L1 = the teacher's top-K ids and log-probs; L1s = its log-probs at"
-        "\nthe student's top-K ids; L2 = full logits; H = its entropy. For topk_rkl the levels depend on"
-        "\nobjective.topk_support (shown: student). Token weights and masks (weighting.*) and the RLVR hybrid"
-        "\nkeys (objective.grpo_coef, route_opd, route_rl) combine with these: `opd distill --help` lists every"
-        "\nkey, docs/objectives.md gives formulas, sources and when to use each."
+        "\nL0 = log p_T of each sampled token; L1 = the teacher's top-K ids and log-probs; L1s = its "
+        "log-probs at\nthe student's top-K ids; L2 = full logits; H = its entropy. For topk_rkl the levels "
+        "depend on\nobjective.topk_support (shown: student). Token weights and masks (weighting.*) and the "
+        "RLVR hybrid\nkeys (objective.grpo_coef, route_opd, route_rl) combine with these: `opd distill "
+        "--help` lists every\nkey, docs/objectives.md gives formulas, sources and when to use each."
     )
     return 0
 
@@ -302,8 +336,16 @@ def _serve_teacher(args) -> int:
 
     if min(args.max_tokens, args.max_batch_tokens, args.max_topk) < 1:
         raise UserError("--max-tokens, --max-batch-tokens and --max-topk must be at least 1.")
-    serve(args.model, args.host, args.port, args.max_tokens, args.max_batch_tokens, args.max_topk,
-          args.dtype, args.device)  # fmt: skip
+    serve(
+        args.model,
+        args.host,
+        args.port,
+        args.max_tokens,
+        args.max_batch_tokens,
+        args.max_topk,
+        args.dtype,
+        args.device,
+    )
     return 0
 
 

@@ -49,7 +49,7 @@ def asset_dir(name: str) -> Path:
 
 
 def run_demo(
-    out: Path,
+    run_dir: Path,
     budget_s: float,
     seed: int,
     eval_n: int,
@@ -62,14 +62,20 @@ def run_demo(
     console = Console(stderr=True)
     if not console.is_terminal:  # logs and pipes: wide enough that the table does not wrap
         console = Console(stderr=True, width=140)
-    if (out / "summary.json").exists():
-        raise UserError(f"{out} already holds a demo; choose another --out or remove it.")
+    if (run_dir / "summary.json").exists():
+        raise UserError(f"{run_dir} already holds a demo; choose another --out or remove it.")
     recipe = resources.files("opdistill") / "recipes" / "demo.yaml"
-    base = load_config(str(recipe), [
-        f"student.path={student or asset_dir('addition-student')}", f"teacher.path={teacher or asset_dir('addition-teacher')}",
-        f"train.time_budget_s={budget_s}", f"train.eval_every_s={budget_s / 6}", f"train.seed={seed}",
-        *([f"data.n_train_prompts={prompts}", f"data.pool_size={prompts}"] if prompts else []),
-    ])  # fmt: skip
+    base = load_config(
+        str(recipe),
+        [
+            f"student.path={student or asset_dir('addition-student')}",
+            f"teacher.path={teacher or asset_dir('addition-teacher')}",
+            f"train.time_budget_s={budget_s}",
+            f"train.eval_every_s={budget_s / 6}",
+            f"train.seed={seed}",
+            *([f"data.n_train_prompts={prompts}", f"data.pool_size={prompts}"] if prompts else []),
+        ],
+    )
     task = task_from_config(base.data, seed)
     test = task.test[:eval_n]
     max_new = base.rollout.max_new_tokens
@@ -88,15 +94,19 @@ def run_demo(
     }
     summary["teacher_acc"] = accuracy(Path(base.teacher.path), "teacher_params")
     summary["student_before_acc"] = accuracy(Path(base.student.path), "student_params")
-    console.print(f"teacher {summary['teacher_acc']:.3f}, student before {summary['student_before_acc']:.3f} "
-                  f"on {len(test)} held-out problems; {budget_s:.0f} s of training per method")  # fmt: skip
+    console.print(
+        f"teacher {summary['teacher_acc']:.3f}, student before {summary['student_before_acc']:.3f} on "
+        f"{len(test)} held-out problems; {budget_s:.0f} s of training per method"
+    )
     compute = {}
     for name, (_, sections) in RUNS.items():
-        config = replace(base, **sections, train={**sections.get("train", {}), "out_dir": str(out / name)})
+        config = replace(
+            base, **sections, train={**sections.get("train", {}), "out_dir": str(run_dir / name)}
+        )
         result = loop.run(config, show_progress=show_progress)
         if not result["complete"]:  # Ctrl-C: the run checkpointed itself; the comparison is void
             raise KeyboardInterrupt
-        summary[f"{name}_acc"] = accuracy(out / name / "final")
+        summary[f"{name}_acc"] = accuracy(run_dir / name / "final")
         compute[name] = {key: result[key] for key in ("steps", "elapsed_s", *loop.COUNTERS)}
     summary["student_train_tokens"] = {n: c["student_train_tokens"] for n, c in compute.items()}
     summary["teacher_tokens"] = {
@@ -104,28 +114,52 @@ def run_demo(
     }
     summary["compute"] = compute
     summary["wall_s"] = time.perf_counter() - started
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    save_config(base, out / "config.yaml")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_config(base, run_dir / "config.yaml")
     table = _table(summary)
     console.print(table)
     write_report(
-        {n: out / n for n in RUNS},
-        out,
+        {n: run_dir / n for n in RUNS},
+        run_dir,
         "opdistill demo: OPD vs SFT at equal training time",
         _html_table(summary),
     )
-    console.print(f"run directory {out}: summary.json, report.html ({summary['wall_s']:.0f} s in all)")
+    console.print(f"run directory {run_dir}: summary.json, report.html ({summary['wall_s']:.0f} s in all)")
     return summary
 
 
 def _rows(summary: dict) -> list[tuple[str, ...]]:
-    rows = [("teacher", f"{summary['teacher_params'] / 1e3:.0f}k params", f"{summary['teacher_acc']:.3f}", "", "", ""),
-            ("student before", f"warm start, {summary['student_params'] / 1e3:.0f}k params", f"{summary['student_before_acc']:.3f}", "", "", "")]  # fmt: skip
+    rows = [
+        (
+            "teacher",
+            f"{summary['teacher_params'] / 1e3:.0f}k params",
+            f"{summary['teacher_acc']:.3f}",
+            "",
+            "",
+            "",
+        ),
+        (
+            "student before",
+            f"warm start, {summary['student_params'] / 1e3:.0f}k params",
+            f"{summary['student_before_acc']:.3f}",
+            "",
+            "",
+            "",
+        ),
+    ]
     for name, (regime, _) in RUNS.items():
         c, acc = summary["compute"][name], summary[f"{name}_acc"]
         gap = gap_recovery(acc, summary["student_before_acc"], summary["teacher_acc"])
-        rows.append((name, regime, f"{acc:.3f}", "" if gap is None else f"{gap:.0%}", str(c["steps"]),
-                     f"{c['student_train_tokens'] / 1e6:.2f}M / {summary['teacher_tokens'][name] / 1e6:.2f}M"))  # fmt: skip
+        rows.append(
+            (
+                name,
+                regime,
+                f"{acc:.3f}",
+                "" if gap is None else f"{gap:.0%}",
+                str(c["steps"]),
+                f"{c['student_train_tokens'] / 1e6:.2f}M / {summary['teacher_tokens'][name] / 1e6:.2f}M",
+            )
+        )
     return rows
 
 
@@ -134,7 +168,8 @@ HEADERS = ("model", "regime", "accuracy", "gap closed", "steps", "tokens student
 
 def _table(summary: dict) -> Table:
     table = Table(
-        title=f"greedy accuracy on {summary['eval_problems']} held-out problems, {summary['budget_s']:.0f} s of training each",
+        title=f"greedy accuracy on {summary['eval_problems']} held-out problems, "
+        f"{summary['budget_s']:.0f} s of training each",
         caption="gap closed: (after - before) / (teacher - before) · tokens: through the student's "
         "forward+backward / generated or scored by the teacher (pool included)",
     )

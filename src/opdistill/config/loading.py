@@ -1,6 +1,6 @@
-"""Reading a run configuration: defaults <- YAML file <- dotted ``section.field=value`` overrides, checked key by
-key against the dataclasses of sections.py (an unknown key names the closest valid one), and written back as
-YAML into every run directory."""
+"""Reading a run configuration: defaults <- YAML file <- dotted ``section.field=value`` overrides, checked key
+by key against the dataclasses of sections.py (an unknown key names the closest valid one), and written back
+as YAML into every run directory."""
 
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def from_dict(cls: type, raw: dict[str, Any], where: str):
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``hint`` (with the int->float and list->tuple coercions YAML needs)."""
+    """Check ``value`` against the annotation ``hint`` (with the int->float and list->tuple coercions YAML
+    needs)."""
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where + ".")  # type: ignore[arg-type]

@@ -86,8 +86,8 @@ class DataConfig:
         unknown = sorted(set(self.columns) - set(EXAMPLE_FIELDS))
         if unknown or not all(isinstance(c, str) and c for c in self.columns.values()):
             raise UserError(
-                f"data.columns maps example fields ({', '.join(EXAMPLE_FIELDS)}) to column names, "
-                f"e.g. {{prompt: question}}; got {self.columns!r}."
+                f"data.columns maps example fields ({', '.join(EXAMPLE_FIELDS)}) to column names, e.g. "
+                f"{{prompt: question}}; got {self.columns!r}."
             )
         if self.shuffle_buffer < 1:
             raise UserError("data.shuffle_buffer must be at least 1.")
@@ -199,9 +199,8 @@ class ObjectiveConfig:
             )
         if self.temperature != 1 and self.direct_beta is None:
             raise UserError(
-                f"objective.temperature applies to {names_where(lambda r: r.beta is not None)} (both sides at τ); "
-                "the other types "
-                "use the untempered distributions. Use temperature=1."
+                f"objective.temperature applies to {names_where(lambda r: r.beta is not None)} (both sides "
+                "at τ); the other types use the untempered distributions. Use temperature=1."
             )
         if self.baseline_topk and self.baseline != "vopd":
             raise UserError(
@@ -368,8 +367,8 @@ class OpsdConfig:
 
 
 TRD_TEMPLATE = (
-    "{prompt}\n\nA draft answer:\n{draft}\n\nWrite a corrected answer: keep what is right in the draft "
-    "and fix it from its first error on.\n"
+    "{prompt}\n\nA draft answer:\n{draft}\n\nWrite a corrected answer: keep what is right in the draft and "
+    "fix it from its first error on.\n"
 )
 
 
@@ -453,8 +452,8 @@ class Config:
             )
         if objective.needs_reward and not_sampled:
             raise UserError(
-                "verifier rewards (grpo_coef, route_opd, scope, dasd) are computed on the student's own samples: "
-                f"not with {not_sampled[0]}."
+                "verifier rewards (grpo_coef, route_opd, scope, dasd) are computed on the student's own "
+                f"samples: not with {not_sampled[0]}."
             )
         teacher_model = [
             name
@@ -469,8 +468,8 @@ class Config:
         ]
         if teacher_model and self.teacher.url:
             raise UserError(
-                f"{teacher_model[0]} runs the teacher model in this process, and a remote teacher (teacher.url) "
-                "only scores: give a local teacher.path."
+                f"{teacher_model[0]} runs the teacher model in this process, and a remote teacher "
+                "(teacher.url) only scores: give a local teacher.path."
             )
         if teacher_model and self.teachers:
             raise UserError(f"{teacher_model[0]} uses the one default teacher: not with several teachers.")
@@ -489,8 +488,9 @@ class Config:
         )
         if distill_only and not record.distills:
             raise UserError(
-                "weighting.*, objective.ref_kl_coef, data.curriculum, data.select_fraction, rollout.skd_topk, trd "
-                "and cold_start apply to distillation objectives, not objective.type=sft."
+                "weighting.*, objective.ref_kl_coef, data.curriculum, data.select_fraction, "
+                "rollout.skd_topk, trd and cold_start apply to distillation objectives, not "
+                "objective.type=sft."
             )
         if self.data.curriculum and self.data.select_fraction:
             raise UserError("data.curriculum and data.select_fraction each choose the prompts: use one.")
@@ -501,14 +501,15 @@ class Config:
             )
         if (weighting.iw_opd_gamma or weighting.kat) and not_sampled:
             raise UserError(
-                "weighting.iw_opd_gamma and weighting.kat read the student's sampling log-probs, which tokens "
-                f"it did not sample do not have: not with {not_sampled[0]}."
+                "weighting.iw_opd_gamma and weighting.kat read the student's sampling log-probs, which "
+                f"tokens it did not sample do not have: not with {not_sampled[0]}."
             )
         kat_span = weighting.kat_min_position + weighting.kat_patience * weighting.kat_window
         if weighting.kat and rollout.max_new_tokens < kat_span:
             raise UserError(
-                f"weighting.kat can only trap responses of at least kat_min_position + kat_patience x kat_window = "
-                f"{kat_span} tokens, longer than rollout.max_new_tokens={rollout.max_new_tokens}: lower them."
+                "weighting.kat can only trap responses of at least kat_min_position + kat_patience x "
+                f"kat_window = {kat_span} tokens, longer than "
+                f"rollout.max_new_tokens={rollout.max_new_tokens}: lower them."
             )
 
         self._check_opsd()
@@ -523,19 +524,20 @@ class Config:
             or self.data.completions != "dataset"
         ):
             raise UserError(
-                f"opsd.teacher={opsd} scores the student's own samples with its own weights: use a distillation "
-                "objective with rollout.on_policy_fraction=1 and data.completions=dataset."
+                f"opsd.teacher={opsd} scores the student's own samples with its own weights: use a "
+                "distillation objective with rollout.on_policy_fraction=1 and data.completions=dataset."
             )
         separate = self.rollout.skd_topk >= 0 or self.trd.mode != "off" or self.cold_start.samples
         if self.teachers or separate or self.data.select_fraction:
             raise UserError(
-                f"opsd.teacher={opsd} is the only teacher: it does not combine with teachers, rollout.skd_topk, "
-                "trd.mode, cold_start or data.select_fraction (they need a separate teacher model)."
+                f"opsd.teacher={opsd} is the only teacher: it does not combine with teachers, "
+                "rollout.skd_topk, trd.mode, cold_start or data.select_fraction (they need a separate "
+                "teacher model)."
             )
         if opsd == "ema" and (self.lora.rank or self.train.parallel == "fsdp"):
             raise UserError(
-                "opsd.teacher=ema averages full, unsharded weights: use opsd.teacher=frozen with lora.rank or "
-                "train.parallel=fsdp."
+                "opsd.teacher=ema averages full, unsharded weights: use opsd.teacher=frozen with lora.rank "
+                "or train.parallel=fsdp."
             )
 
     def diagnostics_due(self, step: int) -> bool:
@@ -545,7 +547,8 @@ class Config:
     @property
     def diagnostics_request(self) -> SignalRequest:
         """The teacher request of a diagnostics step: the objective's, plus the teacher's top-k and entropy
-        (in the same single pass). The width is ``objective.topk``, so a top-K loss sees the ids it expects."""
+        (in the same single pass). The width is ``objective.topk``, so a top-K loss sees the ids it
+        expects."""
         return dataclasses.replace(self.teacher_request, topk=self.objective.topk, entropy=True)
 
     @property

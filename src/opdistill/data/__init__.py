@@ -1,1 +1,2 @@
-"""Examples and where they come from: JSONL / HF datasets sources, streams, built-in tasks, prompt selection."""
+"""Examples and where they come from: JSONL / HF datasets sources, streams, built-in tasks, prompt
+selection."""

@@ -35,13 +35,13 @@ class CurriculumStream:
 
 
 def curriculum(
-    config: Config, task: Task, tokenizer, student, out: Path, world: World
+    config: Config, task: Task, tokenizer, student, run_dir: Path, world: World
 ) -> tuple[CurriculumStream, Cost]:
     """The difficulty of the first ``data.pool_size`` training prompts for the student as the run starts,
     from ``data.curriculum_samples`` samples each (their time counts against the run); kept in the run
     directory (every rank computes it, rank 0 writes it), so a resumed run keeps the initial student's
     difficulties."""
-    path = out / "curriculum.jsonl"
+    path = run_dir / "curriculum.jsonl"
     cached = path.is_file()
     world.barrier()  # every rank has looked before rank 0 writes
     if cached:

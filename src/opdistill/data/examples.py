@@ -319,8 +319,8 @@ def _dataset_source(
         if chosen is None or chosen not in names:
             wanted = split or " or ".join(splits)
             raise UserError(
-                f"dataset {spec} has no split {wanted} (splits: {', '.join(names)}); "
-                f"name one as hf:{path}:SPLIT."
+                f"dataset {spec} has no split {wanted} (splits: {', '.join(names)}); name one as "
+                f"hf:{path}:SPLIT."
             )
         rows, spec = loaded[chosen], f"{spec} [{chosen}]" if not split else spec
     elif split:

@@ -41,31 +41,51 @@ def overlap_scores(
     seed: int,
     batch_size: int = 256,
 ) -> list[float]:
-    """score(x) of math.md §11.3 for each example, in [0, 1]: one rollout of ``student`` (an HF model) per prompt, then
-    the mean top-``topk`` overlap (``diagnostics.topk_overlap``) of student and ``teacher`` (anything with
-    ``Teacher.score``: a local or remote teacher that serves its top-K) over the rollout's loss tokens (EOS
-    included). ``topk`` is capped at the vocabulary. Deterministic in ``seed``."""
+    """score(x) of math.md §11.3 for each example, in [0, 1]: one rollout of ``student`` (an HF model) per
+    prompt, then the mean top-``topk`` overlap (``diagnostics.topk_overlap``) of student and ``teacher``
+    (anything with ``Teacher.score``: a local or remote teacher that serves its top-K) over the rollout's loss
+    tokens (EOS included). ``topk`` is capped at the vocabulary. Deterministic in ``seed``."""
     return _overlap_scores(
-        student, teacher, tokenizer, examples, topk=topk, max_new_tokens=max_new_tokens,
-        temperature=temperature, seed=seed, batch_size=batch_size,
-    )[0]  # fmt: skip
+        student,
+        teacher,
+        tokenizer,
+        examples,
+        topk=topk,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+    )[0]
 
 
 @torch.no_grad()
 def _overlap_scores(
-    student, teacher, tokenizer, examples: Sequence[Example], *, topk: int, max_new_tokens: int,
-    temperature: float, seed: int, batch_size: int = 256,
-) -> tuple[list[float], dict[str, int]]:  # fmt: skip
-    """``overlap_scores``, and the run's token counters it adds to (the student's samples, the teacher's scoring)."""
+    student,
+    teacher,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    topk: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 256,
+) -> tuple[list[float], dict[str, int]]:
+    """``overlap_scores``, and the run's token counters it adds to (the student's samples, the teacher's
+    scoring)."""
     generator = torch.Generator().manual_seed(seed)
     scores: list[float] = []
     tokens = {"student_sampled_tokens": 0, "teacher_scored_tokens": 0}
     for start in range(0, len(examples), batch_size):
         prompts = encode_prompts(tokenizer, examples[start : start + batch_size])
         rollout = sample_prompts(
-            student, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+            student,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
             generator=generator,
-        )  # fmt: skip
+        )
         scores.extend(_rollout_overlap(student, teacher, rollout, topk))
         tokens["student_sampled_tokens"] += int(rollout.loss_mask_BT.sum())
         tokens["teacher_scored_tokens"] += int(rollout.attention_mask.sum())
@@ -73,8 +93,8 @@ def _overlap_scores(
 
 
 def _rollout_overlap(student, teacher, rollout: Rollout, topk: int) -> list[float]:
-    """Per-row mean overlap of one rollout, scored a few rows at a time: the student's [B, T, V] logits and the
-    teacher's are materialised whole, which a real vocabulary would not fit for hundreds of rows."""
+    """Per-row mean overlap of one rollout, scored a few rows at a time: the student's [B, T, V] logits and
+    the teacher's are materialised whole, which a real vocabulary would not fit for hundreds of rows."""
     vocab = student.config.vocab_size
     k = min(topk, vocab)
     rows = max(1, LOGITS_PER_FORWARD // (rollout.tokens_BT.shape[1] * vocab))
@@ -96,7 +116,8 @@ def _rollout_overlap(student, teacher, rollout: Rollout, topk: int) -> list[floa
 
 
 def top_fraction(scores: Sequence[float], fraction: float) -> list[int]:
-    """Indices of the ``max(1, round(fraction x n))`` highest scores, best first; equal scores keep pool order."""
+    """Indices of the ``max(1, round(fraction x n))`` highest scores, best first; equal scores keep pool
+    order."""
     count = max(1, round(fraction * len(scores)))
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:count]
 
@@ -128,17 +149,18 @@ def selected_prompts(
     tokenizer,
     student,
     teacher,
-    out: Path,
+    run_dir: Path,
     world: World = ONE_PROCESS,
 ) -> tuple[SelectedStream, Cost]:
-    """The selection over the distinct prompts among the first ``data.pool_size`` training ones, scored by the student as it is now
-    (call it before the first step) against ``teacher`` at ``data.select_topk``, on one rollout per prompt at
-    ``rollout.temperature``. Every rank computes it, rank 0 writes ``out/selection.jsonl`` (one line per pool
-    prompt: the example's fields, ``score``, ``selected``); a run that finds the file reads it back, so a
-    resumed run keeps the initial student's selection. Returns the stream and what making it cost (nothing
-    when read back), which counts against the run as the curriculum's does."""
+    """The selection over the distinct prompts among the first ``data.pool_size`` training ones, scored by the
+    student as it is now (call it before the first step) against ``teacher`` at ``data.select_topk``, on one
+    rollout per prompt at ``rollout.temperature``. Every rank computes it, rank 0 writes
+    ``run_dir/selection.jsonl`` (one line per pool prompt: the example's fields, ``score``, ``selected``); a
+    run that finds the file reads it back, so a resumed run keeps the initial student's selection. Returns the
+    stream and what making it cost (nothing when read back), which counts against the run as the curriculum's
+    does."""
     data = config.data
-    path = out / "selection.jsonl"
+    path = run_dir / "selection.jsonl"
     cached = path.is_file()
     world.barrier()  # every rank has looked before rank 0 writes
     if cached:
@@ -150,22 +172,31 @@ def selected_prompts(
         distinct.setdefault(prompt_key(example), example)
     pool = list(distinct.values())
     scores, tokens = _overlap_scores(
-        student, teacher, tokenizer, pool, topk=data.select_topk, max_new_tokens=config.rollout.max_new_tokens,
-        temperature=config.rollout.temperature, seed=config.train.seed,
-    )  # fmt: skip
+        student,
+        teacher,
+        tokenizer,
+        pool,
+        topk=data.select_topk,
+        max_new_tokens=config.rollout.max_new_tokens,
+        temperature=config.rollout.temperature,
+        seed=config.train.seed,
+    )
     selected = top_fraction(scores, data.select_fraction)
     if world.is_main:
         chosen = set(selected)
         path.write_text(
-            "".join(json.dumps({**example_record(ex), "score": s, "selected": i in chosen}) + "\n"
-                    for i, (ex, s) in enumerate(zip(pool, scores, strict=True)))
-        )  # fmt: skip
+            "".join(
+                json.dumps({**example_record(ex), "score": s, "selected": i in chosen}) + "\n"
+                for i, (ex, s) in enumerate(zip(pool, scores, strict=True))
+            )
+        )
     cost = Cost(time.perf_counter() - started, **tokens)
     return SelectedStream(pool, selected, data.select_mix, config.train.seed), cost
 
 
 def read_selection(path: Path, mix: float, seed: int) -> SelectedStream:
-    """The stream ``selected_prompts`` wrote to ``path`` (the selected prompts best first, as it chose them)."""
+    """The stream ``selected_prompts`` wrote to ``path`` (the selected prompts best first, as it chose
+    them)."""
     pool, scores, chosen = [], [], []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         record = json.loads(line)

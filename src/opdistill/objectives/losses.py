@@ -17,7 +17,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 # Positions per chunk are chosen so a [B, chunk, V] fp32 temporary holds about this many elements (40 MiB):
-# at V = 151,936 and B = 1 that is 69 positions, so no [B, T, V] temporary is ever built (the speed rule: no [B, T, V] copies kept alive).
+# at V = 151,936 and B = 1 that is 69 positions, so no [B, T, V] temporary is ever built (the speed rule:
+# no [B, T, V] copies kept alive).
 # Above glibc's 32 MiB cap on its dynamic mmap threshold, each temporary is mmapped and handed back on free;
 # at 32 MiB or less, freed chunk temporaries pile up in the heap (benchmarks/loss_memory.py measured 2.3 GB).
 CHUNK_ELEMENTS = 10 << 20
@@ -74,7 +75,7 @@ def per_position(
     *aux: torch.Tensor,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """``fn(logits[:, chunk], *aux[:, chunk]) -> [B, chunk]`` over chunks of positions, concatenated to [B, T].
+    """``fn(logits[:, chunk], *aux[:, chunk]) -> [B, chunk]`` over chunks of positions, joined to [B, T].
 
     Value and gradient equal those of ``fn`` on the whole tensor (each position's result depends on that
     position only), but the [B, chunk, V] temporaries of one chunk are all that is ever alive: the gradient
@@ -382,9 +383,9 @@ def topk_divergence(
     tail T4  KL over S plus one tail bucket (TRL DistillationTrainer): a lower bound on the full KL (I16b);
     pg   T6  Σ_S w sg(ℓ) ρ with w = softmax_S(log p) detached and ρ = p/sg(p): thunlp's student-weighted
              top-K policy gradient; at S = V its gradient is the exact one (I13);
-    fkl      Σ_S q (log q - log p), the un-renormalised forward KL on the teacher's top-K (EOPD's term, math.md §7.2);
-             like raw it is not stationary at q = p: its gradient there is -∇m_S, pulling mass into S.
-    At S = V every variant but fkl is the full reverse KL (I5c); fkl is then the full forward KL.
+    fkl      Σ_S q (log q - log p), the un-renormalised forward KL on the teacher's top-K (EOPD's term,
+             math.md §7.2); like raw it is not stationary at q = p: its gradient there is -∇m_S, pulling mass
+    into S. At S = V every variant but fkl is the full reverse KL (I5c); fkl is then the full forward KL.
     """
     if valid_BTK is None:
         valid_BTK = torch.ones_like(ids_BTK, dtype=torch.bool)

@@ -62,11 +62,12 @@ class ShapingInputs:
         return self.batch.signal
 
 
-# --- the direct branch: back-propagate a divergence at each visited state -------------------------------------
+# --- the direct branch: back-propagate a divergence at each visited state -----------------------------------
 
 
 def direct(divergence_BT: torch.Tensor, inputs: ObjectiveInputs) -> torch.Tensor:
-    """A divergence per token as the loss: logged before clipping, optionally clipped (math.md §6.2), weighted."""
+    """A divergence per token as the loss: logged before clipping, optionally clipped (math.md §6.2),
+    weighted."""
     objective, mask_BT = inputs.objective, inputs.rollout.loss_mask_BT
     inputs.metrics["divergence"] = losses.masked_mean(divergence_BT, mask_BT)  # before any clipping
     if objective.token_clip:
@@ -135,8 +136,8 @@ def sft_loss(inputs: ObjectiveInputs) -> torch.Tensor:
 
 
 def policy_gradient(advantage_BT: torch.Tensor, inputs: ObjectiveInputs) -> torch.Tensor:
-    """The PG loss (math.md §1.4) of a teacher advantage: the shaping weights it; a verifier part (GRPO, DASD's
-    A_G) is added unweighted."""
+    """The PG loss (math.md §1.4) of a teacher advantage: the shaping weights it; a verifier part (GRPO,
+    DASD's A_G) is added unweighted."""
     objective, rollout, shaping = inputs.objective, inputs.rollout, inputs.shaping
     mask_BT = rollout.loss_mask_BT
     teacher_part_BT = shaping.weight_BT * advantage_BT
@@ -163,8 +164,8 @@ def bonus(inputs: ObjectiveInputs) -> torch.Tensor:
 
 
 def detached_logp(inputs: ObjectiveInputs) -> torch.Tensor:
-    """The reward uses the trainer's (detached) log-prob: equal to the sampler's at temperature 1, and still the
-    student's own policy when sampling is tempered; the importance ratio corrects for the sampler."""
+    """The reward uses the trainer's (detached) log-prob: equal to the sampler's at temperature 1, and still
+    the student's own policy when sampling is tempered; the importance ratio corrects for the sampler."""
     return inputs.logp_BT.detach()
 
 
@@ -174,7 +175,8 @@ def reward_stream(inputs: ObjectiveInputs) -> torch.Tensor:
 
 
 def sampled_rkl_loss(inputs: ObjectiveInputs) -> torch.Tensor:
-    """Advantage -(log p_S - log p_T) of each sampled token, discounted, optionally minus vOPD's baseline (math.md §2, §10)."""
+    """Advantage -(log p_S - log p_T) of each sampled token, discounted, optionally minus vOPD's baseline
+    (math.md §2, §10)."""
     objective, signal = inputs.objective, inputs.signal
     baseline_BT = None
     if objective.baseline == "vopd":  # the state's reverse KL, under the same (untempered) policy
@@ -241,11 +243,12 @@ def dasd_loss(inputs: ObjectiveInputs) -> torch.Tensor:
     return policy_gradient(advantage_BT - bonus(inputs), inputs)
 
 
-# --- objectives' own shaping: what they add to the step's Shaping before the loss ----------------------------
+# --- objectives' own shaping: what they add to the step's Shaping before the loss ---------------------------
 
 
 def sead_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
-    """SEAD's zones per token (skipped tokens leave the loss) and its annealed forward-KL share (math.md §7.7)."""
+    """SEAD's zones per token (skipped tokens leave the loss) and its annealed forward-KL share (math.md
+    §7.7)."""
     assert inputs.student_entropy_BT is not None and inputs.signal.entropy_BT is not None
     shaping.zone_BT = weighting.sead_zones(
         inputs.signal.entropy_BT, inputs.student_entropy_BT, shaping.mask_BT

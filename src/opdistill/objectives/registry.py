@@ -1,9 +1,9 @@
 """One record per objective: its name, how its gradient flows, the teacher signal it needs, what else it needs
 (a verifier reward, the student's own samples, a batch-wide student pass), its loss and its own shaping.
 
-Config validation, ``opd objectives``, ``--help`` and docs/objectives.md are derived from ``OBJECTIVES``; adding
-an objective is one loss function in objective.py, one record here and its test. ``objective_loss`` is the only
-place the update touches the math core.
+Config validation, ``opd objectives``, ``--help`` and docs/objectives.md are derived from ``OBJECTIVES``;
+adding an objective is one loss function in objective.py, one record here and its test. ``objective_loss`` is
+the only place the update touches the math core.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def topk_check(config: ObjectiveConfig) -> None:
     single_id = config.topk == 1 and config.topk_support in ("student", "teacher", "intersect")
     if config.topk_variant == "renorm" and single_id:
         warnings.warn(
-            "objective.topk=1 with topk_variant=renorm: both sides renormalise to 1 on a single id, "
-            "so the loss and its gradient are identically 0. Use K >= 4 (Rethinking OPD §6.3).",
+            "objective.topk=1 with topk_variant=renorm: both sides renormalise to 1 on a single id, so the "
+            "loss and its gradient are identically 0. Use K >= 4 (Rethinking OPD §6.3).",
             stacklevel=3,
         )
 

@@ -27,56 +27,78 @@ def shape(
     """The step's ``Shaping``: the loss mask narrowed (loss windows, TIP, KAT, SEAD's skip zone) and the
     per-token weights; weighting metrics go into ``batch.metrics``. ``kat_ema`` is KAT's running threshold
     (None before its first step); its new value is returned beside the shaping."""
-    wcfg, objective, rollout, signal_ = config.weighting, config.objective, batch.rollout, batch.signal
-    assert signal_ is not None
+    weighting_config, objective, rollout, signal = (
+        config.weighting,
+        config.objective,
+        batch.rollout,
+        batch.signal,
+    )
+    assert signal is not None
     mask_BT = rollout.loss_mask_BT
     weight_BT = mask_BT.float()
     metrics = batch.metrics
     student_logits_BTV = student_logp_BT = student_entropy_BT = None
     record = OBJECTIVES[objective.type]
-    if wcfg.needs_student_pass or record.student_pass:
+    if weighting_config.needs_student_pass or record.student_pass:
         with torch.no_grad():  # the untempered student over the whole step (the sampler's may be tempered)
             student_logits_BTV = completion_logits(student, rollout)
             student_logp_BT = losses.token_logprobs(student_logits_BTV, rollout.tokens_BT)
-            if wcfg.tip_ratio or record.student_entropy:  # once, for whichever reads it
+            if weighting_config.tip_ratio or record.student_entropy:  # once, for whichever reads it
                 student_entropy_BT = diagnostics.token_entropy(student_logits_BTV)
 
-    if wcfg.position_decay:
+    if weighting_config.position_decay:
         weight_BT = weight_BT * weighting.position_decay(
-            mask_BT, wcfg.position_decay, config.rollout.max_new_tokens
+            mask_BT, weighting_config.position_decay, config.rollout.max_new_tokens
         )
-    if wcfg.position_limit:
-        mask_BT = mask_BT & (torch.arange(mask_BT.shape[1]) < wcfg.position_limit)
-    if wcfg.loss_window:
+    if weighting_config.position_limit:
+        mask_BT = mask_BT & (torch.arange(mask_BT.shape[1]) < weighting_config.position_limit)
+    if weighting_config.loss_window:
         generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + step)
-        mask_BT = weighting.window_mask(mask_BT, wcfg.loss_window, wcfg.loss_window_from, generator)
-    if wcfg.iw_opd_gamma:
+        mask_BT = weighting.window_mask(
+            mask_BT, weighting_config.loss_window, weighting_config.loss_window_from, generator
+        )
+    if weighting_config.iw_opd_gamma:
         iw_BT, iw_metrics = weighting.iw_opd_weights(
-            signal_.token_logp_BT, rollout.sampler_logp_BT, mask_BT, wcfg.iw_opd_gamma
+            signal.token_logp_BT, rollout.sampler_logp_BT, mask_BT, weighting_config.iw_opd_gamma
         )
         weight_BT = weight_BT * iw_BT
         metrics.update(iw_metrics)
-    if wcfg.prune:
-        assert student_logits_BTV is not None and signal_.topk_ids_BTK is not None
+    if weighting_config.prune:
+        assert student_logits_BTV is not None and signal.topk_ids_BTK is not None
         student_ids_BTK = student_logits_BTV.topk(objective.topk, dim=-1).indices
-        overlap_BT = diagnostics.topk_overlap(student_ids_BTK, signal_.topk_ids_BTK)
+        overlap_BT = diagnostics.topk_overlap(student_ids_BTK, signal.topk_ids_BTK)
         prune_BT, prune_metrics = weighting.prune_weights(
-            overlap_BT, mask_BT, wcfg.prune_eta, wcfg.prune_zeta, wcfg.prune_max_events
+            overlap_BT,
+            mask_BT,
+            weighting_config.prune_eta,
+            weighting_config.prune_zeta,
+            weighting_config.prune_max_events,
         )
         weight_BT = weight_BT * prune_BT
         metrics.update(prune_metrics)
-    if wcfg.tip_ratio:  # student entropy × JSD_0.5 / ln 2 against the teacher, over the whole batch
+    if (
+        weighting_config.tip_ratio
+    ):  # student entropy × JSD_0.5 / ln 2 against the teacher, over the whole batch
         assert student_logits_BTV is not None and student_entropy_BT is not None
-        assert signal_.logits_BTV is not None
-        jsd_BT = losses.generalized_jsd(student_logits_BTV, signal_.logits_BTV, 0.5) / math.log(2)
-        mask_BT, tip_metrics = weighting.tip_keep_mask(student_entropy_BT, jsd_BT, mask_BT, wcfg.tip_ratio)
+        assert signal.logits_BTV is not None
+        jsd_BT = losses.generalized_jsd(student_logits_BTV, signal.logits_BTV, 0.5) / math.log(2)
+        mask_BT, tip_metrics = weighting.tip_keep_mask(
+            student_entropy_BT, jsd_BT, mask_BT, weighting_config.tip_ratio
+        )
         metrics.update(tip_metrics)
-    if wcfg.kat:  # k_t = max(ℓ_t, 0) on the sampled tokens [D]; the threshold follows the run's median
+    if (
+        weighting_config.kat
+    ):  # k_t = max(ℓ_t, 0) on the sampled tokens [D]; the threshold follows the run's median
         assert student_logp_BT is not None
-        kl_BT = (student_logp_BT - signal_.token_logp_BT).clamp(min=0)
-        threshold, kat_ema = weighting.kat_threshold(kl_BT, mask_BT, kat_ema, wcfg.kat_kappa)
+        kl_BT = (student_logp_BT - signal.token_logp_BT).clamp(min=0)
+        threshold, kat_ema = weighting.kat_threshold(kl_BT, mask_BT, kat_ema, weighting_config.kat_kappa)
         mask_BT, trapped_B = weighting.kat_trap_mask(
-            kl_BT, mask_BT, threshold, wcfg.kat_window, wcfg.kat_patience, wcfg.kat_min_position
+            kl_BT,
+            mask_BT,
+            threshold,
+            weighting_config.kat_window,
+            weighting_config.kat_patience,
+            weighting_config.kat_min_position,
         )
         metrics["kat_trap_rate"] = float(trapped_B.float().mean())
 
@@ -95,9 +117,15 @@ def shape(
             )
     if record.shaping is not None:  # the objective's own weights and masks (registry.py)
         inputs = ShapingInputs(
-            objective, batch, student_logp_BT, student_entropy_BT, step, config.train.steps,
-            config.rollout.n_per_prompt, metrics,
-        )  # fmt: skip
+            objective,
+            batch,
+            student_logp_BT,
+            student_entropy_BT,
+            step,
+            config.train.steps,
+            config.rollout.n_per_prompt,
+            metrics,
+        )
         record.shaping(inputs, shaping)
     mask_BT = shaping.mask_BT
 

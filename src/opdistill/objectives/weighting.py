@@ -49,9 +49,9 @@ def _by_group(values_B: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def position_decay(mask_BT: torch.Tensor, alpha: float, max_len: int, hard_limit: int = 0) -> torch.Tensor:
     """Open-OPD position-decay weights w_t = exp(-α t / L_max) at 0-based response position t (docs/math.md
-    math.md §8.4; α ∈ [1, 5]), the cheap baseline for every horizon method. ``hard_limit`` > 0 zeroes t ≥ L_kl_max
-    (the loop masks those tokens instead, so they also leave the token count). Shapes: mask [B, T] → w [B, T]
-    float32, zero on unmasked positions."""
+    math.md §8.4; α ∈ [1, 5]), the cheap baseline for every horizon method. ``hard_limit`` > 0 zeroes t ≥
+    L_kl_max (the loop masks those tokens instead, so they also leave the token count). Shapes: mask [B, T] →
+    w [B, T] float32, zero on unmasked positions."""
     mask_BT = mask_BT.bool()
     t_T = torch.arange(mask_BT.shape[1], device=mask_BT.device, dtype=torch.float32)
     w_T = torch.exp(-alpha * t_T / max_len)

@@ -87,8 +87,8 @@ def overlap_stats(
     2604.13016; math.md §11.4), from both models' top-k ids and full-vocabulary-normalised log-probs,
     as masked means over positions: ``overlap`` = |I|/k with I = S_p ∩ S_q, ``overlap_mass_student`` = Σ_I p,
     ``overlap_mass_teacher`` = Σ_I q, and ``overlap_advantage`` = mean_{v∈I} p̄(v)(log q̄(v) - log p̄(v)) with
-    p̄, q̄ renormalised on I, over positions with I non-empty. Its sum over I is -KL(p̄ ‖ q̄), so it is ≤ 0 and
-    → 0 as OPD succeeds; the overlap and both masses rise (97–99% mass in successful runs). The teacher's
+    p̄, q̄ renormalised on I, over positions with I non-empty. Its sum over I is -KL(p̄ ‖ q̄), so it is ≤ 0
+    and → 0 as OPD succeeds; the overlap and both masses rise (97–99% mass in successful runs). The teacher's
     log-prob at a student id is read from the teacher's top-k, which holds every id of I. Ids are assumed
     duplicate-free. Shapes: four [B, T, k] tensors and mask [B, T] → dict of floats."""
     mask_BT = mask_BT.bool()
@@ -125,7 +125,8 @@ def entropy_gap(
 def teacher_rank(teacher_topk_ids_BTK: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
     """1-based rank of each sampled token among the teacher's top-k ids (most likely first), k + 1 when it is
     absent (math.md §13.3, §13.6; Open-OPD ``compute_teacher_rank_at_k``): sampled tokens drifting out
-    of the teacher's top-k late in a response mark coverage decay. Shapes: [B, T, k], [B, T] → [B, T] int64."""
+    of the teacher's top-k late in a response mark coverage decay. Shapes: [B, T, k], [B, T] → [B, T]
+    int64."""
     hit_BTK = teacher_topk_ids_BTK == tokens_BT.unsqueeze(-1)
     k = teacher_topk_ids_BTK.shape[-1]
     return torch.where(hit_BTK.any(-1), hit_BTK.long().argmax(-1) + 1, k + 1)
@@ -134,7 +135,8 @@ def teacher_rank(teacher_topk_ids_BTK: torch.Tensor, tokens_BT: torch.Tensor) ->
 def _bucket_means(
     values_BT: torch.Tensor, mask_BT: torch.Tensor, bucket_BT: torch.Tensor, n: int
 ) -> list[float | None]:
-    """Mean of the masked values in each bucket 0..n-1 (None for an empty one); other bucket ids are dropped."""
+    """Mean of the masked values in each bucket 0..n-1 (None for an empty one); other bucket ids are
+    dropped."""
     values_BT, mask_BT = at_least_fp32(values_BT.detach()), mask_BT.bool()
     means: list[float | None] = []
     for bucket in range(n):
@@ -172,8 +174,8 @@ def abs_log_ratio_quantiles(
     log_ratio_BT: torch.Tensor, mask_BT: torch.Tensor, qs: Sequence[float] = (0.5, 0.9, 0.99)
 ) -> dict[str, float]:
     """Quantiles of |ℓ| = |log p_S(y) - log p_T(y)| over masked tokens (linear interpolation; docs/math.md
-    math.md §13.3, §13.6): a widening upper tail flags tokens the teacher finds implausible (Fu et al. Fig. 4). Keys
-    ``abs_log_ratio_p50`` etc. Shapes: [B, T] ×2 → dict of floats (0.0 for an empty mask)."""
+    math.md §13.3, §13.6): a widening upper tail flags tokens the teacher finds implausible (Fu et al. Fig.
+    4). Keys ``abs_log_ratio_p50`` etc. Shapes: [B, T] ×2 → dict of floats (0.0 for an empty mask)."""
     values_N = at_least_fp32(log_ratio_BT.detach())[mask_BT.bool()].abs()
     keys = [f"abs_log_ratio_p{100 * q:g}" for q in qs]
     if not values_N.numel():
@@ -260,7 +262,8 @@ def gap_recovery(acc_after: float, acc_before: float, acc_teacher: float) -> flo
 
 def diversity_collapse(student_her: float, teacher_her: float, ratio: float = 0.5) -> bool:
     """Alarm when the student's high-entropy-token rate falls below ``ratio`` × the teacher's (docs/math.md
-    math.md §13.1; EOPD, Jin et al. 2026, saw 6.8% vs 18.5% under vanilla OPD). Never fires for a teacher rate of 0."""
+    math.md §13.1; EOPD, Jin et al. 2026, saw 6.8% vs 18.5% under vanilla OPD). Never fires for a teacher rate
+    of 0."""
     return student_her < ratio * teacher_her
 
 

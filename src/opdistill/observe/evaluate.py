@@ -38,9 +38,14 @@ def sample_completions(
     texts: list[str] = []
     for start in range(0, len(repeated), batch_size):
         rollout = sample_prompts(
-            model, tokenizer, repeated[start : start + batch_size], max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, generator=generator,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            repeated[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            generator=generator,
+        )
         keep_BT = rollout.loss_mask_BT & (rollout.tokens_BT != tokenizer.eos_token_id)
         texts.extend(decode_completions(tokenizer, rollout.tokens_BT, keep_BT))
     return texts

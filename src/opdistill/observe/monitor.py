@@ -31,28 +31,29 @@ TRAP_RATE = 0.25  # [D] share of responses in a KL agreement trap that trips the
 @torch.no_grad()
 def diagnose(config: Config, student, tokenizer, batch: StepBatch) -> dict[str, float | list[float | None]]:
     """Top-k overlap and masses, entropies and high-entropy rates of both models, |log-ratio| quantiles,
-    per-position sampled reverse KL (by decile of length, and by token position in math.md §13.3's bins), exact
-    reverse KL, overlap and teacher rank, the 3-gram repetition rate and StableOPD's zlib repetition rate
-    of the decoded responses, on ``batch``'s rollouts. Entropies of the teacher are at the student's states."""
-    rollout, signal_ = batch.rollout, batch.signal
-    assert signal_ is not None and signal_.topk_ids_BTK is not None and signal_.topk_logp_BTK is not None
-    assert signal_.entropy_BT is not None
-    mask_BT, k = rollout.loss_mask_BT, signal_.topk_ids_BTK.shape[-1]
+    per-position sampled reverse KL (by decile of length, and by token position in math.md §13.3's bins),
+    exact reverse KL, overlap and teacher rank, the 3-gram repetition rate and StableOPD's zlib repetition
+    rate of the decoded responses, on ``batch``'s rollouts. Entropies of the teacher are at the student's
+    states."""
+    rollout, signal = batch.rollout, batch.signal
+    assert signal is not None and signal.topk_ids_BTK is not None and signal.topk_logp_BTK is not None
+    assert signal.entropy_BT is not None
+    mask_BT, k = rollout.loss_mask_BT, signal.topk_ids_BTK.shape[-1]
     logits_BTV = completion_logits(student, rollout)
     student_ids_BTK, student_topk_BTK = losses.topk_logprobs(logits_BTV, k)
-    log_ratio_BT = losses.token_logprobs(logits_BTV, rollout.tokens_BT) - signal_.token_logp_BT
+    log_ratio_BT = losses.token_logprobs(logits_BTV, rollout.tokens_BT) - signal.token_logp_BT
     student_entropy_BT = diagnostics.token_entropy(logits_BTV)
-    overlap_BT = diagnostics.topk_overlap(student_ids_BTK, signal_.topk_ids_BTK)
-    rank_BT = diagnostics.teacher_rank(signal_.topk_ids_BTK, rollout.tokens_BT)
+    overlap_BT = diagnostics.topk_overlap(student_ids_BTK, signal.topk_ids_BTK)
+    rank_BT = diagnostics.teacher_rank(signal.topk_ids_BTK, rollout.tokens_BT)
     out: dict[str, float | list[float | None]] = {
         **diagnostics.overlap_stats(
-            student_ids_BTK, student_topk_BTK, signal_.topk_ids_BTK, signal_.topk_logp_BTK, mask_BT
+            student_ids_BTK, student_topk_BTK, signal.topk_ids_BTK, signal.topk_logp_BTK, mask_BT
         ),
         **diagnostics.abs_log_ratio_quantiles(log_ratio_BT, mask_BT),
-        "teacher_entropy": losses.masked_mean(signal_.entropy_BT, mask_BT),
-        "entropy_gap": diagnostics.entropy_gap(student_entropy_BT, signal_.entropy_BT, mask_BT),
+        "teacher_entropy": losses.masked_mean(signal.entropy_BT, mask_BT),
+        "entropy_gap": diagnostics.entropy_gap(student_entropy_BT, signal.entropy_BT, mask_BT),
         "student_high_entropy_rate": diagnostics.high_entropy_rate(student_entropy_BT, mask_BT),
-        "teacher_high_entropy_rate": diagnostics.high_entropy_rate(signal_.entropy_BT, mask_BT),
+        "teacher_high_entropy_rate": diagnostics.high_entropy_rate(signal.entropy_BT, mask_BT),
         "repeated_token_rate": diagnostics.repeated_token_rate(rollout.tokens_BT, mask_BT),
         "repetition_rate": diagnostics.repetition_rate(
             decode_completions(tokenizer, rollout.tokens_BT, rollout.loss_mask_BT)
@@ -62,16 +63,26 @@ def diagnose(config: Config, student, tokenizer, batch: StepBatch) -> dict[str, 
         "overlap_by_position": diagnostics.relative_buckets(overlap_BT, mask_BT, POSITION_BUCKETS),
         "teacher_rank_by_position": diagnostics.relative_buckets(rank_BT.double(), mask_BT, POSITION_BUCKETS),
     }
-    wcfg = config.weighting  # KAT's rule, as a diagnostic: where the rollouts are long enough to trap
-    if mask_BT.sum(1).max() >= wcfg.kat_min_position + wcfg.kat_patience * wcfg.kat_window:
+    weighting_config = (
+        config.weighting
+    )  # KAT's rule, as a diagnostic: where the rollouts are long enough to trap
+    if (
+        mask_BT.sum(1).max()
+        >= weighting_config.kat_min_position + weighting_config.kat_patience * weighting_config.kat_window
+    ):
         kl_BT = log_ratio_BT.clamp(min=0)
-        threshold = wcfg.kat_kappa * float(kl_BT[mask_BT.bool()].median())
+        threshold = weighting_config.kat_kappa * float(kl_BT[mask_BT.bool()].median())
         _, trapped_B = weighting.kat_trap_mask(
-            kl_BT, mask_BT, threshold, wcfg.kat_window, wcfg.kat_patience, wcfg.kat_min_position
+            kl_BT,
+            mask_BT,
+            threshold,
+            weighting_config.kat_window,
+            weighting_config.kat_patience,
+            weighting_config.kat_min_position,
         )
         out["kl_trap_rate"] = float(trapped_B.float().mean())
-    if signal_.logits_BTV is not None:  # the exact reverse KL where the teacher sent full logits
-        exact_BT = losses.generalized_jsd(logits_BTV, signal_.logits_BTV, beta=1.0)
+    if signal.logits_BTV is not None:  # the exact reverse KL where the teacher sent full logits
+        exact_BT = losses.generalized_jsd(logits_BTV, signal.logits_BTV, beta=1.0)
         out["exact_kl_by_position"] = diagnostics.relative_buckets(exact_BT, mask_BT, POSITION_BUCKETS)
     return out
 
@@ -112,18 +123,27 @@ def alarms(record: dict, state: AlarmState, evaluated: bool) -> list[str]:
     student = record.get("student_high_entropy_rate", math.inf)  # both are there on diagnostics steps
     teacher = record.get("teacher_high_entropy_rate", 0.0)
     if teacher >= MIN_TEACHER_HER and diagnostics.diversity_collapse(student, teacher):
-        trip("diversity_collapse", f"the student's high-entropy-token rate {student:.3f} is under half the "
-             f"teacher's {teacher:.3f} at the same states (EOPD saw 6.8% vs 18.5% under plain OPD).")  # fmt: skip
+        trip(
+            "diversity_collapse",
+            f"the student's high-entropy-token rate {student:.3f} is under half the teacher's {teacher:.3f} "
+            "at the same states (EOPD saw 6.8% vs 18.5% under plain OPD).",
+        )
     if record.get("kl_trap_rate", 0.0) >= TRAP_RATE:
-        trip("kl_agreement_trap", f"{record['kl_trap_rate']:.0%} of the responses end in a stretch where the "
-             "teacher agrees with the student (persistently low KL after a drift; KAT, Xin et al. 2026): the "
-             "teacher gives no corrective signal there. Consider weighting.kat=true.")  # fmt: skip
+        trip(
+            "kl_agreement_trap",
+            f"{record['kl_trap_rate']:.0%} of the responses end in a stretch where the teacher agrees with "
+            "the student (persistently low KL after a drift; KAT, Xin et al. 2026): the teacher gives no "
+            "corrective signal there. Consider weighting.kat=true.",
+        )
     if "truncation_rate" in record:
         history = state.truncation_history
         history[:] = [*history, record["truncation_rate"]][-TRUNCATION_STEPS:]
         if len(history) == TRUNCATION_STEPS and min(history) >= 0.5:
-            trip("truncation_collapse", f"at least half the responses hit rollout.max_new_tokens for "
-                 f"{TRUNCATION_STEPS} steps in a row (StableOPD's truncation-repetition inflation).")  # fmt: skip
+            trip(
+                "truncation_collapse",
+                f"at least half the responses hit rollout.max_new_tokens for {TRUNCATION_STEPS} steps in a "
+                "row (StableOPD's truncation-repetition inflation).",
+            )
     if "teacher_kl" in record:
         window = state.kl_since_eval
         window.append(record["teacher_kl"])
@@ -132,6 +152,9 @@ def alarms(record: dict, state: AlarmState, evaluated: bool) -> list[str]:
             per_eval.append(sum(window) / len(window))
             window.clear()
             if diagnostics.rising(per_eval, RISING_EVALS):
-                trip("teacher_kl_rising", f"the mean teacher_kl rose over the last {RISING_EVALS} evaluations: "
-                     f"{', '.join(f'{v:.3g}' for v in per_eval[-RISING_EVALS:])}.")  # fmt: skip
+                trip(
+                    "teacher_kl_rising",
+                    f"the mean teacher_kl rose over the last {RISING_EVALS} evaluations: "
+                    f"{', '.join(f'{v:.3g}' for v in per_eval[-RISING_EVALS:])}.",
+                )
     return fired

@@ -27,20 +27,31 @@ LINE_FIGURES = [
     ("Held-out greedy accuracy", [("eval.jsonl", "elapsed_s", "greedy_acc", "", "-o")], "greedy accuracy"),
     ("Teacher KL (mean sampled reverse KL)", [("metrics.jsonl", "step", "teacher_kl", "", "-")], "nats"),
     ("Training loss", [("metrics.jsonl", "step", "loss", "", "-")], "loss"),
-    ("High-entropy-token rate (> 0.8 nats): student vs teacher at the student's states", [
-        ("metrics.jsonl", "step", "student_high_entropy_rate", " student", "-o"),
-        ("metrics.jsonl", "step", "teacher_high_entropy_rate", " teacher", "--s"),
-    ], "share of tokens"),
+    (
+        "High-entropy-token rate (> 0.8 nats): student vs teacher at the student's states",
+        [
+            ("metrics.jsonl", "step", "student_high_entropy_rate", " student", "-o"),
+            ("metrics.jsonl", "step", "teacher_high_entropy_rate", " teacher", "--s"),
+        ],
+        "share of tokens",
+    ),
     ("Student token entropy on its own rollouts", [("metrics.jsonl", "step", "entropy", "", "-")], "nats"),
-    ("Top-k overlap and the mass each model puts on it", [
-        ("metrics.jsonl", "step", "overlap", " overlap", "-o"),
-        ("metrics.jsonl", "step", "overlap_mass_student", " student mass", "--"),
-        ("metrics.jsonl", "step", "overlap_mass_teacher", " teacher mass", ":"),
-    ], "share"),
+    (
+        "Top-k overlap and the mass each model puts on it",
+        [
+            ("metrics.jsonl", "step", "overlap", " overlap", "-o"),
+            ("metrics.jsonl", "step", "overlap_mass_student", " student mass", "--"),
+            ("metrics.jsonl", "step", "overlap_mass_teacher", " teacher mass", ":"),
+        ],
+        "share",
+    ),
     ("Response length", [("metrics.jsonl", "step", "response_length", "", "-")], "tokens"),
-    ("Truncation rate (responses that hit the length cap)", [("metrics.jsonl", "step", "truncation_rate", "", "-")],
-     "share of responses"),
-]  # fmt: skip
+    (
+        "Truncation rate (responses that hit the length cap)",
+        [("metrics.jsonl", "step", "truncation_rate", "", "-")],
+        "share of responses",
+    ),
+]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -52,7 +63,8 @@ def _embed(fig, path: Path, alt: str) -> str:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
 def _lines(runs: dict[str, Path], series: list, ylabel: str, path: Path, alt: str) -> str:
@@ -63,8 +75,14 @@ def _lines(runs: dict[str, Path], series: list, ylabel: str, path: Path, alt: st
         for log, x, y, suffix, style in series:
             records = [r for r in read_jsonl(run_dir / log) if isinstance(r.get(y), int | float)]
             if records:
-                ax.plot([r[x] for r in records], [r[y] for r in records], style, color=color, markersize=3,
-                        label=name + suffix)  # fmt: skip
+                ax.plot(
+                    [r[x] for r in records],
+                    [r[y] for r in records],
+                    style,
+                    color=color,
+                    markersize=3,
+                    label=name + suffix,
+                )
                 drawn = True
     if not drawn:
         plt.close(fig)
@@ -83,8 +101,13 @@ def _heat_map(name: str, run_dir: Path, path: Path) -> str:
         return ""
     grid = [[math.nan if v is None else v for v in r["kl_by_position"]] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 2.8), dpi=110)
-    image = ax.imshow(grid, aspect="auto", cmap="magma", origin="lower",
-                      extent=(0, 100, rows[0]["step"], rows[-1]["step"] + 1))  # fmt: skip
+    image = ax.imshow(
+        grid,
+        aspect="auto",
+        cmap="magma",
+        origin="lower",
+        extent=(0, 100, rows[0]["step"], rows[-1]["step"] + 1),
+    )
     fig.colorbar(image, ax=ax, label="nats")
     ax.set_xlabel("position in the response (% of its length)")
     ax.set_ylabel("step")
@@ -101,8 +124,13 @@ def _pass_at_k_curve(runs: dict[str, Path], path: Path) -> str:
         sampled = [r for r in read_jsonl(run_dir / "eval.jsonl") if any(k.startswith("pass@") for k in r)]
         if sampled:
             ks = sorted(int(k[5:]) for k in sampled[-1] if k.startswith("pass@"))
-            ax.plot(ks, [sampled[-1][f"pass@{k}"] for k in ks], "-o", markersize=3,
-                    label=f"{name} (step {sampled[-1]['step']})")  # fmt: skip
+            ax.plot(
+                ks,
+                [sampled[-1][f"pass@{k}"] for k in ks],
+                "-o",
+                markersize=3,
+                label=f"{name} (step {sampled[-1]['step']})",
+            )
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -129,8 +157,10 @@ def _config_rows(runs: dict[str, Path]) -> str:
             if value != defaults[section].get(key) and key not in ("train_file", "eval_file")
         ]
         objective = (config.get("objective") or {}).get("type", "?")
-        body.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(objective)}</td>"
-                    f"<td>{html.escape(', '.join(changed) or 'defaults')}</td></tr>")  # fmt: skip
+        body.append(
+            f"<tr><td>{html.escape(name)}</td><td>{html.escape(objective)}</td>"
+            f"<td>{html.escape(', '.join(changed) or 'defaults')}</td></tr>"
+        )
     return (
         "<table><tr><th>run</th><th>objective</th><th>settings changed from the defaults</th></tr>"
         + "".join(body)
@@ -141,8 +171,10 @@ def _config_rows(runs: dict[str, Path]) -> str:
 def _final_eval_rows(runs: dict[str, Path]) -> str:
     """The last evaluation of each run: accuracy, pass@k and diversity when sampled."""
     lasts = {name: (read_jsonl(d / "eval.jsonl") or [{}])[-1] for name, d in runs.items()}
-    keys = sorted({k for r in lasts.values() for k in r if k.startswith(("greedy", "avg@", "pass@", "distinct"))},
-                  key=lambda k: (not k.startswith("greedy"), len(k), k))  # fmt: skip
+    keys = sorted(
+        {k for r in lasts.values() for k in r if k.startswith(("greedy", "avg@", "pass@", "distinct"))},
+        key=lambda k: (not k.startswith("greedy"), len(k), k),
+    )
     if not keys:
         return ""
     head = "".join(f"<th>{html.escape(k)}</th>" for k in ["run", "step", *keys])
@@ -159,8 +191,10 @@ def _alarm_rows(runs: dict[str, Path]) -> str:
     rows = [(n, a) for n, d in runs.items() for a in read_jsonl(d / "alarms.jsonl")]
     if not rows:
         return "<p>No alarm tripped.</p>"
-    body = "".join(f"<tr><td>{html.escape(n)}</td><td>{a['step']}</td><td>{html.escape(a['alarm'])}</td></tr>"
-                   for n, a in rows)  # fmt: skip
+    body = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{a['step']}</td><td>{html.escape(a['alarm'])}</td></tr>"
+        for n, a in rows
+    )
     return f"<table><tr><th>run</th><th>step</th><th>alarm</th></tr>{body}</table>"
 
 
@@ -180,17 +214,21 @@ def write_report(
     heat_maps = "".join(
         _heat_map(n, d, plots / f"kl_by_position_{i}.png") for i, (n, d) in enumerate(runs.items())
     )
-    gap = "".join(section(h) for h in ("Held-out greedy accuracy", "Teacher KL (mean sampled reverse KL)",
-                                       "Training loss"))  # fmt: skip
+    gap = "".join(
+        section(h)
+        for h in ("Held-out greedy accuracy", "Teacher KL (mean sampled reverse KL)", "Training loss")
+    )
     diversity = "".join(section(h) for h, _, _ in LINE_FIGURES[3:5])
     signal = heat_maps + "".join(section(h) for h, _, _ in LINE_FIGURES[5:])
+    pass_at_k = _pass_at_k_curve(runs, plots / "pass_at_k.png")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:860px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+table{{border-collapse:collapse;margin:0.5em 0}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 th:first-child,td:first-child,td:nth-child(3){{text-align:left}}img{{max-width:100%}}</style></head><body>
 <h1>{html.escape(title)}</h1>{table}
 <h2>Runs</h2>{_config_rows(runs)}
-<h2>Did the student close the gap?</h2>{_final_eval_rows(runs)}{_pass_at_k_curve(runs, plots / "pass_at_k.png")}{gap}
+<h2>Did the student close the gap?</h2>{_final_eval_rows(runs)}{pass_at_k}{gap}
 <h2>Did diversity collapse?</h2>{diversity or "<p>No diagnostics logged (train.diagnostics_every=0).</p>"}
 <h2>Alarms</h2>{_alarm_rows(runs)}
 <h2>Where does the teacher's signal degrade?</h2>

@@ -15,7 +15,7 @@ class Board:
     stay in metrics.jsonl only. A resumed run passes ``purge_step`` (its first step): what the interrupted
     session logged from that step on is hidden, as metrics.jsonl is truncated, so no step appears twice."""
 
-    def __init__(self, out: Path, enabled: bool, purge_step: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: int | None = None):
         self.writer = None
         if enabled:
             try:
@@ -24,7 +24,7 @@ class Board:
                 raise UserError(
                     "train.tensorboard=true needs the tensorboard package: pip install tensorboard"
                 ) from None
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def __enter__(self) -> Board:
         return self
@@ -44,8 +44,8 @@ class Board:
 class Log:
     """The run's JSONL logs (``metrics.jsonl``, ``alarms.jsonl``), written by rank 0 only."""
 
-    def __init__(self, out: Path, world: World):
-        self.out, self.enabled, self.files = out, world.is_main, {}
+    def __init__(self, run_dir: Path, world: World):
+        self.run_dir, self.enabled, self.files = run_dir, world.is_main, {}
 
     def __enter__(self) -> Log:
         return self
@@ -58,6 +58,6 @@ class Log:
         if not self.enabled:
             return
         if name not in self.files:
-            self.files[name] = (self.out / f"{name}.jsonl").open("a")
+            self.files[name] = (self.run_dir / f"{name}.jsonl").open("a")
         self.files[name].write(json.dumps(record) + "\n")
         self.files[name].flush()

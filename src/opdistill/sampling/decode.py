@@ -34,14 +34,24 @@ class HFDecoder:
         self.model, self.past = model, None
 
     def prefill(self, ids_BP, attention_BP, position_BP, max_len: int) -> torch.Tensor:
-        out = self.model(input_ids=ids_BP, attention_mask=attention_BP, position_ids=position_BP,
-                         use_cache=True, logits_to_keep=1)  # fmt: skip
+        out = self.model(
+            input_ids=ids_BP,
+            attention_mask=attention_BP,
+            position_ids=position_BP,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.past = out.past_key_values
         return out.logits[:, -1]
 
     def step(self, token_B, attention_BL, position_B1) -> torch.Tensor:
-        out = self.model(input_ids=token_B[:, None], attention_mask=attention_BL, position_ids=position_B1,
-                         past_key_values=self.past, use_cache=True)  # fmt: skip
+        out = self.model(
+            input_ids=token_B[:, None],
+            attention_mask=attention_BL,
+            position_ids=position_B1,
+            past_key_values=self.past,
+            use_cache=True,
+        )
         self.past = out.past_key_values
         return out.logits[:, -1]
 
@@ -68,12 +78,17 @@ class Block(NamedTuple):
         biased = attn.q_proj.bias is not None
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         return cls(
-            layer.input_layernorm.weight, torch.cat([p.weight for p in projections]),
-            torch.cat([p.bias for p in projections]) if biased else None, attn.o_proj.weight, attn.o_proj.bias,
-            None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight,
-            layer.post_attention_layernorm.weight, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+            layer.input_layernorm.weight,
+            torch.cat([p.weight for p in projections]),
+            torch.cat([p.bias for p in projections]) if biased else None,
+            attn.o_proj.weight,
+            attn.o_proj.bias,
+            None if q_norm is None else q_norm.weight,
+            None if k_norm is None else k_norm.weight,
+            layer.post_attention_layernorm.weight,
+            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
             mlp.down_proj.weight,
-        )  # fmt: skip
+        )
 
 
 class LeanDecoder:
@@ -110,8 +125,15 @@ class LeanDecoder:
         linears, blocks = [model.lm_head], cast(list[Any], list(layers))
         for layer in blocks:
             attn, mlp = layer.self_attn, layer.mlp
-            linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
-                        mlp.down_proj]  # fmt: skip
+            linears += [
+                attn.q_proj,
+                attn.k_proj,
+                attn.v_proj,
+                attn.o_proj,
+                mlp.gate_proj,
+                mlp.up_proj,
+                mlp.down_proj,
+            ]
             if getattr(attn, "sliding_window", None) or type(mlp.act_fn).__name__ != "SiLUActivation":
                 return False
         # plain nn.Linear only (not PEFT's LoRA layers), with whole tensors (FSDP2 shards into DTensors and
@@ -131,8 +153,9 @@ class LeanDecoder:
         # rotate_half(x) = roll(x, D/2) with its first half negated: the sign goes into sin
         sin = torch.cat([-sin[..., : D // 2], sin[..., D // 2 :]], dim=-1)
         self.cos_M1D, self.sin_M1D = cos[0, :, None], sin[0, :, None]
-        # the additive mask of every decode step: the prompt's padding is never attended, every sampled position
-        # is (generate's attention mask only grows by ones); the prompt's own queries also see no later key
+        # the additive mask of every decode step: the prompt's padding is never attended, every sampled
+        # position is (generate's attention mask only grows by ones); the prompt's own queries also see no
+        # later key
         lowest = torch.finfo(self.embed.dtype).min
         bias_BM = self.embed.new_zeros(B, max_len)
         bias_BM[:, :P].masked_fill_(~attention_BP.bool(), lowest)
@@ -186,7 +209,8 @@ class LeanDecoder:
 
 
 def sharded(model) -> bool:
-    """Whether ``model``'s weights are FSDP2 shards (DTensors), gathered by its module hooks at each forward."""
+    """Whether ``model``'s weights are FSDP2 shards (DTensors), gathered by its module hooks at each
+    forward."""
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 

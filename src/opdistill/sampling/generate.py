@@ -72,9 +72,14 @@ def generate(
             for start in range(0, len(pending), batch_size):
                 rows = pending[start : start + batch_size]
                 rollout = sample_prompts(
-                    model, tokenizer, encode_prompts(tokenizer, [wanted[i] for i in rows]),
-                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
-                )  # fmt: skip
+                    model,
+                    tokenizer,
+                    encode_prompts(tokenizer, [wanted[i] for i in rows]),
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    generator=generator,
+                )
                 keep_BT = rollout.loss_mask_BT & (rollout.tokens_BT != tokenizer.eos_token_id)
                 texts = decode_completions(tokenizer, rollout.tokens_BT, keep_BT)
                 for row, text, truncated in zip(rows, texts, rollout.truncated_B.tolist(), strict=True):

@@ -29,7 +29,8 @@ prompts and lays the chosen completions out as the sampler does: right-padded, E
 the first EOS, ``truncated_B`` where no EOS falls within ``max_new_tokens``. Its ``sampler_logp_BT`` is y_o's
 for rows that keep y_o and 0 on refined rows: those tokens were not sampled by the student, so estimators
 that rely on on-policy samples (the sampled-token PG branch, importance ratios, sampled KL estimates) are not
-valid on them; distil along y_r with a divergence over the teacher's distribution (math.md §9.3: FKL, full vocab).
+valid on them; distil along y_r with a divergence over the teacher's distribution (math.md §9.3: FKL,
+full vocab).
 
 Metrics (floats, shares of the batch's rows): ``trd_refined`` (trained on y_r), ``trd_fail_to_pass`` and
 ``trd_pass_to_fail`` (y_o failed and y_r passed / y_o passed and y_r failed, whichever the row keeps: the
@@ -71,7 +72,9 @@ def refine(
     if len(rows) != rollout.tokens_BT.shape[0]:
         raise ValueError(f"refine got {len(rows)} examples for {rollout.tokens_BT.shape[0]} rollout rows")
     drafts = [row[mask].tolist() for row, mask in zip(rollout.tokens_BT, rollout.loss_mask_BT, strict=True)]
-    prompts = [row[mask].tolist() for row, mask in zip(rollout.prompt_ids_BP, rollout.prompt_mask_BP, strict=True)]  # fmt: skip
+    prompts = [
+        row[mask].tolist() for row, mask in zip(rollout.prompt_ids_BP, rollout.prompt_mask_BP, strict=True)
+    ]
     metrics: dict[str, float] = {}
     if settings.mode == "prefix":
         cut_B = prefix_cuts(teacher, rollout, settings.cut_topk).tolist()
@@ -113,7 +116,10 @@ def refine(
                 chosen_B[b] = False
 
     completions = [r if c else d for r, d, c in zip(refined, drafts, chosen_B, strict=True)]
-    sampler_logp = [None if c else logp[: len(d)].tolist() for c, d, logp in zip(chosen_B, drafts, rollout.sampler_logp_BT, strict=True)]  # fmt: skip
+    sampler_logp = [
+        None if c else logp[: len(d)].tolist()
+        for c, d, logp in zip(chosen_B, drafts, rollout.sampler_logp_BT, strict=True)
+    ]
     n = len(rows)
     metrics.update(
         trd_refined=sum(chosen_B) / n,
@@ -158,9 +164,14 @@ def continue_prefixes(
         return refined
     budget = {b: max_new_tokens - cut_B[b] for b in cut_rows}
     continued = sample_prompts(
-        teacher, tokenizer, [prompts[b] + drafts[b][: cut_B[b]] for b in cut_rows],
-        max_new_tokens=max(budget.values()), temperature=temperature, top_p=1.0, generator=generator,
-    )  # fmt: skip
+        teacher,
+        tokenizer,
+        [prompts[b] + drafts[b][: cut_B[b]] for b in cut_rows],
+        max_new_tokens=max(budget.values()),
+        temperature=temperature,
+        top_p=1.0,
+        generator=generator,
+    )
     for row, b in enumerate(cut_rows):
         tail = continued.tokens_BT[row][continued.loss_mask_BT[row]].tolist()
         refined[b] = drafts[b][: cut_B[b]] + tail[: budget[b]]
@@ -176,14 +187,22 @@ def rewrite_drafts(
     max_new_tokens: int,
     generator: torch.Generator | None,
 ) -> list[list[int]]:
-    """Per row the teacher's answer to ``settings.template`` filled with the example's last turn and the decoded
-    draft, re-encoded with the shared tokenizer (EOS appended only if the teacher ended with one); a row
-    whose teacher ran out of budget without writing any text keeps its draft."""
-    examples = [teacher_example(ex, completion_text(tokenizer, d), settings.template) for ex, d in zip(rows, drafts, strict=True)]  # fmt: skip
+    """Per row the teacher's answer to ``settings.template`` filled with the example's last turn and the
+    decoded draft, re-encoded with the shared tokenizer (EOS appended only if the teacher ended with one); a
+    row whose teacher ran out of budget without writing any text keeps its draft."""
+    examples = [
+        teacher_example(ex, completion_text(tokenizer, d), settings.template)
+        for ex, d in zip(rows, drafts, strict=True)
+    ]
     written = sample_prompts(
-        teacher, tokenizer, encode_prompts(tokenizer, examples), max_new_tokens=max_new_tokens,
-        temperature=settings.temperature, top_p=1.0, generator=generator,
-    )  # fmt: skip
+        teacher,
+        tokenizer,
+        encode_prompts(tokenizer, examples),
+        max_new_tokens=max_new_tokens,
+        temperature=settings.temperature,
+        top_p=1.0,
+        generator=generator,
+    )
     refined = []
     for b, draft in enumerate(drafts):
         text = completion_text(tokenizer, written.tokens_BT[b][written.loss_mask_BT[b]].tolist())
@@ -228,8 +247,9 @@ def layout(
     tokenizer,
     max_new_tokens: int,
 ) -> Rollout:
-    """``rollout``'s prompts with ``completions`` (each ending at its first EOS, if any) laid out as the sampler
-    lays them out; ``sampler_logp`` per row: its behaviour log-probs, or None for 0 (not the student's sample)."""
+    """``rollout``'s prompts with ``completions`` (each ending at its first EOS, if any) laid out as the
+    sampler lays them out; ``sampler_logp`` per row: its behaviour log-probs, or None for 0 (not the student's
+    sample)."""
     tokens_BT, loss_mask_BT = right_pad(completions, tokenizer.pad_token_id)
     sampler_logp_BT = torch.zeros(tokens_BT.shape)
     for b, logp in enumerate(sampler_logp):

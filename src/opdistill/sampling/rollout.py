@@ -184,8 +184,18 @@ def sample_prompts(
     model.eval()
     try:
         return generate(
-            model, ids_BP, mask_BP, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, generator=generator, rows=rows, all_finished=all_finished, guide=guide,
-        )  # fmt: skip
+            model,
+            ids_BP,
+            mask_BP,
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            temperature=temperature,
+            top_p=top_p,
+            generator=generator,
+            rows=rows,
+            all_finished=all_finished,
+            guide=guide,
+        )
     finally:
         model.train(was_training)

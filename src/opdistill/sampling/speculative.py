@@ -24,10 +24,10 @@ class SpeculativeGuide:
 
     The teacher keeps its own KV cache (decode.py: the lean step where it applies) over exactly the student's
     prefix (same prompt ids, attention mask and position ids; then the final tokens), so it costs one teacher
-    decode per token. Its uniforms come from its own ``generator``, and every step draws ``total`` of them and uses this batch's rows, as ``generate``
-    does: a row's sample is the same for any split of the batch across ranks, and the student's draws are
-    those of plain sampling (with ``generator=None`` both would share the global stream, which breaks this).
-    ``teacher`` is put in eval mode.
+    decode per token. Its uniforms come from its own ``generator``, and every step draws ``total`` of them and
+    uses this batch's rows, as ``generate`` does: a row's sample is the same for any split of the batch across
+    ranks, and the student's draws are those of plain sampling (with ``generator=None`` both would share the
+    global stream, which breaks this). ``teacher`` is put in eval mode.
 
     ``stats()`` and ``replaced_BT`` describe the last rollout, over real tokens only (up to and including each
     row's EOS); under torchrun they are this rank's share (sum ``skd_proposed`` and ``skd_replaced``).

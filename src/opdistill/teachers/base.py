@@ -1,7 +1,8 @@
 """Teachers score the student's tokens. The loop asks for exactly the signal its objective needs.
 
 ``LocalTeacher`` (local.py) runs the model in this process; ``RemoteTeacher`` (remote.py) asks
-``opd serve-teacher`` (server.py) or a vLLM server over HTTP. ``make_teacher`` picks one from a ``ModelSpec``."""
+``opd serve-teacher`` (server.py) or a vLLM server over HTTP. ``make_teacher`` picks one from a
+``ModelSpec``."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def run_teachers(
     widest, vocab = max(config.teacher_request.topk, config.objective.student_topk), len(tokenizer)
     if teachers and widest > vocab:
         raise UserError(
-            f"a top-K of {widest} ids is more than the vocabulary ({vocab} ids): "
-            "lower objective.topk / objective.baseline_topk."
+            f"a top-K of {widest} ids is more than the vocabulary ({vocab} ids): lower objective.topk / "
+            "objective.baseline_topk."
         )
     return teachers, ema_model

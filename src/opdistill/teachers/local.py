@@ -11,8 +11,8 @@ from opdistill.types import Rollout, SignalRequest, TeacherSignal
 
 
 class LocalTeacher:
-    """An HF model in this process; one forward over prompt ⊕ completion per rollout. It is frozen, unless it is
-    the student itself (``frozen=False``: OPSD's live self-teacher scores with the current weights)."""
+    """An HF model in this process; one forward over prompt ⊕ completion per rollout. It is frozen, unless it
+    is the student itself (``frozen=False``: OPSD's live self-teacher scores with the current weights)."""
 
     def __init__(self, model, frozen: bool = True):
         self.model = model.eval().requires_grad_(False) if frozen else model

@@ -98,10 +98,10 @@ class RemoteTeacher:
             )
         if self.api == "vllm" and (request.at_ids or request.entropy):
             raise UserError(
-                "a vLLM teacher (teacher.api=vllm) sends only L0 and its own top-K (L1), not log-probs at the "
-                "student's ids (objective.topk_support=student/union, baseline_topk) or its entropy (sead, "
-                "weighting.eopd_coef, diagnostics): use topk_support=teacher, set train.diagnostics_every=0, "
-                "or serve the teacher with opd serve-teacher."
+                "a vLLM teacher (teacher.api=vllm) sends only L0 and its own top-K (L1), not log-probs at "
+                "the student's ids (objective.topk_support=student/union, baseline_topk) or its entropy "
+                "(sead, weighting.eopd_coef, diagnostics): use topk_support=teacher, set "
+                "train.diagnostics_every=0, or serve the teacher with opd serve-teacher."
             )
 
     def score(
@@ -236,8 +236,8 @@ class RemoteTeacher:
             if attempt < self.retries:
                 delay = min(self.backoff_s * 2**attempt, self.max_backoff_s)
                 print(
-                    f"opd: teacher at {self.url}: {method} {path} failed ({last}); "
-                    f"retry {attempt + 1}/{self.retries} in {delay:g} s",
+                    f"opd: teacher at {self.url}: {method} {path} failed ({last}); retry "
+                    f"{attempt + 1}/{self.retries} in {delay:g} s",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -278,8 +278,8 @@ class RemoteTeacher:
             )
             raise UserError(
                 f"the vLLM teacher at {self.url} tokenizes a probe text differently from the student (first "
-                f"difference at token {at}: {theirs[at : at + 3]} vs {ours[at : at + 3]}); teacher and student "
-                "must share one tokenizer."
+                f"difference at token {at}: {theirs[at : at + 3]} vs {ours[at : at + 3]}); teacher and "
+                "student must share one tokenizer."
             )
 
 
@@ -334,8 +334,8 @@ def parse_vllm_prompt_logprobs(
     if not isinstance(prompt_logprobs, list) or len(prompt_logprobs) != prompt_len + n:
         got = len(prompt_logprobs) if isinstance(prompt_logprobs, list) else prompt_logprobs
         raise UserError(
-            f"{url} answered without prompt_logprobs for all {prompt_len + n} positions (got {got!r}); "
-            "the teacher needs a vLLM server with prompt_logprobs support."
+            f"{url} answered without prompt_logprobs for all {prompt_len + n} positions (got {got!r}); the "
+            "teacher needs a vLLM server with prompt_logprobs support."
         )
     token_logprobs, topk_ids, topk_logprobs = [], [], []
     for t, token in enumerate(completion_ids):
@@ -347,8 +347,8 @@ def parse_vllm_prompt_logprobs(
             ranked = sorted(entry.items(), key=lambda item: -float(item[1]["logprob"]))[:topk]
             if len(ranked) < topk:
                 raise UserError(
-                    f"{url} sent {len(ranked)} log-probs per position, fewer than top-K = {topk}; "
-                    "start vLLM with --max-logprobs of at least K."
+                    f"{url} sent {len(ranked)} log-probs per position, fewer than top-K = {topk}; start vLLM "
+                    "with --max-logprobs of at least K."
                 )
             topk_ids.append([int(token_id) for token_id, _ in ranked])
             topk_logprobs.append([float(value["logprob"]) for _, value in ranked])

@@ -57,7 +57,8 @@ class RequestError(Exception):
 
 @dataclass
 class _Job:
-    """One /score request waiting for the worker: its sequences, what it asks for, and where the answer goes."""
+    """One /score request waiting for the worker: its sequences, what it asks for, and where the answer
+    goes."""
 
     prompts: list[list[int]]
     completions: list[list[int]]
@@ -369,14 +370,14 @@ def serve(
         signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops the server as Ctrl-C does
     server.start()
     print(
-        f"opd serve-teacher: {model_dir} on {server.info['device']} at {server.url} "
-        f"(at most {max_tokens} tokens per request); Ctrl-C stops.",
+        f"opd serve-teacher: {model_dir} on {server.info['device']} at {server.url} (at most {max_tokens} "
+        "tokens per request); Ctrl-C stops.",
         flush=True,
     )
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(
-            "opd serve-teacher: warning: listening beyond loopback with no authentication; "
-            "anyone who reaches this port can use the teacher.",
+            "opd serve-teacher: warning: listening beyond loopback with no authentication; anyone who "
+            "reaches this port can use the teacher.",
             file=sys.stderr,
             flush=True,
         )

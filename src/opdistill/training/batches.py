@@ -86,7 +86,7 @@ def batch_context(
     tokenizer,
     student,
     teachers: Mapping[str, Teacher],
-    out: Path,
+    run_dir: Path,
     world: World = ONE_PROCESS,
     reference: Teacher | None = None,
 ) -> tuple[BatchContext, Cost]:
@@ -95,12 +95,12 @@ def batch_context(
     data, cost = config.data, Cost()
     prompts: PromptStream = task.train
     if data.curriculum:
-        prompts, cost = curriculum(config, task, tokenizer, student, out, world)
+        prompts, cost = curriculum(config, task, tokenizer, student, run_dir, world)
     elif data.select_fraction:
-        prompts, cost = selected_prompts(config, task, tokenizer, student, teachers.get(""), out, world)
+        prompts, cost = selected_prompts(config, task, tokenizer, student, teachers.get(""), run_dir, world)
     off_policy: PromptStream = task.train
     if data.completions == "teacher_pool" and uses_off_policy(config):
-        off_policy, pool_cost = teacher_pool(config, task, tokenizer, teachers[""], out, world)
+        off_policy, pool_cost = teacher_pool(config, task, tokenizer, teachers[""], run_dir, world)
         cost = cost + pool_cost
     scorer = Scorer(config, tokenizer, student, teachers)
     context = BatchContext(
@@ -273,9 +273,10 @@ def score(
     request: SignalRequest | None = None,
     teacher_view: Rollout | None = None,
 ) -> TeacherSignal:
-    """The teacher's signal for ``rollout`` (``request``, by default the objective's), scored on ``teacher_view``
-    when given (the same completions after other prompts: OPSD); for L1s it scores the student's own top-K ids
-    at each visited state (one student forward without gradient, on the student's prompts)."""
+    """The teacher's signal for ``rollout`` (``request``, by default the objective's), scored on
+    ``teacher_view`` when given (the same completions after other prompts: OPSD); for L1s it scores the
+    student's own top-K ids at each visited state (one student forward without gradient, on the student's
+    prompts)."""
     k, ids_BTK = config.objective.student_topk, None
     if k:
         with torch.no_grad():
@@ -284,9 +285,9 @@ def score(
 
 
 class Scorer:
-    """Who scores a step's rollout (rows = the example of each sequence): the teacher each example's ``teacher``
-    tag names (untagged: the default teacher), with per-teacher metrics when there are several; or OPSD's
-    self-teacher, which sees every prompt with its example's privileged context (``opsd.template`` and
+    """Who scores a step's rollout (rows = the example of each sequence): the teacher each example's
+    ``teacher`` tag names (untagged: the default teacher), with per-teacher metrics when there are several; or
+    OPSD's self-teacher, which sees every prompt with its example's privileged context (``opsd.template`` and
     ``opsd.system``). Its prompts are longer than the student's, and its scores line up with the student's by
     response position: ``completion_logits`` reads the last T + 1 positions of prompt ⊕ completion."""
 
@@ -327,12 +328,14 @@ class Scorer:
         return TeacherSignal.gather(parts, len(tags)), metrics
 
     def view(self, rollout: Rollout, rows: Sequence[Example]) -> Rollout:
-        """``rollout`` with the self-teacher's prompts: each row's example shown with its privileged context."""
+        """``rollout`` with the self-teacher's prompts: each row's example shown with its privileged
+        context."""
         opsd = self.config.opsd
         missing = [ex.id or ex.prompt for ex in rows if not ex.privileged]
         if missing:
             raise UserError(
-                f"opsd.teacher={opsd.teacher} needs a 'privileged' field on every example; {missing[0]!r} has none."
+                f"opsd.teacher={opsd.teacher} needs a 'privileged' field on every example; {missing[0]!r} "
+                "has none."
             )
         views = [privileged_view(ex, opsd.template, opsd.system) for ex in rows]
         ids_BP, mask_BP = left_pad(encode_prompts(self.tokenizer, views), self.tokenizer.pad_token_id)
@@ -343,12 +346,12 @@ class Scorer:
 
 
 def teacher_pool(
-    config: Config, task: Task, tokenizer, teacher, out: Path, world: World
+    config: Config, task: Task, tokenizer, teacher, run_dir: Path, world: World
 ) -> tuple[ExampleStream, Cost]:
     """Teacher completions for the first ``pool_size`` training prompts, made once (their time and tokens
     count against the run) and reused every epoch; kept in the run directory (every rank makes it, rank 0
     writes it) so resume reuses them."""
-    path = out / "teacher_pool.jsonl"
+    path = run_dir / "teacher_pool.jsonl"
     cached = path.is_file()
     world.barrier()  # every rank has looked before rank 0 writes
     if cached:

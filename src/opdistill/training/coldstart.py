@@ -42,7 +42,7 @@ def cold_start(
     tokenizer,
     model,
     teacher,
-    out: Path,
+    run_dir: Path,
     world: World,
     *,
     resume: bool = False,
@@ -52,36 +52,45 @@ def cold_start(
     samples; returns the prompt keys (``prompt_key``) it trained on, which distillation must avoid, and what
     it cost (its time and tokens count against the run, as the curriculum's do; nothing on resume).
 
-    ``teacher`` is the run's local teacher (``LocalTeacher``: it samples, so a remote one is refused). Each rank generates the same samples (seed
-    ``train.seed``) and trains on its share of each step's ``cold_start.prompts_per_step`` kept samples, walked
-    in seeded epochs; rank 0 writes ``out/cold_start.jsonl`` (the kept samples, written last: the cold start
-    is complete when it exists) and ``out/cold_start_metrics.jsonl`` (one line per SFT step). ``resume``: the
-    student comes from a checkpoint taken after the cold start, so only its prompts are read back."""
+    ``teacher`` is the run's local teacher (``LocalTeacher``: it samples, so a remote one is refused). Each
+    rank generates the same samples (seed ``train.seed``) and trains on its share of each step's
+    ``cold_start.prompts_per_step`` kept samples, walked in seeded epochs; rank 0 writes
+    ``run_dir/cold_start.jsonl`` (the kept samples, written last: the cold start is complete when it exists)
+    and ``run_dir/cold_start_metrics.jsonl`` (one line per SFT step). ``resume``: the student comes from a
+    checkpoint taken after the cold start, so only its prompts are read back."""
     cold = config.cold_start
-    path = out / "cold_start.jsonl"
+    path = run_dir / "cold_start.jsonl"
     if resume:
         if not path.is_file():
             raise UserError(
-                f"resuming a run with cold_start.samples > 0 needs {path}, written when its cold start ended; "
-                "restore it, or start a new run."
+                f"resuming a run with cold_start.samples > 0 needs {path}, written when its cold start "
+                "ended; restore it, or start a new run."
             )
         return frozenset(prompt_key(ex) for ex in read_jsonl(path)), Cost()
     if not isinstance(teacher, LocalTeacher):
         raise UserError(
-            "cold_start samples from the teacher, and a remote teacher (teacher.url) only scores: give a local "
-            "teacher.path or set cold_start.samples=0."
+            "cold_start samples from the teacher, and a remote teacher (teacher.url) only scores: give a "
+            "local teacher.path or set cold_start.samples=0."
         )
     if cold.prompts_per_step % world.size:
         raise UserError(
-            f"cold_start.prompts_per_step={cold.prompts_per_step} must divide evenly across {world.size} ranks."
+            f"cold_start.prompts_per_step={cold.prompts_per_step} must divide evenly across {world.size} "
+            "ranks."
         )
     started = time.perf_counter()
     examples = [task.train[i] for i in range(cold.samples)]
     kept, counts = generate(
-        teacher.model, tokenizer, examples, n=1, max_new_tokens=config.rollout.max_new_tokens,
-        temperature=cold.temperature, require=re.compile(cold.require) if cold.require else None,
-        max_retries=MAX_RETRIES, seed=config.train.seed, show_progress=show_progress,
-    )  # fmt: skip
+        teacher.model,
+        tokenizer,
+        examples,
+        n=1,
+        max_new_tokens=config.rollout.max_new_tokens,
+        temperature=cold.temperature,
+        require=re.compile(cold.require) if cold.require else None,
+        max_retries=MAX_RETRIES,
+        seed=config.train.seed,
+        show_progress=show_progress,
+    )
     if not kept:
         reasons = ", ".join(f"{n} {reason}" for reason, n in counts.items() if reason != "kept")
         raise UserError(
@@ -110,15 +119,15 @@ def cold_start(
             bad_steps = 0 if _finite(metrics) else bad_steps + 1  # train_step skipped that update
             if bad_steps >= config.train.max_bad_steps:
                 raise UserError(
-                    f"the cold start's loss or gradient was not finite for {bad_steps} steps in a row; "
-                    "lower cold_start.lr."
+                    f"the cold start's loss or gradient was not finite for {bad_steps} steps in a row; lower "
+                    "cold_start.lr."
                 )
             trained_tokens += metrics["student_train_tokens"]
             records.append({"step": step + 1, "lr": lr, **{k: metrics[k] for k in ("loss", "grad_norm")}})
             bar.update(step + 1, 0.0, {"loss": metrics["loss"]})
 
     if world.is_main:
-        (out / "cold_start_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (run_dir / "cold_start_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         write_jsonl(kept, path)
     cost = Cost(
         distributed.all_sum(time.perf_counter() - started, world) / world.size,

@@ -1,7 +1,7 @@
-"""torch.distributed under ``torchrun``: process group, sharding the step's prompts, gradient sync, reductions.
+"""torch.distributed under ``torchrun``: process group, the step's prompts sharded, gradient sync, reductions.
 
-A run started by ``torchrun --nproc_per_node=N`` has N ranks; each samples, has the teacher score, and trains on
-its contiguous share of the step's prompts. The student is replicated with DDP or sharded with FSDP2
+A run started by ``torchrun --nproc_per_node=N`` has N ranks; each samples, has the teacher score, and trains
+on its contiguous share of the step's prompts. The student is replicated with DDP or sharded with FSDP2
 (``fully_shard``, ``train.parallel``); both average gradients over ranks, and the loss is normalised by the
 step's global token count, so each rank's loss is scaled by N: the update is the same as one process's on the
 whole batch. Rank 0 alone writes logs and checkpoints. Without torchrun the world is one rank and every
@@ -131,9 +131,9 @@ def all_sum(value: float, world: World) -> float:
 
 def reduce_metrics(record: dict[str, Any], world: World, summed: tuple[str, ...]) -> dict[str, Any]:
     """One record for the whole step from every rank's: ``summed`` keys (counters) add up, ``*_min``/``*_max``
-    take the extreme, other numbers (and lists of numbers, element-wise, skipping None) average over ranks — each rank holds
-    the same number of sequences, so a mean of per-rank means is the batch mean for sequence-level metrics and
-    close to it for token-weighted ones."""
+    take the extreme, other numbers (and lists of numbers, element-wise, skipping None) average over ranks —
+    each rank holds the same number of sequences, so a mean of per-rank means is the batch mean for
+    sequence-level metrics and close to it for token-weighted ones."""
     if world.size == 1:
         return record
     gathered: list[dict[str, Any]] = [{} for _ in range(world.size)]
@@ -195,7 +195,8 @@ def adamw(
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a full optimizer state dict written by ``full_state`` (every rank reads it from the checkpoint)."""
+    """Load a full optimizer state dict written by ``full_state`` (every rank reads it from the
+    checkpoint)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
@@ -208,7 +209,7 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
         raise UserError(
-            f"train.parallel=fsdp shards the decoder layers at model.model.layers, which {type(model).__name__} "
-            "does not have; use train.parallel=ddp."
+            "train.parallel=fsdp shards the decoder layers at model.model.layers, which "
+            f"{type(model).__name__} does not have; use train.parallel=ddp."
         )
     return list(layers)

@@ -71,12 +71,12 @@ def run(
 
 
 def _run(config: Config, world: World, resume: bool, stop_after: int | None, show_progress: bool) -> dict:
-    out, train = Path(config.train.out_dir), config.train
-    distill = OBJECTIVES[config.objective.type].distills
+    run_dir, train = Path(config.train.out_dir), config.train
+    distills = OBJECTIVES[config.objective.type].distills
     if train.threads:
         torch.set_num_threads(train.threads)
     task = task_from_config(config.data, train.seed)
-    checkpoint, saved = _open_run_directory(config, out, world, resume)
+    checkpoint, saved = _open_run_directory(config, run_dir, world, resume)
     state = RunState.from_dict(saved) if resume else RunState()
 
     # a fresh model gets a character tokenizer over the task's text (read only when one is built)
@@ -92,7 +92,7 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
         config, tokenizer, student, initial_student, saved.get("self_teacher"), world.device
     )
     reference = initial_student() if config.objective.ref_kl_coef else None  # StableOPD's ref-KL term
-    # the loss runs through `model` (DDP / FSDP2 under torchrun); sampling, scoring and evaluation use `student`
+    # the loss runs through `model` (DDP / FSDP2 under torchrun); sampling, scoring, evaluation use `student`
     model = distributed.wrap(student, world, train.parallel)
     if config.cold_start.samples:  # SFT on teacher samples first; distillation then avoids their prompts
         seen, cost = cold_start(
@@ -101,14 +101,16 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
             tokenizer,
             model,
             teachers[""],
-            out,
+            run_dir,
             world,
             resume=resume,
             show_progress=show_progress,
         )
         state.charge(cost)
         task = dataclasses.replace(task, train=disjoint(task.train, seen))
-    context, cost = batches.batch_context(config, task, tokenizer, student, teachers, out, world, reference)
+    context, cost = batches.batch_context(
+        config, task, tokenizer, student, teachers, run_dir, world, reference
+    )
     state.charge(cost)
     optimizer = distributed.adamw(model, config.optim.lr, config.optim.betas, config.optim.weight_decay)
     if resume:
@@ -116,7 +118,7 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
 
     def save() -> dict | None:  # a checkpoint holds the EMA self-teacher too
         extra = {} if ema_model is None else {"self_teacher": ema_model.state_dict()}
-        return _checkpoint(config, out, model, tokenizer, optimizer, {**state.to_dict(), **extra}, world)
+        return _checkpoint(config, run_dir, model, tokenizer, optimizer, {**state.to_dict(), **extra}, world)
 
     # Ctrl-C or a scheduler's SIGTERM ends the run after the current step, with a checkpoint to resume from
     stop_requested = []
@@ -125,16 +127,16 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
     }
     last_eval: dict[str, float] = {}
     session_steps = 0
-    title = f"{'distill' if distill else 'sft'} {out.name}"
+    title = f"{'distill' if distills else 'sft'} {run_dir.name}"
     bar = (
         ProgressBar(title, train.steps, state.step, train.time_budget_s) if show_progress else NullProgress()
     )
     periodic_eval = bool(task.test) and bool(train.eval_every or train.eval_every_s)
     if periodic_eval and state.step == 0:  # where the curves start: the model before training
-        last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state, world)
+        last_eval = _evaluate_and_log(config, student, tokenizer, task, run_dir, state, world)
     try:
-        board = Board(out, train.tensorboard and world.is_main, state.step + 1 if resume else None)
-        with bar, board, Log(out, world) as log:
+        board = Board(run_dir, train.tensorboard and world.is_main, state.step + 1 if resume else None)
+        with bar, board, Log(run_dir, world) as log:
             if last_eval:  # the step-0 evaluation, made before the loop
                 board.log("eval", last_eval)
             while state.step < train.steps and not _out_of_time(config, state):
@@ -147,7 +149,7 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
                     group["lr"] = lr
 
                 batch = batches.next_batch(context, step)  # prompts → roll out → score
-                if distill:
+                if distills:
                     batch.shaping, state.kat_ema = shaping.shape(config, student, batch, step, state.kat_ema)
                 if config.diagnostics_due(step):  # on the policy that sampled the batch, before the update
                     batch.metrics.update(monitor.diagnose(config, student, tokenizer, batch))
@@ -162,13 +164,13 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
                 if state.bad_steps >= train.max_bad_steps:
                     raise UserError(
                         f"the loss or gradient was not finite for {state.bad_steps} steps in a row (steps "
-                        f"{step + 2 - state.bad_steps}-{step + 1}, skipped); lower optim.lr or check the teacher "
-                        "and data."
+                        f"{step + 2 - state.bad_steps}-{step + 1}, skipped); lower optim.lr or check the "
+                        "teacher and data."
                     )
 
                 evaluated = periodic_eval and _eval_due(config, state, step_s)
                 if evaluated:
-                    last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state, world)
+                    last_eval = _evaluate_and_log(config, student, tokenizer, task, run_dir, state, world)
                     board.log("eval", last_eval)
                 for message in monitor.alarms(record, state.alarms, evaluated):  # each printed once, kept
                     bar.note(f"alarm at step {step + 1}: {message}")
@@ -181,19 +183,19 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
                 stop = distributed.all_sum(float(bool(stop_requested)), world) > 0  # any rank interrupted
                 if not final and (stop or (stop_after is not None and session_steps >= stop_after)):
                     save()
-                    return {"stopped_at": state.step, "out": str(out), "complete": False}
+                    return {"stopped_at": state.step, "out": str(run_dir), "complete": False}
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
     if task.test and last_eval.get("step") != state.step:
-        last_eval = _evaluate_and_log(config, student, tokenizer, task, out, state, world)
+        last_eval = _evaluate_and_log(config, student, tokenizer, task, run_dir, state, world)
     model_state = save()
     if world.is_main:
-        save_model(student, tokenizer, out / "final", model_state and dict(model_state))
+        save_model(student, tokenizer, run_dir / "final", model_state and dict(model_state))
     world.barrier()
     return {
-        "out": str(out),
+        "out": str(run_dir),
         "complete": True,
         "steps": state.step,
         "final_eval": last_eval,
@@ -201,23 +203,25 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
     }
 
 
-def _open_run_directory(config: Config, out: Path, world: World, resume: bool) -> tuple[Path | None, dict]:
+def _open_run_directory(
+    config: Config, run_dir: Path, world: World, resume: bool
+) -> tuple[Path | None, dict]:
     """The checkpoint to resume from and what it saved (logs cut back to its step), or none for a new run;
     a new run refuses a directory that already holds one. Writes the resolved config."""
     checkpoint, saved = None, {}
     if resume:
-        checkpoint = latest_checkpoint(out)
+        checkpoint = latest_checkpoint(run_dir)
         saved = load_state(checkpoint)
         for name in LOGS if world.is_main else ():
-            truncate_jsonl(out / name, saved["step"])
-    elif (out / "metrics.jsonl").exists():
+            truncate_jsonl(run_dir / name, saved["step"])
+    elif (run_dir / "metrics.jsonl").exists():
         raise UserError(
-            f"run directory {out} already holds a run; pass --resume or choose another train.out_dir."
+            f"run directory {run_dir} already holds a run; pass --resume or choose another train.out_dir."
         )
     world.barrier()  # every rank has looked before rank 0 writes
     if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
     return checkpoint, saved
 
 
@@ -254,7 +258,7 @@ def _eval_due(config: Config, state: RunState, step_s: float) -> bool:
 
 
 def _evaluate_and_log(
-    config: Config, student, tokenizer, task: Task, out: Path, state: RunState, world: World
+    config: Config, student, tokenizer, task: Task, run_dir: Path, state: RunState, world: World
 ) -> dict:
     """Every rank evaluates (an FSDP2-sharded student needs all ranks in each forward); rank 0 logs."""
     result = evaluate(
@@ -269,20 +273,21 @@ def _evaluate_and_log(
     )
     record = {"step": state.step, "elapsed_s": state.elapsed_s, **result}
     if world.is_main:
-        with (out / "eval.jsonl").open("a") as handle:
+        with (run_dir / "eval.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
     return record
 
 
 def _checkpoint(
-    config: Config, out: Path, model, tokenizer, optimizer, saved: dict, world: World
+    config: Config, run_dir: Path, model, tokenizer, optimizer, saved: dict, world: World
 ) -> dict | None:
     """Full model and optimizer state (gathered from the shards under FSDP2) into ``checkpoints/step_N`` by
-    rank 0; returns the model's full state dict under FSDP2 (``save_pretrained`` consumes what it is given)."""
+    rank 0; returns the model's full state dict under FSDP2 (``save_pretrained`` consumes what it is
+    given)."""
     model_state, optimizer_state = distributed.full_state(model, optimizer)
     if world.is_main:
         save_checkpoint(
-            out,
+            run_dir,
             saved["step"],
             distributed.unwrap(model),
             tokenizer,

@@ -19,8 +19,8 @@ from opdistill.types import StepBatch
 
 def train_step(config: Config, model, optimizer, batch: StepBatch, world: World = ONE_PROCESS) -> dict:
     """Backward over micro-batches, each loss normalised by the whole step's counts over all micro-batches and
-    ranks (so neither micro-batching nor world size changes the update), plus the optional SFT-stabiliser term;
-    then clip and AdamW. A non-finite loss or gradient skips the update; the returned metrics say so."""
+    ranks (so neither micro-batching nor world size changes the update), plus the optional SFT-stabiliser
+    term; then clip and AdamW. A non-finite loss or gradient skips the update; the returned metrics say so."""
     objective, rollout = config.objective, batch.rollout
     optimizer.zero_grad(set_to_none=True)
     loss_mask_BT = rollout.loss_mask_BT if batch.shaping is None else batch.shaping.mask_BT
@@ -29,9 +29,14 @@ def train_step(config: Config, model, optimizer, batch: StepBatch, world: World 
     normalizer = losses.Normalizer(objective.aggregation, tokens, rows, objective.aggregation_constant)
     sft = batch.sft_rollout
     totals = _backward(
-        model, loss_mask_BT, normalizer, lambda part: micro_batch_loss(config, model, batch.select(part)),
-        config.train.micro_batch_size, world, last=sft is None,
-    )  # fmt: skip
+        model,
+        loss_mask_BT,
+        normalizer,
+        lambda part: micro_batch_loss(config, model, batch.select(part)),
+        config.train.micro_batch_size,
+        world,
+        last=sft is None,
+    )
     trained_tokens = int(rollout.attention_mask.sum())
     if sft is not None:  # the SFT-stabiliser (math.md §5.5): token-mean CE on its own batch
         sft_tokens = distributed.all_sum(float(sft.loss_mask_BT.sum()), world)
@@ -68,7 +73,8 @@ def train_step(config: Config, model, optimizer, batch: StepBatch, world: World 
 
 
 def micro_batch_loss(config: Config, model, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
-    """The configured objective's per-token loss on one micro-batch, through the student's forward (with grad)."""
+    """The configured objective's per-token loss on one micro-batch, through the student's forward (with
+    grad)."""
     return objective_loss(config, completion_logits(model, batch.rollout), batch)
 
 
@@ -84,9 +90,10 @@ def _backward(
     world: World,
     last: bool,
 ) -> dict[str, float]:
-    """Accumulate gradients of ``normalizer(per_token_loss(rows))`` over micro-batches of this rank's rows; returns
-    this rank's summed loss and token-weighted metrics (min/max for ``*_min``/``*_max``). Ranks average their
-    gradients, so each rank's loss counts ``world.size`` times; they sync once, in the step's ``last`` backward."""
+    """Accumulate gradients of ``normalizer(per_token_loss(rows))`` over micro-batches of this rank's rows;
+    returns this rank's summed loss and token-weighted metrics (min/max for ``*_min``/``*_max``). Ranks
+    average their gradients, so each rank's loss counts ``world.size`` times; they sync once, in the step's
+    ``last`` backward."""
     rows = loss_mask_BT.shape[0]
     micro = micro_batch_size or rows
     tokens = max(float(loss_mask_BT.sum()), 1.0)

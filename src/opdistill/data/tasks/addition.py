@@ -48,7 +48,8 @@ def problem(a: int, b: int, digits: int, chain: bool = True) -> Example:
 
 
 def with_context(ex: Example, privileged: str, shown: bool) -> Example:
-    """``ex`` in an OPSD regime: its privileged context (the rule, or its own answer), in the prompt if shown."""
+    """``ex`` in an OPSD regime: its privileged context (the rule, or its own answer), in the prompt if
+    shown."""
     if privileged == "rule":
         answer = ex.answer[::-1]
         chain = ex.completion.rpartition(">")[0]
