@@ -177,9 +177,8 @@ def main() -> None:
         bound = baseline / 8
         for name, result in (("default", default), ("mmap", fixed)):
             masked = result["peak_before"] - result["resident_before"]
-            if (
-                masked > 16 * MB
-            ):  # an earlier high-water mark above the pre-loss state: the extra is overstated
+            # an earlier high-water mark above the pre-loss state: the extra is overstated
+            if masked > 16 * MB:
                 print(
                     f"note: {case} ({name}): peak before the loss was {masked / MB:.0f} MB above the "
                     "resident set",

@@ -42,7 +42,7 @@ def test_every_section_reference_names_a_docs_file_and_section():
         capture_output=True,
         text=True,
         cwd=ROOT,
-    ).stdout.split("\n")  # fmt: skip  (the git arguments read as one command line)
+    ).stdout.split("\n")
     references = {tuple(line.split(" §")) for line in cited if line}
     assert references, "the code cites no section at all: the pattern is wrong"
     for name, section in sorted(references):

@@ -58,7 +58,7 @@ def curriculum(
         temperature=config.rollout.temperature,
         n=n,
         seed=config.train.seed,
-    )  # fmt: skip  (keyword arguments on two lines rather than eight)
+    )
     difficulty = [
         1 - sum(task.verify(texts[i * n + j], ex) for j in range(n)) / n for i, ex in enumerate(examples)
     ]
@@ -68,7 +68,7 @@ def curriculum(
                 json.dumps({"example": dataclasses.asdict(ex), "difficulty": d}) + "\n"
                 for ex, d in zip(examples, difficulty, strict=True)
             )
-        )  # fmt: skip  (the generator reads as one expression)
+        )
     sampled_tokens = sum(len(encode_completion(tokenizer, t)) for t in texts)
     cost = Cost(time.perf_counter() - started, student_sampled_tokens=sampled_tokens)
     return CurriculumStream(examples, difficulty, config), cost

@@ -76,9 +76,8 @@ def shape(
         )
         weight_BT = weight_BT * prune_BT
         metrics.update(prune_metrics)
-    if (
-        weighting_config.tip_ratio
-    ):  # student entropy × JSD_0.5 / ln 2 against the teacher, over the whole batch
+    # student entropy × JSD_0.5 / ln 2 against the teacher, over the whole batch
+    if weighting_config.tip_ratio:
         assert student_logits_BTV is not None and student_entropy_BT is not None
         assert signal.logits_BTV is not None
         jsd_BT = losses.generalized_jsd(student_logits_BTV, signal.logits_BTV, 0.5) / math.log(2)
@@ -86,9 +85,8 @@ def shape(
             student_entropy_BT, jsd_BT, mask_BT, weighting_config.tip_ratio
         )
         metrics.update(tip_metrics)
-    if (
-        weighting_config.kat
-    ):  # k_t = max(ℓ_t, 0) on the sampled tokens [D]; the threshold follows the run's median
+    # k_t = max(ℓ_t, 0) on the sampled tokens [D]; the threshold follows the run's median
+    if weighting_config.kat:
         assert student_logp_BT is not None
         kl_BT = (student_logp_BT - signal.token_logp_BT).clamp(min=0)
         threshold, kat_ema = weighting.kat_threshold(kl_BT, mask_BT, kat_ema, weighting_config.kat_kappa)

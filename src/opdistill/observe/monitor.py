@@ -63,22 +63,18 @@ def diagnose(config: Config, student, tokenizer, batch: StepBatch) -> dict[str, 
         "overlap_by_position": diagnostics.relative_buckets(overlap_BT, mask_BT, POSITION_BUCKETS),
         "teacher_rank_by_position": diagnostics.relative_buckets(rank_BT.double(), mask_BT, POSITION_BUCKETS),
     }
-    weighting_config = (
-        config.weighting
-    )  # KAT's rule, as a diagnostic: where the rollouts are long enough to trap
-    if (
-        mask_BT.sum(1).max()
-        >= weighting_config.kat_min_position + weighting_config.kat_patience * weighting_config.kat_window
-    ):
+    # KAT's rule, as a diagnostic: where the rollouts are long enough to trap
+    kat = config.weighting
+    if mask_BT.sum(1).max() >= kat.kat_min_position + kat.kat_patience * kat.kat_window:
         kl_BT = log_ratio_BT.clamp(min=0)
-        threshold = weighting_config.kat_kappa * float(kl_BT[mask_BT.bool()].median())
+        threshold = kat.kat_kappa * float(kl_BT[mask_BT.bool()].median())
         _, trapped_B = weighting.kat_trap_mask(
             kl_BT,
             mask_BT,
             threshold,
-            weighting_config.kat_window,
-            weighting_config.kat_patience,
-            weighting_config.kat_min_position,
+            kat.kat_window,
+            kat.kat_patience,
+            kat.kat_min_position,
         )
         out["kl_trap_rate"] = float(trapped_B.float().mean())
     if signal.logits_BTV is not None:  # the exact reverse KL where the teacher sent full logits

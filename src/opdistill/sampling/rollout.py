@@ -139,9 +139,8 @@ def generate(
             tokens.append(token_B)
             logps.append(logp_B.masked_fill(done_B, 0.0))
             done_B = done_B | (token_B == eos_id)
-            if (
-                all_finished(bool(done_B.all())) or step == max_new_tokens - 1
-            ):  # no forward for an unused token
+            # no forward for an unused token
+            if all_finished(bool(done_B.all())) or step == max_new_tokens - 1:
                 break
             attention_BL = attention_BM[:, : P + step + 1]
             position_B1 = position_B1 + 1

@@ -187,7 +187,7 @@ def sampled(
         rows=(first * repeats, config.train.prompts_per_step * repeats),
         all_finished=context.world.all_finished if config.train.parallel == "fsdp" else bool,
         guide=guide,
-    )  # fmt: skip  (keyword arguments kept on three lines rather than eleven)
+    )
 
 
 def roll_out(context: BatchContext, examples: list[Example], step: int) -> tuple[Rollout, dict[str, float]]:
@@ -230,7 +230,7 @@ def refined(
         max_new_tokens=config.rollout.max_new_tokens,
         verify=context.task.verify,
         generator=generator,
-    )  # fmt: skip  (keyword arguments kept on three lines rather than nine)
+    )
     metrics.update(trd_metrics)
     return rollout
 
@@ -365,7 +365,7 @@ def teacher_pool(
         max_new_tokens=config.rollout.max_new_tokens,
         temperature=config.data.teacher_temperature,
         seed=config.train.seed,
-    )  # fmt: skip  (keyword arguments on two lines rather than eight)
+    )
     pool = [
         Example(prompt=ex.prompt, answer=ex.answer, completion=text)
         for ex, text in zip(examples, texts, strict=True)

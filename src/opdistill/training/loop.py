@@ -294,7 +294,7 @@ def _checkpoint(
             {**saved, "optimizer": optimizer_state},
             config.train.keep_checkpoints,
             model_state and dict(model_state),
-        )  # fmt: skip  (positional arguments on two lines rather than nine)
+        )
     world.barrier()
     return model_state
 
