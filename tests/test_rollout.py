@@ -60,7 +60,7 @@ def test_kv_cached_batched_generation_matches_plain_recompute_under_left_padding
     ]
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     rollout = generate(
-        model, ids, mask, max_new_tokens=6, eos_id=-1, pad_id=tokenizer.pad_token_id, temperature=0.0
+        model, ids, mask, max_new_tokens=6, end_ids=(), pad_id=tokenizer.pad_token_id, temperature=0.0
     )
     for row, prompt in enumerate(prompts):
         assert rollout.tokens_BT[row].tolist() == _greedy_without_cache(model, prompt, 6)
@@ -91,7 +91,7 @@ def test_per_sequence_eos_masks_and_padding():
         ids,
         torch.ones(3, 2, dtype=torch.bool),
         max_new_tokens=4,
-        eos_id=eos,
+        end_ids=[eos],
         pad_id=pad,
         temperature=0.0,
     )
@@ -105,7 +105,13 @@ def test_generation_stops_when_every_row_has_ended():
     model = _Scripted([[2], [3, 2]], vocab=4)
     ids = torch.ones(2, 1, dtype=torch.long)
     rollout = generate(
-        model, ids, torch.ones(2, 1, dtype=torch.bool), max_new_tokens=50, eos_id=2, pad_id=0, temperature=0.0
+        model,
+        ids,
+        torch.ones(2, 1, dtype=torch.bool),
+        max_new_tokens=50,
+        end_ids=[2],
+        pad_id=0,
+        temperature=0.0,
     )
     assert rollout.tokens_BT.shape == (2, 2)
 
@@ -123,7 +129,7 @@ def test_a_batch_split_across_ranks_samples_the_same_rows_as_the_whole_batch(mak
             ids,
             mask,
             max_new_tokens=8,
-            eos_id=tokenizer.eos_token_id,
+            end_ids=[tokenizer.eos_token_id],
             pad_id=tokenizer.pad_token_id,
             temperature=1.0,
             rows=rows,

@@ -32,6 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from opdistill.attention import NAME as ATTENTION_AUTO
 from opdistill.config import LoraConfig, ModelSpec, parse_preset
+from opdistill.data.examples import end_ids
 from opdistill.errors import UserError
 
 hf_logging.disable_progress_bar()
@@ -111,6 +112,8 @@ def set_attention(model, attention: str):
 
 
 def load_tokenizer(path: str | Path):
+    """The tokenizer of a model directory, left-padding, with a pad token (EOS where it has none) and
+    ``end_ids`` (see ``end_ids``) that include the directory's ``generation_config.json`` end ids."""
     path = Path(path)
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
         raise UserError(f"{path} holds no tokenizer (expected tokenizer.json / tokenizer_config.json).")
@@ -118,6 +121,10 @@ def load_tokenizer(path: str | Path):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    declared = []
+    if (path / "generation_config.json").is_file():
+        declared = json.loads((path / "generation_config.json").read_text()).get("eos_token_id") or []
+    tokenizer.end_ids = end_ids(tokenizer, declared if isinstance(declared, list) else [declared])
     return tokenizer
 
 

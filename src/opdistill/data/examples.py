@@ -9,7 +9,7 @@ import json
 import random
 import sys
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +20,10 @@ from opdistill.errors import UserError
 from opdistill.types import Rollout
 
 Messages = list[dict[str, str]]
+
+# End-of-turn tokens of the chat templates in use (ChatML / Qwen / SmolLM, Llama 3, Gemma, Phi-3): a chat
+# model ends its turn with one, whatever its tokenizer calls EOS.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
 
 
 @dataclass(frozen=True)
@@ -439,6 +443,22 @@ class LazyExampleStream:
         yield from window
 
 
+def end_ids(tokenizer, declared: Iterable[int] = ()) -> tuple[int, ...]:
+    """Every token id that ends a completion, EOS first: the tokenizer's EOS, ``declared`` ids (a model's
+    ``generation_config.eos_token_id``, which may be a list), and each end-of-turn token of ``END_OF_TURN``
+    that the tokenizer has and its chat template writes. A tokenizer from ``load_tokenizer`` carries the
+    answer as ``tokenizer.end_ids``, which is returned as it is."""
+    if getattr(tokenizer, "end_ids", None) and not declared:
+        return tokenizer.end_ids
+    ids = [tokenizer.eos_token_id, *declared]
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    turn_ends = [token for token in END_OF_TURN if token in template]
+    if turn_ends:
+        vocab = tokenizer.get_vocab()
+        ids += [vocab[token] for token in turn_ends if token in vocab]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 def encode_prompts(tokenizer, examples: Sequence[Example]) -> list[list[int]]:
     """Render prompts with the tokenizer's chat template (generation prompt added), or as plain text."""
     if tokenizer.chat_template:  # one batched render and one batched encode: this runs every step
@@ -449,8 +469,24 @@ def encode_prompts(tokenizer, examples: Sequence[Example]) -> list[list[int]]:
     return tokenizer([ex.messages()[-1]["content"] for ex in examples])["input_ids"]
 
 
-def encode_completion(tokenizer, text: str) -> list[int]:
-    """A target completion as the model must write it: its tokens, then EOS."""
+def encode_completion(tokenizer, text: str, messages: Sequence[Mapping[str, str]] = ()) -> list[int]:
+    """A target completion as the model must write it, ending the way its own turns end.
+
+    With a chat template and the prompt's ``messages``, the reply is rendered as the template renders an
+    assistant turn after them, and its tokens are what follows the generation prompt, through the first end
+    token (``end_ids``; ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``).
+    Otherwise (no template: a base model's plain-text rendering; or a template that rewrites earlier turns)
+    it is the text's tokens, then EOS."""
+    if tokenizer.chat_template and messages:
+        prompt = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        turn = [*messages, {"role": "assistant", "content": text}]
+        full = tokenizer.apply_chat_template(turn, tokenize=False)
+        if full.startswith(prompt):
+            ids = tokenizer.encode(full[len(prompt) :], add_special_tokens=False)
+            ends = end_ids(tokenizer)
+            at = next((t for t, i in enumerate(ids) if i in ends), None)
+            if at is not None:
+                return ids[: at + 1]
     return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
 
 

@@ -6,11 +6,12 @@ from collections.abc import Sequence
 
 import torch
 
-from opdistill.data.examples import Example, encode_completion, encode_prompts, rollout_of
+from opdistill.data.examples import Example, encode_completion, encode_prompts, end_ids, rollout_of
 from opdistill.data.tasks import Verifier
 from opdistill.models import completion_logits
 from opdistill.observe.diagnostics import distinct_answers, distinct_n, pass_at_k, token_entropy
 from opdistill.sampling.rollout import sample_prompts
+from opdistill.types import Rollout
 
 
 def decode_completions(tokenizer, tokens_BT: torch.Tensor, mask_BT: torch.Tensor) -> list[str]:
@@ -18,6 +19,13 @@ def decode_completions(tokenizer, tokens_BT: torch.Tensor, mask_BT: torch.Tensor
         tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
         for row, m in zip(tokens_BT, mask_BT, strict=True)
     ]
+
+
+def completion_texts(tokenizer, rollout: Rollout) -> list[str]:
+    """Each row's completion as a verifier reads it: its loss tokens without the end token."""
+    ends_E = torch.tensor(end_ids(tokenizer), device=rollout.tokens_BT.device)
+    keep_BT = rollout.loss_mask_BT & ~torch.isin(rollout.tokens_BT, ends_E)
+    return decode_completions(tokenizer, rollout.tokens_BT, keep_BT)
 
 
 def sample_completions(
@@ -46,8 +54,7 @@ def sample_completions(
             top_p=top_p,
             generator=generator,
         )
-        keep_BT = rollout.loss_mask_BT & (rollout.tokens_BT != tokenizer.eos_token_id)
-        texts.extend(decode_completions(tokenizer, rollout.tokens_BT, keep_BT))
+        texts.extend(completion_texts(tokenizer, rollout))
     return texts
 
 
@@ -97,7 +104,10 @@ def mean_token_entropy(
     prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(n)]
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
-        ids = [encode_completion(tokenizer, text) for text in completions[start : start + batch_size]]
+        ids = [
+            encode_completion(tokenizer, completions[i], examples[i // n].messages())
+            for i in range(start, min(start + batch_size, len(prompts)))
+        ]
         rollout = rollout_of(prompts[start : start + batch_size], ids, tokenizer.pad_token_id)
         rollout = rollout.to(next(model.parameters()).device)
         entropy_BT = token_entropy(completion_logits(model, rollout))

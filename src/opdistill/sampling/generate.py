@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from opdistill.data.examples import Example, encode_prompts
-from opdistill.observe.evaluate import decode_completions
+from opdistill.observe.evaluate import completion_texts
 from opdistill.observe.progress import NullProgress, ProgressBar
 from opdistill.sampling.rollout import sample_prompts
 
@@ -80,8 +80,7 @@ def generate(
                     top_p=top_p,
                     generator=generator,
                 )
-                keep_BT = rollout.loss_mask_BT & (rollout.tokens_BT != tokenizer.eos_token_id)
-                texts = decode_completions(tokenizer, rollout.tokens_BT, keep_BT)
+                texts = completion_texts(tokenizer, rollout)
                 for row, text, truncated in zip(rows, texts, rollout.truncated_B.tolist(), strict=True):
                     reason = invalid_reason(text, truncated, require)
                     if reason is None:

@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from opdistill.config import TrdConfig
-from opdistill.data.examples import Example, encode_completion, encode_prompts, right_pad
+from opdistill.data.examples import Example, encode_completion, encode_prompts, end_ids, right_pad
 from opdistill.models import completion_logits
 from opdistill.objectives.losses import token_logprobs
 from opdistill.sampling.rollout import sample_prompts
@@ -87,7 +87,7 @@ def refine(
         refined = rewrite_drafts(teacher, tokenizer, rows, drafts, settings, max_new_tokens, generator)
     else:
         raise ValueError(f"refine needs trd.mode prefix or prompt, got {settings.mode!r}")
-    refined = [through_first_eos(ids[:max_new_tokens], tokenizer.eos_token_id) for ids in refined]
+    refined = [through_first_end(ids[:max_new_tokens], end_ids(tokenizer)) for ids in refined]
     changed_B = [r != d for r, d in zip(refined, drafts, strict=True)]
     chosen_B = list(changed_B)
 
@@ -207,7 +207,7 @@ def rewrite_drafts(
     for b, draft in enumerate(drafts):
         text = completion_text(tokenizer, written.tokens_BT[b][written.loss_mask_BT[b]].tolist())
         if not written.truncated_B[b]:
-            refined.append(encode_completion(tokenizer, text))
+            refined.append(encode_completion(tokenizer, text, rows[b].messages()))
         else:  # cut off by the budget: it did not end, so neither does y_r (and without text there is none)
             refined.append(tokenizer.encode(text, add_special_tokens=False) or list(draft))
     return refined
@@ -223,12 +223,15 @@ def teacher_example(example: Example, draft: str, template: str) -> Example:
 
 
 def completion_text(tokenizer, ids: list[int]) -> str:
-    """A completion's text as the verifier reads it: EOS and other special tokens dropped."""
-    return tokenizer.decode([i for i in ids if i != tokenizer.eos_token_id], skip_special_tokens=True)
+    """A completion's text as the verifier reads it: end tokens and other special tokens dropped."""
+    ends = end_ids(tokenizer)
+    return tokenizer.decode([i for i in ids if i not in ends], skip_special_tokens=True)
 
 
-def through_first_eos(ids: list[int], eos_id: int) -> list[int]:
-    return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
+def through_first_end(ids: list[int], ends: Sequence[int]) -> list[int]:
+    """``ids`` through the first of ``ends`` (all of them if none occurs)."""
+    at = next((t for t, i in enumerate(ids) if i in ends), None)
+    return ids if at is None else ids[: at + 1]
 
 
 @torch.no_grad()
@@ -247,7 +250,8 @@ def layout(
     tokenizer,
     max_new_tokens: int,
 ) -> Rollout:
-    """``rollout``'s prompts with ``completions`` (each ending at its first EOS, if any) laid out as the
+    """``rollout``'s prompts with ``completions`` (each ending at its first end token, if
+    any) laid out as the
     sampler lays them out; ``sampler_logp`` per row: its behaviour log-probs, or None for 0 (not the student's
     sample)."""
     tokens_BT, loss_mask_BT = right_pad(completions, tokenizer.pad_token_id)
@@ -255,8 +259,8 @@ def layout(
     for b, logp in enumerate(sampler_logp):
         if logp is not None:
             sampler_logp_BT[b, : len(logp)] = torch.tensor(logp)
-    eos_id = tokenizer.eos_token_id
-    truncated_B = torch.tensor([eos_id not in ids[:max_new_tokens] for ids in completions])
+    ends = end_ids(tokenizer)
+    truncated_B = torch.tensor([not any(i in ends for i in ids[:max_new_tokens]) for ids in completions])
     device = rollout.prompt_ids_BP.device
     return Rollout(
         prompt_ids_BP=rollout.prompt_ids_BP,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 
-from opdistill.data.examples import left_pad
+from opdistill.data.examples import end_ids, left_pad
 from opdistill.sampling.decode import decoder_for, sharded
 from opdistill.types import Rollout
 
@@ -91,7 +91,7 @@ def generate(
     prompt_mask_BP: torch.Tensor,
     *,
     max_new_tokens: int,
-    eos_id: int,
+    end_ids: Sequence[int],
     pad_id: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -103,7 +103,8 @@ def generate(
     """Sample completions for left-padded prompts, one new token per decode step over a KV cache (decode.py:
     the lean step where it computes what the model does, else the model's own forward).
 
-    A row stops at its first EOS (which is kept and receives loss); the batch stops when every row has.
+    A row stops at its first end token (any of ``end_ids``: EOS, a chat template's end of turn), which is
+    kept and receives loss; the batch stops when every row has.
     ``rows = (first, total)`` says these are rows first.. of a batch of ``total`` split across ranks: each
     token step draws ``total`` uniforms and uses this batch's slice, so a row's sample is the same for any
     split (world size) of the batch. ``all_finished`` turns "every row here has ended" into "every rank's
@@ -131,6 +132,7 @@ def generate(
         position_B1 = position_BP[:, -1:]
         tokens, logps = [], []
         done_B = torch.zeros(B, dtype=torch.bool, device=device)
+        end_E = torch.tensor(list(end_ids), dtype=torch.long, device=device)
         for step in range(max_new_tokens):
             uniform_B = torch.rand(total, generator=generator)[first : first + B]
             token_B, logp_B = sample_next_token(logits_BV, temperature, top_p, uniform_B.to(device))
@@ -138,7 +140,7 @@ def generate(
             token_B = token_B.masked_fill(done_B, pad_id)
             tokens.append(token_B)
             logps.append(logp_B.masked_fill(done_B, 0.0))
-            done_B = done_B | (token_B == eos_id)
+            done_B = done_B | torch.isin(token_B, end_E)
             # no forward for an unused token
             if all_finished(bool(done_B.all())) or step == max_new_tokens - 1:
                 break
@@ -148,17 +150,16 @@ def generate(
             guide.advance(token_B, attention_BL, position_B1)
         guide.finish()
     tokens_BT = torch.stack(tokens, dim=1)
-    # a token receives loss if it was generated before (or is) the row's first EOS
-    is_eos_BT = tokens_BT == eos_id
-    after_eos_BT = (is_eos_BT.cumsum(1) - is_eos_BT.long()) > 0
-    loss_mask_BT = ~after_eos_BT
+    # a token receives loss if it was generated before (or is) the row's first end token
+    is_end_BT = torch.isin(tokens_BT, end_E)
+    loss_mask_BT = (is_end_BT.cumsum(1) - is_end_BT.long()) == 0
     return Rollout(
         prompt_ids_BP=prompt_ids_BP,
         prompt_mask_BP=prompt_mask_BP,
         tokens_BT=tokens_BT,
         loss_mask_BT=loss_mask_BT,
         sampler_logp_BT=torch.stack(logps, dim=1).float(),
-        truncated_B=~is_eos_BT.any(1),
+        truncated_B=~is_end_BT.any(1),
     )
 
 
@@ -187,7 +188,7 @@ def sample_prompts(
             ids_BP,
             mask_BP,
             max_new_tokens=max_new_tokens,
-            eos_id=tokenizer.eos_token_id,
+            end_ids=end_ids(tokenizer),
             pad_id=tokenizer.pad_token_id,
             temperature=temperature,
             top_p=top_p,

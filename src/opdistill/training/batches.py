@@ -38,7 +38,7 @@ from opdistill.errors import UserError
 from opdistill.models import completion_logits
 from opdistill.objectives.registry import OBJECTIVES
 from opdistill.observe import diagnostics
-from opdistill.observe.evaluate import decode_completions, sample_completions
+from opdistill.observe.evaluate import completion_texts, sample_completions
 from opdistill.sampling.refine import refine
 from opdistill.sampling.rollout import sample_prompts
 from opdistill.sampling.speculative import SpeculativeGuide
@@ -241,8 +241,7 @@ def verify(context: BatchContext, rollout: Rollout, rows: list[Example]) -> torc
     unanswered = [ex.id or ex.prompt for ex in rows if not ex.answer]
     if unanswered and not context.config.data.verifier:
         raise UserError(f"verifier rewards need an 'answer' for every prompt; {unanswered[0]!r} has none.")
-    keep_BT = rollout.loss_mask_BT & (rollout.tokens_BT != tokenizer.eos_token_id)
-    texts = decode_completions(tokenizer, rollout.tokens_BT, keep_BT)
+    texts = completion_texts(tokenizer, rollout)
     outcome = [float(context.task.verify(text, ex)) for text, ex in zip(texts, rows, strict=True)]
     return torch.tensor(outcome, device=context.device)
 
@@ -260,7 +259,7 @@ def off_policy_batch(context: BatchContext, step: int) -> tuple[Rollout, dict[st
     if missing:
         raise UserError(f"training on dataset completions needs a 'completion'; {missing[0]!r} has none.")
     tokenizer = context.tokenizer
-    completions = [encode_completion(tokenizer, ex.completion) for ex in examples]
+    completions = [encode_completion(tokenizer, ex.completion, ex.messages()) for ex in examples]
     rollout = rollout_of(encode_prompts(tokenizer, examples), completions, tokenizer.pad_token_id)
     return rollout.to(context.device), {}, examples
 
@@ -373,6 +372,6 @@ def teacher_pool(
     if world.is_main:
         write_jsonl(pool, path)
     prompt_tokens = sum(len(ids) for ids in encode_prompts(tokenizer, pool))
-    completion_tokens = sum(len(encode_completion(tokenizer, t)) for t in texts)
+    completion_tokens = sum(len(encode_completion(tokenizer, ex.completion, ex.messages())) for ex in pool)
     cost = Cost(time.perf_counter() - started, teacher_generated_tokens=prompt_tokens + completion_tokens)
     return ExampleStream(pool, config.train.seed), cost

