@@ -41,7 +41,8 @@ def test_resolved_config_round_trips(tmp_path):
         ("trainsteps", "must look like section.field=value"),
         ("rollout.top_p=0", "rollout.top_p in (0, 1]"),
         ("student.preset=big", "is not of the form d<hidden>l<layers>"),
-        ("lora.target_modules=,", "the value is not valid YAML"),
+        ("lora.target_modules=,", "lora.target_modules must name modules"),
+        ("train.steps=[", "the value is not valid YAML"),
         ("train.parallel=zero", "train.parallel must be one of"),
     ],
 )
@@ -224,3 +225,21 @@ def test_k1_intersection_warns_as_its_loss_is_identically_zero():
                 "objective.topk_support=intersect",
             ],
         )
+
+
+def test_string_values_on_the_command_line_stay_strings():
+    config = load_config(None, ["opsd.system={privileged}", "train.out_dir=123", "data.task=null"])
+    assert (config.opsd.system, config.train.out_dir, config.data.task) == ("{privileged}", "123", "null")
+    assert load_config(None, ["train.steps=7"]).train.steps == 7  # other types still parse as YAML
+
+
+def test_learning_rate_left_at_zero_is_chosen_by_the_students_size():
+    from opdistill.config import OptimConfig
+
+    auto = OptimConfig()
+    assert auto.for_student(34_000, lora=False).lr == 1e-3  # the tiny models
+    assert auto.for_student(134_515_008, lora=False).lr == 1e-5  # a pretrained LM in full
+    assert auto.for_student(134_515_008, lora=True).lr == 1e-4  # through LoRA adapters
+    assert OptimConfig(lr=3e-4).for_student(134_515_008, lora=False).lr == 3e-4  # the user's choice stands
+    with pytest.raises(UserError, match="must be positive"):
+        OptimConfig(lr=-1.0)

@@ -82,3 +82,18 @@ def test_opd_fetch_lists_the_packaged_models_and_refuses_unknown_ones():
         [sys.executable, "-m", "opdistill.cli", "fetch", "gpt5"], capture_output=True, text=True
     )
     assert unknown.returncode == 2 and "unknown model 'gpt5'" in unknown.stderr
+
+
+def test_padded_embedding_rows_are_fitted_to_the_tokenizer(tmp_path, make_model, tokenizer):
+    model = make_model()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    expected = model(ids).logits
+    model.resize_token_embeddings(len(tokenizer) + 13)  # as a checkpoint pads its rows to a multiple
+    save_model(model, tokenizer, tmp_path / "padded")
+    fitted, _ = load_model(ModelSpec(path=str(tmp_path / "padded")))
+    assert fitted.get_output_embeddings().weight.shape[0] == len(tokenizer)
+    torch.testing.assert_close(fitted(ids).logits, expected, rtol=0, atol=0)
+    model.resize_token_embeddings(len(tokenizer) - 1)
+    save_model(model, tokenizer, tmp_path / "short")
+    with pytest.raises(UserError, match="embedding rows but its tokenizer"):
+        load_model(ModelSpec(path=str(tmp_path / "short")))

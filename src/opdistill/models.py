@@ -142,7 +142,24 @@ def load_model(spec: ModelSpec, corpus: Iterable[str] = (), seed: int = 0):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.dtype))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a causal LM from {path}: {err}") from None
-    return set_attention(model, spec.attention), tokenizer
+    return set_attention(fit_vocabulary(model, tokenizer, path), spec.attention), tokenizer
+
+
+def fit_vocabulary(model, tokenizer, path: Path):
+    """``model`` with exactly one logit row per token of ``tokenizer``. Checkpoints often pad their
+    embedding rows (Qwen2.5 0.5B-3B have 151,936, 7B and up 152,064, for 151,665 tokens): the padding rows
+    are dropped, so every model sharing the tokenizer has the same logit width, no padding row is ever
+    sampled, and a teacher's top-K ids always index the student's logits. A model saved after training
+    keeps the fitted width. Fewer rows than tokens is an error: those tokens could never be scored."""
+    rows, tokens = model.get_input_embeddings().weight.shape[0], len(tokenizer)
+    if rows < tokens:
+        raise UserError(
+            f"{path}: the model has {rows} embedding rows but its tokenizer {tokens} tokens; they do not "
+            "belong together."
+        )
+    if rows > tokens:
+        model.resize_token_embeddings(tokens)
+    return model
 
 
 def load_student(

@@ -47,11 +47,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not isinstance(child, dict):
                 raise UserError(f"override {item!r}: {name} is not a section.")
             node = child
+        if _hint_at(parents, leaf) is str:  # a string field takes the text as written (e.g. "{privileged}")
+            node[leaf] = value
+            continue
         try:
             node[leaf] = yaml.safe_load(value) if value else ""
         except yaml.YAMLError:
             raise UserError(f"override {item!r}: the value is not valid YAML (quote it).") from None
     return from_dict(Config, raw, "")
+
+
+def _hint_at(parents: list[str], leaf: str) -> Any:
+    """The annotation of config key ``parents.leaf``, or None where the path names no dataclass field."""
+    cls: Any = Config
+    for name in [*parents, leaf]:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hint = typing.get_type_hints(cls).get(name)
+        if hint is None:
+            return None
+        cls = hint
+    return cls
 
 
 def from_dict(cls: type, raw: dict[str, Any], where: str):

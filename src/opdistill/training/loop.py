@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ def run(
 
 def _run(config: Config, world: World, resume: bool, stop_after: int | None, show_progress: bool) -> dict:
     run_dir, train = Path(config.train.out_dir), config.train
+    lr_chosen_by_user = bool(config.optim.lr)
     distills = OBJECTIVES[config.objective.type].distills
     if train.threads:
         torch.set_num_threads(train.threads)
@@ -83,6 +85,14 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
     corpus = () if config.student.path or checkpoint else corpus_text(task)
     student, tokenizer = load_student(config.student, config.lora, corpus, train.seed, checkpoint)
     world.place(student).train()
+    parameters = sum(p.numel() for p in student.parameters())
+    config = dataclasses.replace(config, optim=config.optim.for_student(parameters, bool(config.lora.rank)))
+    if not lr_chosen_by_user and world.is_main:
+        print(
+            f"optim.lr={config.optim.lr:g}, chosen for a {parameters / 1e6:.1f}M-parameter student "
+            "(set optim.lr to choose another)",
+            file=sys.stderr,
+        )
 
     def initial_student() -> LocalTeacher:  # the student as the run started, frozen (what a resume rebuilds)
         model, _ = load_model(config.student, () if config.student.path else corpus_text(task), train.seed)
