@@ -3,11 +3,20 @@ chat templates of Qwen2/3, Llama 3 and Gemma chat models, and on a base model's 
 
 from __future__ import annotations
 
+import string
+
 import pytest
 import torch
 
-from opdistill.config import ModelSpec
-from opdistill.data.examples import encode_completion, end_ids
+from opdistill.config import ModelSpec, load_config
+from opdistill.data.examples import (
+    Example,
+    encode_completion,
+    encode_prompts,
+    end_ids,
+    plain_text,
+    use_chat_settings,
+)
 from opdistill.models import char_tokenizer, tiny_model
 from opdistill.sampling.rollout import sample_prompts
 
@@ -42,7 +51,7 @@ LAYOUTS = {
 
 def chat_tokenizer(layout: str):
     template, bos, eos, turn_end, others = LAYOUTS[layout]
-    tokenizer = char_tokenizer(["abcdefghijklmnopqrstuvwxyz 0123456789+=?.\n"])
+    tokenizer = char_tokenizer([string.ascii_letters + string.digits + " +=?.:<>/\n"])
     tokenizer.add_special_tokens(
         {"additional_special_tokens": [turn_end, *others, eos, *([bos] if bos else [])]}
     )
@@ -108,3 +117,47 @@ def test_the_sampler_stops_at_every_end_token(layout):
             ended_at.add(kept[-1])
             assert not mask[len(kept) :].any()
     assert ended_at == {turn_end, tokenizer.eos_token_id}
+
+
+QWEN3_THINKING = CHATML.replace(
+    "{{ '<|im_start|>assistant\n' }}",
+    "{{ '<|im_start|>assistant\n' }}{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}",
+)
+
+
+def test_chat_template_kwargs_reach_every_rendering():
+    tokenizer, _ = chat_tokenizer("qwen")
+    tokenizer.chat_template = QWEN3_THINKING
+    example = Example(prompt="what is 2+3?", completion="5.")
+    thinking = tokenizer.decode(encode_prompts(tokenizer, [example])[0])
+    use_chat_settings(
+        tokenizer,
+        load_config(None, ["data.chat_template_kwargs={enable_thinking: false}"]).data.chat_template_kwargs,
+        0,
+    )
+    plain = tokenizer.decode(encode_prompts(tokenizer, [example])[0])
+    assert plain == thinking + "<think>\n\n</think>\n\n"
+    assert tokenizer.decode(encode_completion(tokenizer, "5.", example.messages())) == "5.<|im_end|>"
+
+
+def test_long_prompts_keep_their_last_tokens_with_a_warning():
+    tokenizer, _ = chat_tokenizer("qwen")
+    example = Example(prompt="what is 2+3? " * 10)
+    full = encode_prompts(tokenizer, [example])[0]
+    use_chat_settings(tokenizer, {}, 20)
+    with pytest.warns(
+        UserWarning, match=f"a prompt of {len(full)} tokens keeps its last data.max_prompt_tokens=20"
+    ):
+        assert encode_prompts(tokenizer, [example])[0] == full[-20:]
+
+
+def test_a_base_model_reads_every_turn_as_plain_text():
+    tokenizer, _ = chat_tokenizer("qwen")
+    tokenizer.chat_template = None
+    example = Example(prompt=(("system", "be brief"), ("user", "what is 2+3?")))
+    assert (
+        tokenizer.decode(encode_prompts(tokenizer, [example])[0])
+        == "System: be brief\n\nUser: what is 2+3?\n\nAssistant:"
+    )
+    assert plain_text(Example(prompt="what is 2+3?").messages()) == "what is 2+3?"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from opdistill.cli.demo import asset_dir
 from opdistill.config import ModelSpec, load_config
 from opdistill.errors import UserError
 from opdistill.models import load_model
+from opdistill.observe.timing import PHASES
 from opdistill.training import loop
 
 
@@ -35,7 +37,7 @@ def _config(tmp_path, *overrides):
 def _metrics(run_dir):
     timing = {"step_s", "tokens_per_s", "elapsed_s"}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+    return [{k: v for k, v in r.items() if k not in timing and not k.startswith("time_")} for r in rows]
 
 
 def _params(run_dir):
@@ -313,3 +315,15 @@ def test_the_loss_is_normalised_by_the_generated_tokens_not_the_dataset_completi
     ]
     assert [r["loss_tokens"] for r in records] == sampled
     assert all(r["loss_tokens"] <= 8 * 12 < 8 * 41 for r in records)
+
+
+def test_metrics_say_where_each_steps_time_goes(tiny_run):
+    config = tiny_run("train.steps=2", "train.diagnostics_every=1", "train.eval_every=2", "train.eval_size=4")
+    loop.run(config, show_progress=False)
+    run_dir = Path(config.train.out_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        phases = [row[f"time_{phase}_s"] for phase in PHASES]
+        assert all(s > 0 for s in phases) and sum(phases) <= row["step_s"]
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert all(e["eval_s"] > 0 for e in evals)

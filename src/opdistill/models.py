@@ -55,7 +55,7 @@ def char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     chars = sorted(seen)
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # newlines too
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,

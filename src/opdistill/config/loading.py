@@ -47,8 +47,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not isinstance(child, dict):
                 raise UserError(f"override {item!r}: {name} is not a section.")
             node = child
-        if _hint_at(parents, leaf) is str:  # a string field takes the text as written (e.g. "{privileged}")
-            node[leaf] = value
+        quoted = len(value) > 1 and value[0] == value[-1] and value[0] in "'\""
+        if _hint_at(parents, leaf) is str and not quoted:  # a string field takes the text as written
+            node[leaf] = value  # (e.g. opsd.system={privileged}, not a YAML mapping)
             continue
         try:
             node[leaf] = yaml.safe_load(value) if value else ""

@@ -59,6 +59,8 @@ class DataConfig:
     train_file: str = ""  # JSONL, .parquet/.csv/.json, save_to_disk dir or hf:NAME[:SPLIT] (replaces task)
     eval_file: str = ""  # the same, held out for evaluation (built-in tasks have their own test split)
     columns: dict[str, str] = field(default_factory=dict)  # field -> column, e.g. {prompt: question}
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
+    max_prompt_tokens: int = 0  # longer prompts keep their last N tokens, with a warning (0 = no limit)
     streaming: bool = False  # read train_file lazily, shuffled in a buffer (large sets; resume re-reads)
     shuffle_buffer: int = 10000  # streaming: examples held to shuffle among (bigger = nearer a full shuffle)
     n_train_prompts: int = 0  # restrict training to the first N prompts (0 = all / unlimited)
@@ -77,6 +79,8 @@ class DataConfig:
     def __post_init__(self):
         if self.curriculum_samples < 1 or not 0 <= self.curriculum_start <= 1:
             raise UserError("data.curriculum_samples must be >= 1 and data.curriculum_start in [0, 1].")
+        if self.max_prompt_tokens < 0:
+            raise UserError(f"data.max_prompt_tokens={self.max_prompt_tokens} must be >= 0 (0 = no limit).")
         if self.train_file:  # the user's file replaces the default task; the resolved config says so
             object.__setattr__(self, "task", "")
         elif not self.task:

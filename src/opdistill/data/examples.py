@@ -8,6 +8,7 @@ import dataclasses
 import json
 import random
 import sys
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -459,34 +460,74 @@ def end_ids(tokenizer, declared: Iterable[int] = ()) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
+def use_chat_settings(tokenizer, template_kwargs: Mapping[str, Any], max_prompt_tokens: int) -> None:
+    """Settings every rendering of a prompt or target with ``tokenizer`` then uses (``data.*``): extra chat
+    template variables (e.g. Qwen3's ``enable_thinking``) and the longest prompt, beyond which a prompt
+    keeps its last ``max_prompt_tokens`` tokens (the turn being answered and the generation prompt)."""
+    tokenizer.opd_template_kwargs = dict(template_kwargs)
+    tokenizer.opd_max_prompt_tokens = max_prompt_tokens
+
+
+def plain_text(messages: Sequence[Mapping[str, str]]) -> str:
+    """A conversation for a model without a chat template (a base model): a lone user turn as its text;
+    otherwise every turn as ``Role: text``, blank-line separated, then ``Assistant:`` for the reply."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n\n".join([*turns, "Assistant:"])
+
+
 def encode_prompts(tokenizer, examples: Sequence[Example]) -> list[list[int]]:
-    """Render prompts with the tokenizer's chat template (generation prompt added), or as plain text."""
+    """Render prompts with the tokenizer's chat template (generation prompt added), or as ``plain_text``;
+    with the settings of ``use_chat_settings``."""
     if tokenizer.chat_template:  # one batched render and one batched encode: this runs every step
         texts = tokenizer.apply_chat_template(
-            [ex.messages() for ex in examples], tokenize=False, add_generation_prompt=True
+            [ex.messages() for ex in examples],
+            tokenize=False,
+            add_generation_prompt=True,
+            **getattr(tokenizer, "opd_template_kwargs", {}),
         )
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return tokenizer([ex.messages()[-1]["content"] for ex in examples])["input_ids"]
+        rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    else:
+        rows = tokenizer([plain_text(ex.messages()) for ex in examples])["input_ids"]
+    limit = getattr(tokenizer, "opd_max_prompt_tokens", 0)
+    if limit and any(len(row) > limit for row in rows):
+        longest = max(len(row) for row in rows)
+        warnings.warn(
+            f"a prompt of {longest} tokens keeps its last data.max_prompt_tokens={limit}", stacklevel=2
+        )
+        rows = [row[-limit:] for row in rows]
+    return rows
 
 
 def encode_completion(tokenizer, text: str, messages: Sequence[Mapping[str, str]] = ()) -> list[int]:
     """A target completion as the model must write it, ending the way its own turns end.
 
     With a chat template and the prompt's ``messages``, the reply is rendered as the template renders an
-    assistant turn after them, and its tokens are what follows the generation prompt, through the first end
-    token (``end_ids``; ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``).
-    Otherwise (no template: a base model's plain-text rendering; or a template that rewrites earlier turns)
-    it is the text's tokens, then EOS."""
+    assistant turn after them: its tokens are what follows the generation prompt, through the first end
+    token (``end_ids``; ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``). A
+    template whose finished turn does not extend its generation prompt (Qwen3's with thinking off adds an
+    empty think block to the prompt only) gives the text, then what the template writes after it through
+    the end token. Without a template (a base model's ``plain_text``): the text's tokens, then EOS."""
     if tokenizer.chat_template and messages:
-        prompt = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        settings = getattr(tokenizer, "opd_template_kwargs", {})
+        prompt = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True, **settings
+        )
         turn = [*messages, {"role": "assistant", "content": text}]
-        full = tokenizer.apply_chat_template(turn, tokenize=False)
+        full = tokenizer.apply_chat_template(turn, tokenize=False, **settings)
+        ends = end_ids(tokenizer)
         if full.startswith(prompt):
             ids = tokenizer.encode(full[len(prompt) :], add_special_tokens=False)
-            ends = end_ids(tokenizer)
-            at = next((t for t, i in enumerate(ids) if i in ends), None)
-            if at is not None:
-                return ids[: at + 1]
+        else:
+            at = full.rfind(text.strip())
+            tail = full[at + len(text.strip()) :] if at >= 0 else ""
+            ids = tokenizer.encode(text, add_special_tokens=False) + tokenizer.encode(
+                tail, add_special_tokens=False
+            )
+        at_end = next((t for t, i in enumerate(ids) if i in ends), None)
+        if at_end is not None:
+            return ids[: at_end + 1]
     return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
 
 

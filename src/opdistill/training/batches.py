@@ -39,6 +39,7 @@ from opdistill.models import completion_logits
 from opdistill.objectives.registry import OBJECTIVES
 from opdistill.observe import diagnostics
 from opdistill.observe.evaluate import completion_texts, sample_completions
+from opdistill.observe.timing import timed
 from opdistill.sampling.refine import refine
 from opdistill.sampling.rollout import sample_prompts
 from opdistill.sampling.speculative import SpeculativeGuide
@@ -122,37 +123,47 @@ def uses_off_policy(config: Config) -> bool:
 
 def next_batch(context: BatchContext, step: int) -> StepBatch:
     """Step ``step``'s batch on this rank: its share of the step's prompts, their completions, and for a
-    distillation objective the teacher's scores (only the signal the objective needs) and verifier rewards."""
-    config = context.config
+    distillation objective the teacher's scores (only the signal the objective needs) and verifier rewards.
+    The seconds of sampling and of the teacher's scoring are in its metrics (``timing.timed``)."""
+    config, timings = context.config, {}
     if not OBJECTIVES[config.objective.type].distills:
-        rollout, metrics, _ = off_policy_batch(context, step)
-        return StepBatch(rollout, None, metrics)
+        with timed(timings, "sampling"):
+            rollout, metrics, _ = off_policy_batch(context, step)
+        return StepBatch(rollout, None, {**metrics, **timings})
     on_policy = gkd_coin(config, step)
     reward_B = None
-    if on_policy:
-        examples = this_rank(context, context.prompts, step)
-        rows = [ex for ex in examples for _ in range(config.rollout.n_per_prompt)]  # the example of each row
-        rollout, metrics = roll_out(context, examples, step)
-        if config.trd.mode != "off":  # TRD: distil along the teacher's refinement of each rollout
-            rollout = refined(context, rollout, rows, step, metrics)
-        if config.objective.needs_reward:
-            reward_B = verify(context, rollout, rows)
-            metrics["reward"] = float(reward_B.mean())
-    else:
-        rollout, metrics, rows = off_policy_batch(context, step)
+    with timed(timings, "sampling"):
+        if on_policy:
+            examples = this_rank(context, context.prompts, step)
+            rows = [ex for ex in examples for _ in range(config.rollout.n_per_prompt)]  # each row's example
+            rollout, metrics = roll_out(context, examples, step)
+            if config.trd.mode != "off":  # TRD: distil along the teacher's refinement of each rollout
+                rollout = refined(context, rollout, rows, step, metrics)
+            if config.objective.needs_reward:
+                reward_B = verify(context, rollout, rows)
+                metrics["reward"] = float(reward_B.mean())
+        else:
+            rollout, metrics, rows = off_policy_batch(context, step)
     metrics["on_policy"] = float(on_policy)
     metrics["teacher_scored_tokens"] = int(rollout.attention_mask.sum())
     request = config.diagnostics_request if config.diagnostics_due(step) else config.teacher_request
-    signal, score_metrics = context.scorer(rollout, rows, request)
+    with timed(timings, "teacher"):
+        signal, score_metrics = context.scorer(rollout, rows, request)
+        reference_logp_BT = None
+        if context.reference is not None:
+            reference_logp_BT = context.reference.score(rollout, SignalRequest()).token_logp_BT
     metrics.update(score_metrics)
     batch = StepBatch(rollout, signal, metrics, reward_B=reward_B)
-    if context.reference is not None:
-        batch.reference_logp_BT = context.reference.score(rollout, SignalRequest()).token_logp_BT
+    batch.reference_logp_BT = reference_logp_BT
     if config.objective.sft_coef > 0:  # the same prompts, with dataset or teacher completions
         # an off-policy step already holds them: reuse rather than generate a second time
-        batch.sft_rollout, sft_metrics = off_policy_batch(context, step)[:2] if on_policy else (rollout, {})
+        with timed(timings, "sampling"):
+            batch.sft_rollout, sft_metrics = (
+                off_policy_batch(context, step)[:2] if on_policy else (rollout, {})
+            )
         for key, value in sft_metrics.items():
             metrics[key] = metrics.get(key, 0) + value
+    metrics.update(timings)
     return batch
 
 

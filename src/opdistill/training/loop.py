@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from opdistill.config import Config, save_config
+from opdistill.data.examples import use_chat_settings
 from opdistill.data.tasks import Task, corpus_text, task_from_config
 from opdistill.errors import UserError
 from opdistill.models import load_model, load_student, save_model
@@ -29,6 +30,7 @@ from opdistill.observe import monitor
 from opdistill.observe.evaluate import evaluate
 from opdistill.observe.progress import NullProgress, ProgressBar
 from opdistill.observe.runlog import Board, Log
+from opdistill.observe.timing import PHASES, timed
 from opdistill.teachers.base import run_teachers
 from opdistill.teachers.local import LocalTeacher, ema_update
 from opdistill.training import batches, distributed
@@ -85,9 +87,10 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
     corpus = () if config.student.path or checkpoint else corpus_text(task)
     student, tokenizer = load_student(config.student, config.lora, corpus, train.seed, checkpoint)
     world.place(student).train()
+    use_chat_settings(tokenizer, config.data.chat_template_kwargs, config.data.max_prompt_tokens)
     parameters = sum(p.numel() for p in student.parameters())
     config = dataclasses.replace(config, optim=config.optim.for_student(parameters, bool(config.lora.rank)))
-    if not lr_chosen_by_user and world.is_main:
+    if not lr_chosen_by_user and parameters >= 10_000_000 and world.is_main:  # the tiny models keep 1e-3
         print(
             f"optim.lr={config.optim.lr:g}, chosen for a {parameters / 1e6:.1f}M-parameter student "
             "(set optim.lr to choose another)",
@@ -160,9 +163,12 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
 
                 batch = batches.next_batch(context, step)  # prompts → roll out → score
                 if distills:
-                    batch.shaping, state.kat_ema = shaping.shape(config, student, batch, step, state.kat_ema)
+                    with timed(batch.metrics, "shaping"):
+                        shaped = shaping.shape(config, student, batch, step, state.kat_ema)
+                    batch.shaping, state.kat_ema = shaped
                 if config.diagnostics_due(step):  # on the policy that sampled the batch, before the update
-                    batch.metrics.update(monitor.diagnose(config, student, tokenizer, batch))
+                    with timed(batch.metrics, "diagnostics"):
+                        batch.metrics.update(monitor.diagnose(config, student, tokenizer, batch))
                 metrics = train_step(config, model, optimizer, batch, world)  # objective → update
                 if ema_model is not None:
                     ema_update(ema_model, student, config.opsd.ema_decay)
@@ -270,7 +276,9 @@ def _eval_due(config: Config, state: RunState, step_s: float) -> bool:
 def _evaluate_and_log(
     config: Config, student, tokenizer, task: Task, run_dir: Path, state: RunState, world: World
 ) -> dict:
-    """Every rank evaluates (an FSDP2-sharded student needs all ranks in each forward); rank 0 logs."""
+    """Every rank evaluates (an FSDP2-sharded student needs all ranks in each forward); rank 0 logs, with
+    the evaluation's seconds as ``eval_s``."""
+    started = time.perf_counter()
     result = evaluate(
         student,
         tokenizer,
@@ -282,6 +290,7 @@ def _evaluate_and_log(
         seed=config.train.seed,
     )
     record = {"step": state.step, "elapsed_s": state.elapsed_s, **result}
+    record["eval_s"] = time.perf_counter() - started
     if world.is_main:
         with (run_dir / "eval.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -310,10 +319,17 @@ def _checkpoint(
 
 
 def _bar_fields(record: dict, last_eval: dict) -> dict[str, float]:
+    """The progress line: loss, teacher KL, last accuracy, tokens/s, and the seconds of the step's phases
+    that took at least a tenth of it (sampling, teacher, backward, ...)."""
     fields = {"loss": record["loss"]}
     if "teacher_kl" in record:
         fields["teacher_kl"] = record["teacher_kl"]
     if "greedy_acc" in last_eval:
         fields["acc"] = last_eval["greedy_acc"]
     fields["tok/s"] = record["tokens_per_s"]
+    fields["s/step"] = record["step_s"]
+    for phase in PHASES:
+        seconds = record.get(f"time_{phase}_s", 0.0)
+        if seconds >= 0.1 * record["step_s"]:
+            fields[phase] = seconds
     return fields

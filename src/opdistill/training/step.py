@@ -4,6 +4,7 @@ term, clip and AdamW. Shared by the loop and the cold start."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -20,14 +21,15 @@ from opdistill.types import StepBatch
 def train_step(config: Config, model, optimizer, batch: StepBatch, world: World = ONE_PROCESS) -> dict:
     """Backward over micro-batches, each loss normalised by the whole step's counts over all micro-batches and
     ranks (so neither micro-batching nor world size changes the update), plus the optional SFT-stabiliser
-    term; then clip and AdamW. A non-finite loss or gradient skips the update; the returned metrics say so."""
+    term; then clip and AdamW (their seconds: ``time_backward_s``, ``time_optimizer_s``). A non-finite loss or
+    gradient skips the update; the returned metrics say so."""
     objective, rollout = config.objective, batch.rollout
     optimizer.zero_grad(set_to_none=True)
     loss_mask_BT = rollout.loss_mask_BT if batch.shaping is None else batch.shaping.mask_BT
     tokens = distributed.all_sum(float(loss_mask_BT.sum()), world)
     rows = distributed.all_sum(float(rollout.tokens_BT.shape[0]), world)
     normalizer = losses.Normalizer(objective.aggregation, tokens, rows, objective.aggregation_constant)
-    sft = batch.sft_rollout
+    sft, started = batch.sft_rollout, time.perf_counter()
     totals = _backward(
         model,
         loss_mask_BT,
@@ -56,6 +58,7 @@ def train_step(config: Config, model, optimizer, batch: StepBatch, world: World 
         totals.update(sft_totals)
         trained_tokens += int(sft.attention_mask.sum())
     totals["loss"] = distributed.all_sum(totals["loss"], world)  # every rank takes the same decision below
+    backward_s, started = time.perf_counter() - started, time.perf_counter()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
     grad_norm = float(getattr(total_norm, "full_tensor", lambda: total_norm)())  # FSDP2: a DTensor
@@ -66,6 +69,8 @@ def train_step(config: Config, model, optimizer, batch: StepBatch, world: World 
     optimizer.zero_grad(set_to_none=True)
     return {
         **totals,
+        "time_backward_s": backward_s,
+        "time_optimizer_s": time.perf_counter() - started,
         "grad_norm": grad_norm,
         "loss_tokens": int(tokens),
         "student_train_tokens": trained_tokens,
