@@ -105,6 +105,11 @@ def test_own_jsonl_task_sft_distill_eval(tmp_path, reverse_task):
     result = json.loads(ev.stdout)
     assert result["n_problems"] == 50 and set(result) >= {"greedy_acc", "avg@4", "pass@1", "pass@4"}
     assert result["pass@1"] == pytest.approx(result["avg@4"]) and result["pass@4"] >= result["pass@1"]
+    shown = [line for line in ev.stderr.splitlines() if line.startswith("--- prompt: ")]
+    verdicts = [
+        line.split()[0] for line in ev.stderr.splitlines() if line.startswith("    ") and "greedy" not in line
+    ]
+    assert len(shown) == 3 and len(verdicts) == 3 and set(verdicts) <= {"correct", "wrong"}
 
 
 def test_eval_and_tasks_on_the_builtin_task(tmp_path):

@@ -9,8 +9,9 @@ import pytest
 from opdistill.cli import app
 from opdistill.cli.demo import asset_dir
 from opdistill.config import ModelSpec
-from opdistill.data.examples import read_jsonl
+from opdistill.data.examples import Example, completion_target, encode_completion, read_jsonl, write_jsonl
 from opdistill.data.tasks import load_task
+from opdistill.errors import UserError
 from opdistill.models import load_model
 from opdistill.sampling import generate as generation
 from opdistill.sampling.generate import invalid_reason
@@ -112,3 +113,25 @@ def test_bad_arguments_are_one_sentence(tmp_path, capsys):
     )
     assert "not a regular expression" in capsys.readouterr().err
     assert app.main(["generate", "--model", TEACHER, "--task", "addition", "--n", "0", "--out", out]) == 2
+
+
+def test_generated_completions_keep_the_sampled_ids_and_sft_trains_on_them(tmp_path):
+
+    model, tokenizer = load_model(ModelSpec(path=TEACHER))
+    examples = load_task("addition").test[:8]
+    kept, _ = generation.generate(model, tokenizer, examples, n=2, temperature=1.0, max_new_tokens=52, seed=0)
+    assert kept and all(ex.completion_ids for ex in kept)
+    for ex in kept:
+        ids = list(ex.completion_ids)
+        assert ids[-1] == tokenizer.eos_token_id and tokenizer.decode(ids[:-1]) == ex.completion
+        assert completion_target(tokenizer, ex) == ids
+    write_jsonl(kept, tmp_path / "gen.jsonl")
+    assert read_jsonl(tmp_path / "gen.jsonl") == kept  # the ids survive the file
+    # without ids, the text is encoded after its prompt; ids that are not this tokenizer's are refused
+    text_only = Example(prompt=kept[0].prompt, completion=kept[0].completion)
+    assert completion_target(tokenizer, text_only) == encode_completion(
+        tokenizer, kept[0].completion, kept[0].messages()
+    )
+    wrong = Example(prompt="1+1=", completion="2", completion_ids=(5, 6, tokenizer.eos_token_id))
+    with pytest.raises(UserError, match="completion_ids do not decode to its completion"):
+        completion_target(tokenizer, wrong)

@@ -245,16 +245,7 @@ def test_prompt_mode_writes_a_valid_student_trajectory(addition_setup, monkeypat
         teacher_prompt = encode_prompts(
             tokenizer, [Example(prompt=template.format(prompt=ex.prompt, draft=draft))]
         )[0]
-        written = greedy(teacher, teacher_prompt, max_new, eos)
-        text = completion_text(tokenizer, written)
-        expected = (
-            encode_completion(tokenizer, text)
-            if written[-1] == eos
-            else tokenizer.encode(text, add_special_tokens=False)
-        )
-        assert output == expected
-        body = output[:-1] if output[-1] == eos else output
-        assert tokenizer.encode(tokenizer.decode(body), add_special_tokens=False) == body  # round-trips
+        assert output == greedy(teacher, teacher_prompt, max_new, eos)  # the ids it wrote, not re-encoded
     assert [o[-1] == eos for o in outputs] == [False, True, True, True]  # the short draft hit the budget
     assert completion_text(tokenizer, outputs[1]) == rows[1].completion[20:]  # the teacher finished it
     assert metrics["trd_refined"] == 1.0 and not refined.sampler_logp_BT.any()
@@ -264,8 +255,8 @@ def test_prompt_mode_writes_a_valid_student_trajectory(addition_setup, monkeypat
     asked = teacher_example(chat, "3", "{prompt}|{draft}")
     assert asked.prompt == (("system", "S"), ("user", "1+1=|3")) and asked.answer == "2"
 
-    # special tokens the teacher writes are dropped from the text, so its re-encoding can be shorter than
-    # the budget: a teacher cut off by the budget still gives no EOS; one that wrote no text, y_o
+    # y_r is the ids the teacher wrote, special tokens and all: one cut off by the budget gives no EOS; one
+    # that wrote no text, y_o
     bos, five, six = tokenizer.bos_token_id, *tokenizer.encode("56", add_special_tokens=False)
     written = rollout_of(
         prompts[:3], [[five, bos, six, six], [five, bos, eos], [bos] * 4], tokenizer.pad_token_id
@@ -282,7 +273,7 @@ def test_prompt_mode_writes_a_valid_student_trajectory(addition_setup, monkeypat
         settings=settings,
         max_new_tokens=4,
     )
-    assert completions(scripted) == [[five, six, six], [five, eos], drafts[2][:4]]
+    assert completions(scripted) == [[five, bos, six, six], [five, bos, eos], drafts[2][:4]]
     assert metrics["trd_refined"] == 2 / 3
     assert scripted.truncated_B.tolist() == [True, False, True]
 

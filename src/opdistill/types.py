@@ -54,6 +54,10 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask_BP, self.loss_mask_BT], dim=1)
 
+    def completion_ids(self) -> list[list[int]]:
+        """Each row's completion tokens (its loss tokens: through the end token where it ended)."""
+        return [row[mask].tolist() for row, mask in zip(self.tokens_BT, self.loss_mask_BT, strict=True)]
+
     def select(self, rows: slice | torch.Tensor) -> Rollout:
         return Rollout(*(getattr(self, name)[rows] for name in self.__dataclass_fields__))
 

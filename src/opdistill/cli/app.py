@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--verifier", default="", help="--data: module:function(completion, example) -> bool")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument(
+        "--show", type=int, default=3, help="print N prompt / greedy completion / verdict triples to stderr"
+    )
+    ev.add_argument(
         "--task-option",
         action="append",
         default=[],
@@ -241,6 +244,7 @@ def _eval(args) -> int:
     if not max_new:
         lengths = [len(encode_completion(tokenizer, ex.completion)) for ex in examples if ex.completion]
         max_new = max(lengths) + 8 if lengths else 256
+    shown: list = []
     result = evaluate(
         model,
         tokenizer,
@@ -251,7 +255,15 @@ def _eval(args) -> int:
         ks=ks,
         temperature=args.temperature,
         seed=args.seed,
+        shown=shown,
     )
+    for example, completion, correct in shown[: args.show]:  # what the model writes, beside the numbers
+        prompt = example.messages()[-1]["content"]
+        print(
+            f"--- prompt: {prompt}\n    greedy: {completion}\n    {'correct' if correct else 'wrong'}"
+            + (f" (answer {example.answer})" if example.answer else ""),
+            file=sys.stderr,
+        )
     print(json.dumps({"model": args.model, "data": args.task or args.data, **result}, indent=2))
     return 0
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from opdistill.config import Config
-from opdistill.data.examples import Example, encode_completion
+from opdistill.data.examples import Example
 from opdistill.data.tasks import Task
 from opdistill.objectives import weighting
 from opdistill.observe.evaluate import sample_completions
@@ -50,7 +50,7 @@ def curriculum(
         return CurriculumStream(examples, [r["difficulty"] for r in rows], config), Cost()
     started = time.perf_counter()
     examples, n = [task.train[i] for i in range(config.data.pool_size)], config.data.curriculum_samples
-    texts = sample_completions(
+    texts, ids = sample_completions(
         student,
         tokenizer,
         examples,
@@ -69,6 +69,6 @@ def curriculum(
                 for ex, d in zip(examples, difficulty, strict=True)
             )
         )
-    sampled_tokens = sum(len(encode_completion(tokenizer, t)) for t in texts)
+    sampled_tokens = sum(len(row) for row in ids)
     cost = Cost(time.perf_counter() - started, student_sampled_tokens=sampled_tokens)
     return CurriculumStream(examples, difficulty, config), cost

@@ -35,6 +35,9 @@ class Example:
     privileged: str = ""  # context only a self-teacher sees
     id: str = ""
     teacher: str = ""  # which teacher scores this example (a key of `teachers`; empty = `teacher`)
+    # the completion's token ids as the model sampled them (teacher pools, cold start, opd generate): SFT
+    # trains on exactly these rather than on the text re-encoded, which may tokenize differently
+    completion_ids: tuple[int, ...] = ()
 
     def messages(self) -> Messages:
         if isinstance(self.prompt, str):
@@ -74,7 +77,7 @@ def prompt_key(example: Example) -> str:
     return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
 
 
-EXAMPLE_FIELDS = ("prompt", "answer", "completion", "privileged", "id", "teacher")
+EXAMPLE_FIELDS = ("prompt", "answer", "completion", "privileged", "id", "teacher", "completion_ids")
 TRAIN_SPLITS = ("train",)  # the split a dataset with several gives for training, unless one is named
 EVAL_SPLITS = ("test", "validation")  # ... and for evaluation: the first of these it has
 # file suffix -> the `datasets` builder that reads it (a .json file is JSONL unless it holds one JSON array)
@@ -248,6 +251,16 @@ def parse_record(
             "messages."
         )
     fields: dict[str, Any] = {"prompt": prompt}
+    ids = values.get("completion_ids", [])
+    if not isinstance(ids, list | tuple) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
+        raise UserError(f"{where}: field {_label('completion_ids', columns)} must be a list of token ids.")
+    if ids and not values.get("completion"):
+        raise UserError(
+            f"{where}: field {_label('completion_ids', columns)} needs the completion's text too."
+        )
+    fields["completion_ids"] = tuple(ids)
     for name in ("answer", "completion", "privileged", "id", "teacher"):
         value = values.get(name, "")
         if isinstance(value, int | float) and not isinstance(value, bool) and name in ("answer", "id"):
@@ -341,6 +354,8 @@ def write_jsonl(examples: Sequence[Example], path: str | Path | None) -> None:
         for ex in examples:
             obj: dict[str, Any] = {"prompt": ex.prompt if isinstance(ex.prompt, str) else ex.messages()}
             obj.update({k: getattr(ex, k) for k in EXAMPLE_FIELDS[1:] if getattr(ex, k)})
+            if ex.completion_ids:
+                obj["completion_ids"] = list(ex.completion_ids)
             handle.write(json.dumps(obj) + "\n")
 
 
@@ -498,6 +513,23 @@ def encode_prompts(tokenizer, examples: Sequence[Example]) -> list[list[int]]:
         )
         rows = [row[-limit:] for row in rows]
     return rows
+
+
+def completion_target(tokenizer, example: Example) -> list[int]:
+    """The tokens an SFT step trains ``example``'s completion as: its ``completion_ids`` where it carries
+    them (what the model sampled), else ``encode_completion`` of its text after its prompt. Ids that do not
+    decode to the text (made with another tokenizer) are an error."""
+    if example.completion_ids:
+        ids, ends = list(example.completion_ids), end_ids(tokenizer)
+        text = tokenizer.decode([i for i in ids if i not in ends], skip_special_tokens=True)
+        if max(ids) >= len(tokenizer) or text != example.completion:
+            raise UserError(
+                f"example {example.id or example.prompt!r}: its completion_ids do not decode to its "
+                "completion with this tokenizer (made with another model's?); drop the field to train on "
+                "the text."
+            )
+        return ids
+    return encode_completion(tokenizer, example.completion, example.messages())
 
 
 def encode_completion(tokenizer, text: str, messages: Sequence[Mapping[str, str]] = ()) -> list[int]:

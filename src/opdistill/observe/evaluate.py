@@ -39,11 +39,13 @@ def sample_completions(
     n: int = 1,
     seed: int = 0,
     batch_size: int = 512,
-) -> list[str]:
-    """``n`` completions per example (grouped per example), in batches of prompts."""
+) -> tuple[list[str], list[list[int]]]:
+    """``n`` completions per example (grouped per example), in batches of prompts: their texts (as a
+    verifier reads them) and their token ids as sampled (through the end token where they ended)."""
     generator = torch.Generator().manual_seed(seed)
     repeated = [p for p in encode_prompts(tokenizer, examples) for _ in range(n)]
     texts: list[str] = []
+    ids: list[list[int]] = []
     for start in range(0, len(repeated), batch_size):
         rollout = sample_prompts(
             model,
@@ -55,7 +57,8 @@ def sample_completions(
             generator=generator,
         )
         texts.extend(completion_texts(tokenizer, rollout))
-    return texts
+        ids.extend(rollout.completion_ids())
+    return texts, ids
 
 
 def evaluate(
@@ -69,17 +72,22 @@ def evaluate(
     ks: Sequence[int] = (),
     temperature: float = 1.0,
     seed: int = 0,
+    shown: list | None = None,
 ) -> dict[str, float]:
     """Greedy accuracy; with n > 0 also avg@n, pass@k over n samples at ``temperature`` (k in ``ks``, by
     default 1, 2, 4, ... n) and their diversity: distinct final answers per problem, distinct n-grams and
-    the model's mean token entropy on them."""
-    greedy = sample_completions(model, tokenizer, examples, max_new_tokens=max_new_tokens)
+    the model's mean token entropy on them. ``shown`` (a list) receives every problem's (example, greedy
+    completion, verdict)."""
+    greedy, _ = sample_completions(model, tokenizer, examples, max_new_tokens=max_new_tokens)
+    verdicts = [bool(verify(c, ex)) for c, ex in zip(greedy, examples, strict=True)]
+    if shown is not None:
+        shown.extend(zip(examples, greedy, verdicts, strict=True))
     result: dict[str, float] = {
         "n_problems": len(examples),
-        "greedy_acc": sum(verify(c, ex) for c, ex in zip(greedy, examples, strict=True)) / len(examples),
+        "greedy_acc": sum(verdicts) / len(examples),
     }
     if n > 0:
-        sampled = sample_completions(
+        sampled, _ = sample_completions(
             model, tokenizer, examples, max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed
         )
         correct = [sum(verify(sampled[i * n + j], ex) for j in range(n)) for i, ex in enumerate(examples)]

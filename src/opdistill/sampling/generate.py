@@ -62,7 +62,7 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     attempts = 1 + (max_retries if temperature > 0 else 0)
     wanted = [ex for ex in examples for _ in range(n)]
-    kept: dict[int, str] = {}
+    kept: dict[int, tuple[str, list[int]]] = {}
     dropped: Counter = Counter()
     pending = list(range(len(wanted)))
     bar = ProgressBar("generate", len(wanted), 0) if show_progress else NullProgress()
@@ -80,11 +80,12 @@ def generate(
                     top_p=top_p,
                     generator=generator,
                 )
-                texts = completion_texts(tokenizer, rollout)
-                for row, text, truncated in zip(rows, texts, rollout.truncated_B.tolist(), strict=True):
+                texts, ids = completion_texts(tokenizer, rollout), rollout.completion_ids()
+                truncated_B = rollout.truncated_B.tolist()
+                for row, text, sample, truncated in zip(rows, texts, ids, truncated_B, strict=True):
                     reason = invalid_reason(text, truncated, require)
                     if reason is None:
-                        kept[row] = text
+                        kept[row] = text, sample
                     elif attempt == attempts - 1:
                         dropped[reason] += 1
                     else:
@@ -92,4 +93,8 @@ def generate(
                 bar.update(len(kept) + sum(dropped.values()), 0.0, {"kept": len(kept), "retry": attempt})
             pending = failed
     dropped["kept"] = len(kept)
-    return [dataclasses.replace(wanted[i], completion=kept[i]) for i in sorted(kept)], dropped
+    completed = [
+        dataclasses.replace(wanted[i], completion=kept[i][0], completion_ids=tuple(kept[i][1]))
+        for i in sorted(kept)
+    ]
+    return completed, dropped

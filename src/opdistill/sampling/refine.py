@@ -12,11 +12,10 @@ Procedure details are [D] (derived; the paper's code was not available):
   not generated. The rows that need a continuation share one ``generate`` call.
 - ``mode="prompt"`` (instruction-following teachers): the teacher's prompt is the example with its last turn
   replaced by the user turn ``template.format(prompt=<that turn's text>, draft=<y_o decoded, EOS and special
-  tokens dropped>)``, encoded with ``encode_prompts``; y_r is the teacher's completion text re-encoded with
-  the shared tokenizer by ``encode_completion``, so y_r lies in the student's token space and round-trips
-  through its tokenizer. A teacher that hits ``max_new_tokens`` without EOS gives a y_r without EOS (marked
-  truncated, never given an EOS it did not write); one that runs out of budget without writing any text
-  leaves the row at y_o.
+  tokens dropped>)``, encoded with ``encode_prompts``; y_r is the teacher's completion as the token ids it
+  sampled with the shared tokenizer (never decoded and re-encoded). A teacher that hits ``max_new_tokens``
+  without EOS gives a y_r without EOS (marked truncated, never given an EOS it did not write); one that runs
+  out of budget without writing any text leaves the row at y_o.
 - Selection (``select``): "always" takes y_r. "verified" takes y_r only if it passes the verifier
   (fail→pass or pass→pass) and otherwise falls back to y_o; a row behaves as "always" when ``verify`` is
   None or its example has no ``answer``.
@@ -47,7 +46,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from opdistill.config import TrdConfig
-from opdistill.data.examples import Example, encode_completion, encode_prompts, end_ids, right_pad
+from opdistill.data.examples import Example, encode_prompts, end_ids, right_pad
 from opdistill.models import completion_logits
 from opdistill.objectives.losses import token_logprobs
 from opdistill.sampling.rollout import sample_prompts
@@ -188,8 +187,8 @@ def rewrite_drafts(
     generator: torch.Generator | None,
 ) -> list[list[int]]:
     """Per row the teacher's answer to ``settings.template`` filled with the example's last turn and the
-    decoded draft, re-encoded with the shared tokenizer (EOS appended only if the teacher ended with one); a
-    row whose teacher ran out of budget without writing any text keeps its draft."""
+    decoded draft, as the token ids it sampled with the shared tokenizer (through its end token where it
+    ended); a row whose teacher ran out of budget without writing any text keeps its draft."""
     examples = [
         teacher_example(ex, completion_text(tokenizer, d), settings.template)
         for ex, d in zip(rows, drafts, strict=True)
@@ -204,12 +203,11 @@ def rewrite_drafts(
         generator=generator,
     )
     refined = []
-    for b, draft in enumerate(drafts):
-        text = completion_text(tokenizer, written.tokens_BT[b][written.loss_mask_BT[b]].tolist())
-        if not written.truncated_B[b]:
-            refined.append(encode_completion(tokenizer, text, rows[b].messages()))
-        else:  # cut off by the budget: it did not end, so neither does y_r (and without text there is none)
-            refined.append(tokenizer.encode(text, add_special_tokens=False) or list(draft))
+    for ids, truncated, draft in zip(
+        written.completion_ids(), written.truncated_B.tolist(), drafts, strict=True
+    ):
+        # cut off by the budget, it did not end, so neither does y_r; without any text there is none
+        refined.append(list(draft) if truncated and not completion_text(tokenizer, ids) else ids)
     return refined
 
 

@@ -24,7 +24,7 @@ from opdistill.data.curriculum import curriculum
 from opdistill.data.examples import (
     Example,
     ExampleStream,
-    encode_completion,
+    completion_target,
     encode_prompts,
     left_pad,
     privileged_view,
@@ -270,7 +270,7 @@ def off_policy_batch(context: BatchContext, step: int) -> tuple[Rollout, dict[st
     if missing:
         raise UserError(f"training on dataset completions needs a 'completion'; {missing[0]!r} has none.")
     tokenizer = context.tokenizer
-    completions = [encode_completion(tokenizer, ex.completion, ex.messages()) for ex in examples]
+    completions = [completion_target(tokenizer, ex) for ex in examples]
     rollout = rollout_of(encode_prompts(tokenizer, examples), completions, tokenizer.pad_token_id)
     return rollout.to(context.device), {}, examples
 
@@ -368,7 +368,7 @@ def teacher_pool(
         return ExampleStream(read_jsonl(path), config.train.seed), Cost()
     started = time.perf_counter()
     examples = [task.train[i] for i in range(config.data.pool_size)]
-    texts = sample_completions(
+    texts, ids = sample_completions(
         teacher.model,
         tokenizer,
         examples,
@@ -377,12 +377,12 @@ def teacher_pool(
         seed=config.train.seed,
     )
     pool = [
-        Example(prompt=ex.prompt, answer=ex.answer, completion=text)
-        for ex, text in zip(examples, texts, strict=True)
+        Example(prompt=ex.prompt, answer=ex.answer, completion=text, completion_ids=tuple(row))
+        for ex, text, row in zip(examples, texts, ids, strict=True)
     ]
     if world.is_main:
         write_jsonl(pool, path)
     prompt_tokens = sum(len(ids) for ids in encode_prompts(tokenizer, pool))
-    completion_tokens = sum(len(encode_completion(tokenizer, ex.completion, ex.messages())) for ex in pool)
+    completion_tokens = sum(len(row) for row in ids)
     cost = Cost(time.perf_counter() - started, teacher_generated_tokens=prompt_tokens + completion_tokens)
     return ExampleStream(pool, config.train.seed), cost

@@ -15,7 +15,7 @@ from opdistill.config import Config, ObjectiveConfig
 from opdistill.data.examples import (
     Example,
     ExampleStream,
-    encode_completion,
+    completion_target,
     encode_prompts,
     prompt_key,
     read_jsonl,
@@ -112,7 +112,7 @@ def cold_start(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             examples = stream.batch(step, cold.prompts_per_step)[first : first + count]
-            completions = [encode_completion(tokenizer, ex.completion, ex.messages()) for ex in examples]
+            completions = [completion_target(tokenizer, ex) for ex in examples]
             rollout = rollout_of(encode_prompts(tokenizer, examples), completions, tokenizer.pad_token_id)
             batch = StepBatch(rollout.to(device), None, {})
             metrics = train_step(sft_config, model, optimizer, batch, world)
@@ -134,7 +134,7 @@ def cold_start(
         student_train_tokens=int(distributed.all_sum(trained_tokens, world)),
         # the kept samples' prompts and completions (redrawn invalid samples are not counted)
         teacher_generated_tokens=sum(
-            len(prompt) + len(encode_completion(tokenizer, ex.completion, ex.messages()))
+            len(prompt) + len(completion_target(tokenizer, ex))
             for prompt, ex in zip(encode_prompts(tokenizer, kept), kept, strict=True)
         ),
     )
