@@ -97,3 +97,55 @@ def test_padded_embedding_rows_are_fitted_to_the_tokenizer(tmp_path, make_model,
     save_model(model, tokenizer, tmp_path / "short")
     with pytest.raises(UserError, match="embedding rows but its tokenizer"):
         load_model(ModelSpec(path=str(tmp_path / "short")))
+
+
+def test_a_layer_pruned_copy_keeps_the_chosen_layers_and_samples_consistently(tmp_path, tokenizer):
+    from opdistill.cli.app import _layer_list
+    from opdistill.models import completion_logits, tiny_model
+    from opdistill.objectives.losses import token_logprobs
+
+    model = tiny_model(ModelSpec(preset="d16l3"), tokenizer, seed=0)
+    save_model(model, tokenizer, tmp_path / "full")
+    assert _layer_list("0-2:2") == [0, 2] and _layer_list("1") == [1]
+    pruned_dir = convert(tmp_path / "full", tmp_path / "pruned", layers=[0, 2])
+    pruned, _ = load_model(ModelSpec(path=str(pruned_dir)))
+    assert pruned.config.num_hidden_layers == 2
+    for slot, source in enumerate([0, 2]):
+        for (name, weight), (_, kept) in zip(
+            model.model.layers[source].named_parameters(),
+            pruned.model.layers[slot].named_parameters(),
+            strict=True,
+        ):
+            assert torch.equal(weight, kept), name
+    # the KV cache follows the renumbered layers: the sampler's log-probs are a full forward's
+    rollout = sample_prompts(
+        pruned.eval(), tokenizer, [tokenizer("12+34=")["input_ids"]] * 4, max_new_tokens=8
+    )
+    logp_BT = token_logprobs(completion_logits(pruned, rollout), rollout.tokens_BT)
+    torch.testing.assert_close(logp_BT * rollout.loss_mask_BT, rollout.sampler_logp_BT * rollout.loss_mask_BT)
+    with pytest.raises(UserError, match="distinct layers among 0..2"):
+        convert(tmp_path / "full", tmp_path / "bad", layers=[0, 3])
+
+
+def test_the_capitals_task_splits_by_country_and_checks_the_rule():
+    from opdistill.data.tasks import load_task
+    from opdistill.data.tasks.capitals import CAPITALS, RULES, held_out
+
+    task = load_task("capitals")
+    tested = {ex.answer for ex in task.test}
+    trained = {task.train[i].answer for i in range(500)}
+    assert tested and trained and not tested & trained
+    assert {CAPITALS[c] for c in CAPITALS if held_out(c)} == tested
+    paris = Example(prompt="What is the capital of France?", answer="Paris")
+    assert task.verify("The capital of France is Paris.", paris) and not task.verify("Lyon", paris)
+    bare = load_task("capitals", {"rule": "bare", "check": "bare"})
+    assert bare.verify(" Paris.", paris) and not bare.verify("The capital of France is Paris.", paris)
+    assert {ex.privileged for ex in bare.test} == {RULES["bare"]} and bare.train[0].privileged == RULES[
+        "bare"
+    ]
+    french = load_task("capitals", {"rule": "french", "shown": True, "check": "french"})
+    assert french.test[0].prompt[0] == ("system", RULES["french"]) and not french.test[0].privileged
+    assert french.verify("La capitale de la France est Paris.", paris)
+    assert not french.verify("The capital of France is Paris.", paris)
+    with pytest.raises(UserError, match="check must be one of"):
+        load_task("capitals", {"check": "german"})

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -45,9 +46,10 @@ PACKAGED = {
 }
 
 
-def convert(source: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+def convert(source: str | Path, out: str | Path, dtype: str = "float32", layers: Sequence[int] = ()) -> Path:
     """``source`` (a ``.gguf`` file or an HF model directory) as an HF safetensors directory ``out``:
-    config, weights in ``dtype``, generation config and tokenizer (with its chat template)."""
+    config, weights in ``dtype``, generation config and tokenizer (with its chat template). ``layers``
+    keeps only those decoder layers, in that order (a layer-pruned student of the same tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, out = Path(source), Path(out)
@@ -72,6 +74,8 @@ def convert(source: str | Path, out: str | Path, dtype: str = "float32") -> Path
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
+    if layers:
+        model = keep_layers(model, layers)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +90,28 @@ def convert(source: str | Path, out: str | Path, dtype: str = "float32") -> Path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def keep_layers(model, layers: Sequence[int]):
+    """``model`` with only decoder layers ``layers`` (indices into ``model.model.layers``, in order; a
+    layer may appear once). The config and each attention's cache slot follow."""
+    stack = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(stack, torch.nn.ModuleList):
+        raise UserError(
+            f"{type(model).__name__} keeps no decoder layers at model.model.layers to choose from."
+        )
+    if len(set(layers)) != len(layers) or not all(0 <= i < len(stack) for i in layers):
+        raise UserError(f"--layers must name distinct layers among 0..{len(stack) - 1}; got {list(layers)}.")
+    model.model.layers = torch.nn.ModuleList(stack[i] for i in layers)
+    for slot, layer in enumerate(model.model.layers):
+        attention = getattr(layer, "self_attn", None)
+        if attention is not None and hasattr(attention, "layer_idx"):
+            attention.layer_idx = slot  # its slot in the KV cache
+    config = model.config
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    config.num_hidden_layers = len(layers)
+    return model
 
 
 def fetch(name: str, cache: str | Path = MODEL_CACHE, quiet: bool = False) -> Path:

