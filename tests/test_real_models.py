@@ -149,3 +149,35 @@ def test_the_capitals_task_splits_by_country_and_checks_the_rule():
     assert not french.verify("The capital of France is Paris.", paris)
     with pytest.raises(UserError, match="check must be one of"):
         load_task("capitals", {"check": "german"})
+
+
+@pytest.mark.slow
+def test_the_french_rule_recipe_runs_shortened(smollm2, tmp_path):
+    """configs/smollm2_opsd_french.yaml for 4 steps: OPSD on the real model end to end (its teacher is the
+    model told the rule), evaluated on held-out countries with the rule's check."""
+    from pathlib import Path
+
+    from opdistill.config import load_config
+    from opdistill.training import loop
+
+    recipe = Path(__file__).parents[1] / "configs" / "smollm2_opsd_french.yaml"
+    config = load_config(
+        recipe,
+        [
+            f"student.path={smollm2}",
+            "train.steps=4",
+            "train.eval_every=2",
+            "train.eval_size=8",
+            "train.diagnostics_every=2",
+            "train.save_every=0",
+            f"train.out_dir={tmp_path / 'run'}",
+        ],
+    )
+    result = loop.run(config, show_progress=False)
+    assert result["complete"] and result["steps"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["teacher_kl"] == r["teacher_kl"] and r["time_teacher_s"] > 0 for r in rows)
+    assert rows[0]["teacher_kl"] > 0.01  # the teacher told the rule disagrees with the untold student
+    evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 4] and all(0 <= e["greedy_acc"] <= 1 for e in evals)

@@ -349,6 +349,7 @@ def test_vllm_format_client_against_a_fake_endpoint(teacher_model, tokenizer):
     """The client's whole vLLM path over HTTP against a stand-in that answers in the documented format (not a
     test of vLLM itself): models listing, the tokenizer probe, one completions request per sequence."""
     bodies: list[dict] = []
+    beyond: list[int] = []  # an id past the student's vocabulary, sent as every position's most likely
 
     class FakeVLLM(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -364,6 +365,8 @@ def test_vllm_format_client_against_a_fake_endpoint(teacher_model, tokenizer):
                 return
             bodies.append(body)
             logprobs = vllm_prompt_logprobs(teacher_model, tokenizer, body["prompt"], body["prompt_logprobs"])
+            for entry in logprobs[1:] if beyond else ():
+                entry[str(beyond[0])] = {"logprob": -1e-3, "rank": 1, "decoded_token": "?"}
             self._send(
                 {
                     "object": "text_completion",
@@ -400,6 +403,11 @@ def test_vllm_format_client_against_a_fake_endpoint(teacher_model, tokenizer):
             RemoteTeacher(url, char_tokenizer(["0123456789+=,>ab"]), api="vllm")
         with pytest.raises(UserError, match="does not serve teacher.served_model='other'"):
             RemoteTeacher(url, tokenizer, api="vllm", served_model="other")
+        beyond.append(
+            len(tokenizer) + 7
+        )  # a padded logit row the student does not have: refused, not gathered
+        with pytest.raises(UserError, match=f"top-K ids outside the student's {len(tokenizer)} tokens"):
+            remote.score(rollout, request)
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -69,6 +69,7 @@ class RemoteTeacher:
             raise UserError(f"teacher.api={api!r} is not one of opd, vllm.")
         self.url, self.api, self.served_model = url.rstrip("/"), api, served_model
         self.timeout_s, self.retries = timeout_s, max(int(retries), 0)
+        self.width = len(student_tokenizer)  # the student's logit rows (models.fit_vocabulary)
         self.backoff_s, self.max_backoff_s, self.workers = backoff_s, max_backoff_s, max(workers, 1)
         if api == "opd":
             info = self._call("GET", "/info", hint="if it is a vLLM server, set teacher.api=vllm")
@@ -202,6 +203,12 @@ class RemoteTeacher:
                 target = targets.get(name)
                 if target is not None and values:
                     target[b, : len(values)] = torch.tensor(values, dtype=target.dtype)
+        ids = signal.topk_ids_BTK
+        if ids is not None and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.width:
+            raise UserError(
+                f"the teacher at {self.url} sent top-K ids outside the student's {self.width} tokens "
+                f"({int(ids.min())}..{int(ids.max())}): is it serving another tokenizer's model?"
+            )
         device = rollout.tokens_BT.device
         return dataclasses.replace(
             signal, **{name: value.to(device) for name, value in vars(signal).items() if value is not None}
