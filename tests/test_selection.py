@@ -33,12 +33,12 @@ class Untouchable:
 def test_a_teacher_identical_to_the_student_scores_one_and_another_less(make_model, tokenizer):
     student = make_model(seed=0, preset="d32l2").train()  # as in a run
     score = functools.partial(overlap_scores, topk=4, max_new_tokens=12, temperature=1.0, seed=0)
-    same = score(student, LocalTeacher(make_model(seed=0, preset="d32l2")), tokenizer, PROMPTS)
+    same, _ = score(student, LocalTeacher(make_model(seed=0, preset="d32l2")), tokenizer, PROMPTS)
     assert same == [1.0] * len(PROMPTS)
-    other = score(student, LocalTeacher(make_model(seed=1, preset="d32l2")), tokenizer, PROMPTS)
+    other, _ = score(student, LocalTeacher(make_model(seed=1, preset="d32l2")), tokenizer, PROMPTS)
     assert all(0.0 <= s <= 1.0 for s in other) and sum(other) / len(other) < 0.9
     # deterministic in the seed
-    assert score(student, LocalTeacher(make_model(seed=1, preset="d32l2")), tokenizer, PROMPTS) == other
+    assert score(student, LocalTeacher(make_model(seed=1, preset="d32l2")), tokenizer, PROMPTS)[0] == other
     assert student.training  # scored in eval mode, then left as it was
 
 
@@ -78,7 +78,7 @@ def test_the_score_is_the_mean_overlap_over_the_students_response():
     examples = [ex for ex in first if len(ex.answer) == 4][:2] + [ex for ex in first if len(ex.answer) == 5][
         :2
     ]
-    scores = overlap_scores(
+    scores, _ = overlap_scores(
         student,
         LocalTeacher(teacher),
         tokenizer,
@@ -147,7 +147,7 @@ def test_the_selection_is_written_once_and_a_resumed_run_reads_it(make_model, to
     pool = [task.train[i] for i in range(24)]
     assert [r["prompt"] for r in rows] == [ex.prompt for ex in pool]
     assert [r["answer"] for r in rows] == [ex.answer for ex in pool]
-    scores = overlap_scores(
+    scores, _ = overlap_scores(
         student, teacher, tokenizer, pool, topk=4, max_new_tokens=10, temperature=1.0, seed=3
     )
     assert [r["score"] for r in rows] == scores

@@ -29,6 +29,7 @@ from opdistill.types import Cost, Rollout, SignalRequest
 LOGITS_PER_FORWARD = 2**26
 
 
+@torch.no_grad()
 def overlap_scores(
     student,
     teacher,
@@ -40,39 +41,12 @@ def overlap_scores(
     temperature: float,
     seed: int,
     batch_size: int = 256,
-) -> list[float]:
+) -> tuple[list[float], dict[str, int]]:
     """score(x) of math.md §11.3 for each example, in [0, 1]: one rollout of ``student`` (an HF model) per
     prompt, then the mean top-``topk`` overlap (``diagnostics.topk_overlap``) of student and ``teacher``
     (anything with ``Teacher.score``: a local or remote teacher that serves its top-K) over the rollout's loss
-    tokens (EOS included). ``topk`` is capped at the vocabulary. Deterministic in ``seed``."""
-    return _overlap_scores(
-        student,
-        teacher,
-        tokenizer,
-        examples,
-        topk=topk,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-        batch_size=batch_size,
-    )[0]
-
-
-@torch.no_grad()
-def _overlap_scores(
-    student,
-    teacher,
-    tokenizer,
-    examples: Sequence[Example],
-    *,
-    topk: int,
-    max_new_tokens: int,
-    temperature: float,
-    seed: int,
-    batch_size: int = 256,
-) -> tuple[list[float], dict[str, int]]:
-    """``overlap_scores``, and the run's token counters it adds to (the student's samples, the teacher's
-    scoring)."""
+    tokens (EOS included). ``topk`` is capped at the vocabulary. Deterministic in ``seed``. Also returns the
+    run's token counters it adds to (the student's samples, the teacher's scoring)."""
     generator = torch.Generator().manual_seed(seed)
     scores: list[float] = []
     tokens = {"student_sampled_tokens": 0, "teacher_scored_tokens": 0}
@@ -171,7 +145,7 @@ def selected_prompts(
         example = task.train[i]
         distinct.setdefault(prompt_key(example), example)
     pool = list(distinct.values())
-    scores, tokens = _overlap_scores(
+    scores, tokens = overlap_scores(
         student,
         teacher,
         tokenizer,
