@@ -161,3 +161,25 @@ def test_a_base_model_reads_every_turn_as_plain_text():
         == "System: be brief\n\nUser: what is 2+3?\n\nAssistant:"
     )
     assert plain_text(Example(prompt="what is 2+3?").messages()) == "what is 2+3?"
+
+
+def test_a_model_directory_declaring_several_end_ids_stops_at_each(tmp_path, tokenizer):
+    from opdistill.models import load_model, save_model
+
+    model = tiny_model(ModelSpec(preset="d16l1"), tokenizer, seed=0)
+    other = tokenizer.convert_tokens_to_ids("=")
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, other]  # as Llama 3's lists two
+    save_model(model, tokenizer, tmp_path / "model")
+    loaded, loaded_tokenizer = load_model(ModelSpec(path=str(tmp_path / "model")))
+    assert loaded_tokenizer.end_ids == (tokenizer.eos_token_id, other)
+    rollout = sample_prompts(
+        loaded.eval(),
+        loaded_tokenizer,
+        [loaded_tokenizer("12+34")["input_ids"]] * 32,
+        max_new_tokens=16,
+        generator=torch.Generator().manual_seed(0),
+    )
+    ends = [
+        ids[-1] for ids, cut in zip(rollout.completion_ids(), rollout.truncated_B, strict=True) if not cut
+    ]
+    assert other in ends and all(i in (tokenizer.eos_token_id, other) for i in ends)
