@@ -125,7 +125,8 @@ def length_worker(length: int, steps: int, warmup: int) -> None:
     import torch
 
     from opdistill.config import load_config
-    from opdistill.data.examples import encode_prompts, left_pad
+    from opdistill.data.examples import left_pad
+    from opdistill.data.rendering import encode_prompts
     from opdistill.data.tasks import task_from_config
     from opdistill.models import completion_logits, load_model
     from opdistill.objectives.losses import Normalizer, generalized_jsd

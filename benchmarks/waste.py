@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from opdistill.config import load_config
-from opdistill.data.examples import encode_prompts
+from opdistill.data.rendering import encode_prompts
 from opdistill.data.tasks import task_from_config
 from opdistill.models import completion_logits, load_model
 from opdistill.sampling.rollout import sample_prompts

@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from opdistill.config import ModelSpec, load_config
-from opdistill.data.examples import (
-    Example,
-    encode_completion,
-    encode_prompts,
-    end_ids,
-    plain_text,
-    use_chat_settings,
-)
+from opdistill.data.examples import Example
+from opdistill.data.rendering import encode_completion, encode_prompts, end_ids, plain_text, use_chat_settings
 from opdistill.models import char_tokenizer, tiny_model
 from opdistill.sampling.rollout import sample_prompts
 

@@ -11,15 +11,8 @@ import torch
 
 from opdistill.cli.demo import asset_dir
 from opdistill.config import Config, ModelSpec, replace
-from opdistill.data.examples import (
-    Example,
-    ExampleStream,
-    encode_completion,
-    encode_prompts,
-    prompt_key,
-    read_jsonl,
-    rollout_of,
-)
+from opdistill.data.examples import Example, ExampleStream, prompt_key, read_jsonl, rollout_of
+from opdistill.data.rendering import encode_completion, encode_prompts
 from opdistill.data.tasks import corpus_text, load_task
 from opdistill.errors import UserError
 from opdistill.models import check_same_tokenizer, completion_logits, load_model

@@ -9,7 +9,8 @@ import pytest
 from opdistill.cli import app
 from opdistill.cli.demo import asset_dir
 from opdistill.config import ModelSpec
-from opdistill.data.examples import Example, completion_target, encode_completion, read_jsonl, write_jsonl
+from opdistill.data.examples import Example, read_jsonl, write_jsonl
+from opdistill.data.rendering import completion_target, encode_completion
 from opdistill.data.tasks import load_task
 from opdistill.errors import UserError
 from opdistill.models import load_model

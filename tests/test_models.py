@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from opdistill.config import ModelSpec
-from opdistill.data.examples import Example, encode_completion, encode_prompts, left_pad, right_pad
+from opdistill.data.examples import Example, left_pad, right_pad
+from opdistill.data.rendering import encode_completion, encode_prompts
 from opdistill.errors import UserError
 from opdistill.models import char_tokenizer, check_same_tokenizer, completion_logits, load_model, save_model
 from opdistill.objectives.losses import token_logprobs

@@ -13,7 +13,8 @@ import torch
 
 from opdistill.config import ModelSpec
 from opdistill.convert import convert
-from opdistill.data.examples import Example, encode_completion, encode_prompts
+from opdistill.data.examples import Example
+from opdistill.data.rendering import encode_completion, encode_prompts
 from opdistill.errors import UserError
 from opdistill.models import load_model, save_model
 from opdistill.observe.evaluate import completion_texts

@@ -9,7 +9,8 @@ import torch
 
 from opdistill.cli.demo import asset_dir
 from opdistill.config import ModelSpec, TrdConfig
-from opdistill.data.examples import Example, encode_completion, encode_prompts, rollout_of
+from opdistill.data.examples import Example, rollout_of
+from opdistill.data.rendering import encode_completion, encode_prompts
 from opdistill.data.tasks import addition
 from opdistill.models import load_model, tiny_model
 from opdistill.sampling.refine import completion_text, refine, teacher_example

@@ -11,7 +11,8 @@ import torch
 
 from opdistill.cli.demo import asset_dir
 from opdistill.config import Config, ModelSpec, replace
-from opdistill.data.examples import Example, ExampleStream, encode_prompts
+from opdistill.data.examples import Example, ExampleStream
+from opdistill.data.rendering import encode_prompts
 from opdistill.data.selection import SelectedStream, overlap_scores, selected_prompts, top_fraction
 from opdistill.data.tasks import RegexVerifier, Task, load_task
 from opdistill.models import load_model

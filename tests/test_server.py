@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from opdistill.cli import app
 from opdistill.cli.demo import asset_dir
 from opdistill.config import ModelSpec
-from opdistill.data.examples import encode_completion, left_pad, right_pad
+from opdistill.data.examples import left_pad, right_pad
+from opdistill.data.rendering import encode_completion
 from opdistill.errors import UserError
 from opdistill.models import char_tokenizer, load_model, load_tokenizer, tiny_model
 from opdistill.teachers.base import make_teacher

@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from opdistill.attention import NAME as ATTENTION_AUTO
 from opdistill.config import LoraConfig, ModelSpec, parse_preset
-from opdistill.data.examples import end_ids
+from opdistill.data.rendering import end_ids
 from opdistill.errors import UserError
 
 hf_logging.disable_progress_bar()

@@ -225,7 +225,8 @@ def _task(name: str, options: list[str]):
 
 def _eval(args) -> int:
     from opdistill.config import ModelSpec
-    from opdistill.data.examples import EVAL_SPLITS, encode_completion, read_examples
+    from opdistill.data.examples import EVAL_SPLITS, read_examples
+    from opdistill.data.rendering import encode_completion
     from opdistill.data.tasks import RegexVerifier, function_verifier
     from opdistill.models import load_model
     from opdistill.observe.evaluate import evaluate

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from opdistill.config import Config
-from opdistill.data.examples import Example, encode_prompts, parse_record, prompt_key
+from opdistill.data.examples import Example, parse_record, prompt_key
+from opdistill.data.rendering import encode_prompts
 from opdistill.data.tasks import Task
 from opdistill.models import completion_logits
 from opdistill.observe.diagnostics import topk_overlap

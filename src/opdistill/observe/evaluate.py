@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from opdistill.data.examples import Example, encode_completion, encode_prompts, end_ids, rollout_of
+from opdistill.data.examples import Example, rollout_of
+from opdistill.data.rendering import encode_completion, encode_prompts, end_ids
 from opdistill.data.tasks import Verifier
 from opdistill.models import completion_logits
 from opdistill.observe.diagnostics import distinct_answers, distinct_n, pass_at_k, token_entropy

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-from opdistill.data.examples import Example, encode_prompts
+from opdistill.data.examples import Example
+from opdistill.data.rendering import encode_prompts
 from opdistill.observe.evaluate import completion_texts
 from opdistill.observe.progress import NullProgress, ProgressBar
 from opdistill.sampling.rollout import sample_prompts

@@ -46,7 +46,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from opdistill.config import TrdConfig
-from opdistill.data.examples import Example, encode_prompts, end_ids, right_pad
+from opdistill.data.examples import Example, right_pad
+from opdistill.data.rendering import encode_prompts, end_ids
 from opdistill.models import completion_logits
 from opdistill.objectives.losses import token_logprobs
 from opdistill.sampling.rollout import sample_prompts

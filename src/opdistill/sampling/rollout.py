@@ -7,7 +7,8 @@ from typing import Protocol
 
 import torch
 
-from opdistill.data.examples import end_ids, left_pad
+from opdistill.data.examples import left_pad
+from opdistill.data.rendering import end_ids
 from opdistill.sampling.decode import decoder_for, sharded
 from opdistill.types import Rollout
 

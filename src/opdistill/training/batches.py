@@ -24,14 +24,13 @@ from opdistill.data.curriculum import curriculum
 from opdistill.data.examples import (
     Example,
     ExampleStream,
-    completion_target,
-    encode_prompts,
     left_pad,
     privileged_view,
     read_jsonl,
     rollout_of,
     write_jsonl,
 )
+from opdistill.data.rendering import completion_target, encode_prompts
 from opdistill.data.selection import selected_prompts
 from opdistill.data.tasks import Task
 from opdistill.errors import UserError

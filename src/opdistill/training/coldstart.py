@@ -12,16 +12,8 @@ import time
 from pathlib import Path
 
 from opdistill.config import Config, ObjectiveConfig
-from opdistill.data.examples import (
-    Example,
-    ExampleStream,
-    completion_target,
-    encode_prompts,
-    prompt_key,
-    read_jsonl,
-    rollout_of,
-    write_jsonl,
-)
+from opdistill.data.examples import Example, ExampleStream, prompt_key, read_jsonl, rollout_of, write_jsonl
+from opdistill.data.rendering import completion_target, encode_prompts
 from opdistill.data.tasks import Stream, Task
 from opdistill.errors import UserError
 from opdistill.observe.progress import NullProgress, ProgressBar

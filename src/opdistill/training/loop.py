@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from opdistill.config import Config, save_config
-from opdistill.data.examples import use_chat_settings
+from opdistill.data.rendering import use_chat_settings
 from opdistill.data.tasks import Task, corpus_text, task_from_config
 from opdistill.errors import UserError
 from opdistill.models import load_model, load_student, save_model
