@@ -51,7 +51,9 @@ def shape(
             mask_BT, weighting_config.position_decay, config.rollout.max_new_tokens
         )
     if weighting_config.position_limit:
-        mask_BT = mask_BT & (torch.arange(mask_BT.shape[1]) < weighting_config.position_limit)
+        mask_BT = mask_BT & (
+            torch.arange(mask_BT.shape[1], device=mask_BT.device) < weighting_config.position_limit
+        )
     if weighting_config.loss_window:
         generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + step)
         mask_BT = weighting.window_mask(

@@ -77,7 +77,8 @@ def window_mask(
         rank_BT = mask_BT.flip(1).cumsum(1).flip(1)
     elif where == "random":
         # unmasked positions get noise 2 > any U[0, 1) draw, so the masked tokens take ranks 1..count
-        noise_BT = torch.rand(mask_BT.shape, generator=generator, device=mask_BT.device)
+        # drawn on the generator's device (the CPU: one stream whatever the device), then moved
+        noise_BT = torch.rand(mask_BT.shape, generator=generator).to(mask_BT.device)
         rank_BT = noise_BT.masked_fill(~mask_BT, 2.0).argsort(1).argsort(1) + 1
     else:
         raise ValueError(f"window_mask where must be 'first', 'last' or 'random', got {where!r}")
