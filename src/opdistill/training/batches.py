@@ -152,8 +152,7 @@ def next_batch(context: BatchContext, step: int) -> StepBatch:
         if context.reference is not None:
             reference_logp_BT = context.reference.score(rollout, SignalRequest()).token_logp_BT
     metrics.update(score_metrics)
-    batch = StepBatch(rollout, signal, metrics, reward_B=reward_B)
-    batch.reference_logp_BT = reference_logp_BT
+    batch = StepBatch(rollout, signal, metrics, reward_B=reward_B, reference_logp_BT=reference_logp_BT)
     if config.objective.sft_coef > 0:  # the same prompts, with dataset or teacher completions
         # an off-policy step already holds them: reuse rather than generate a second time
         with timed(timings, "sampling"):
