@@ -128,7 +128,8 @@ def length_worker(length: int, steps: int, warmup: int) -> None:
     from opdistill.data.examples import left_pad
     from opdistill.data.rendering import encode_prompts
     from opdistill.data.tasks import task_from_config
-    from opdistill.models import completion_logits, load_model
+    from opdistill.logits import completion_logits
+    from opdistill.models import load_model
     from opdistill.objectives.losses import Normalizer, generalized_jsd
     from opdistill.sampling.rollout import generate
 

@@ -39,7 +39,8 @@ import torch
 from opdistill.config import load_config
 from opdistill.data.rendering import encode_prompts
 from opdistill.data.tasks import task_from_config
-from opdistill.models import completion_logits, load_model
+from opdistill.logits import completion_logits
+from opdistill.models import load_model
 from opdistill.sampling.rollout import sample_prompts
 from opdistill.training import distributed, loop
 

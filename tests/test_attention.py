@@ -11,7 +11,8 @@ from opdistill import attention
 from opdistill.config import ModelSpec
 from opdistill.data.examples import left_pad
 from opdistill.errors import UserError
-from opdistill.models import completion_logits, set_attention, tiny_model
+from opdistill.logits import completion_logits
+from opdistill.models import set_attention, tiny_model
 from opdistill.types import Rollout
 
 attend = attention.attend  # the real one, for the counting wrappers below

@@ -15,7 +15,8 @@ from opdistill.data.examples import Example, ExampleStream, prompt_key, read_jso
 from opdistill.data.rendering import encode_completion, encode_prompts
 from opdistill.data.tasks import corpus_text, load_task
 from opdistill.errors import UserError
-from opdistill.models import check_same_tokenizer, completion_logits, load_model
+from opdistill.logits import completion_logits
+from opdistill.models import check_same_tokenizer, load_model
 from opdistill.objectives import losses
 from opdistill.teachers.local import LocalTeacher
 from opdistill.training.coldstart import SkippingStream, cold_start, disjoint

@@ -9,7 +9,8 @@ from opdistill.config import ModelSpec
 from opdistill.data.examples import Example, left_pad, right_pad
 from opdistill.data.rendering import encode_completion, encode_prompts
 from opdistill.errors import UserError
-from opdistill.models import char_tokenizer, check_same_tokenizer, completion_logits, load_model, save_model
+from opdistill.logits import completion_logits
+from opdistill.models import char_tokenizer, check_same_tokenizer, load_model, save_model
 from opdistill.objectives.losses import token_logprobs
 from opdistill.types import Rollout, SignalRequest
 
@@ -72,13 +73,13 @@ def test_local_teacher_sends_each_signal_level_only_when_asked(make_model, token
     tokens_BT, loss_mask_BT = right_pad([[7, 8, tokenizer.eos_token_id]], tokenizer.pad_token_id)
     rollout = Rollout(ids_BP, mask_BP, tokens_BT, loss_mask_BT, torch.zeros(1, 3), torch.zeros(1).bool())
     sampled = teacher.score(rollout, SignalRequest())
-    assert all(getattr(sampled, name) is None for name in ("topk_ids_BTK", "given_ids_BTK", "logits_BTV"))
+    assert all(getattr(sampled, name) is None for name in ("topk_ids_BTK", "given_ids_BTK", "full_logits"))
     asked_ids_BTK = torch.tensor([[[3, 4], [5, 6], [7, 8]]])
     signal = teacher.score(
         rollout, SignalRequest(topk=4, at_ids=True, full=True, entropy=True), asked_ids_BTK
     )
-    assert signal.logits_BTV is not None and signal.logits_BTV.shape == (1, 3, len(tokenizer))
-    logp_BTV = signal.logits_BTV.log_softmax(-1)
+    assert signal.full_logits is not None and signal.full_logits.tensor().shape == (1, 3, len(tokenizer))
+    logp_BTV = signal.full_logits.tensor().log_softmax(-1)
     torch.testing.assert_close(logp_BTV.gather(-1, tokens_BT[..., None]).squeeze(-1), sampled.token_logp_BT)
     top_BTK = logp_BTV.topk(4, dim=-1)  # L1: the teacher's own top-K, most likely first
     assert signal.topk_ids_BTK is not None and signal.topk_logp_BTK is not None

@@ -11,7 +11,8 @@ import torch
 
 from opdistill.config import ModelSpec, load_config
 from opdistill.data.examples import left_pad, right_pad
-from opdistill.models import completion_logits, load_model
+from opdistill.logits import completion_logits
+from opdistill.models import load_model
 from opdistill.objectives import shaping
 from opdistill.objectives.losses import token_logprobs
 from opdistill.teachers.local import LocalTeacher

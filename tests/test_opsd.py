@@ -70,7 +70,7 @@ def test_self_teacher_scores_line_up_with_the_student_by_response_position(make_
             logits_LV = model(torch.tensor([prompt + completion])).logits[0]
         expected_TV = torch.log_softmax(logits_LV[len(prompt) - 1 : len(prompt) - 1 + len(completion)], -1)
         T = len(completion)
-        got_TV = torch.log_softmax(signal.logits_BTV[b, :T], -1)
+        got_TV = torch.log_softmax(signal.full_logits.tensor()[b, :T], -1)
         torch.testing.assert_close(got_TV, expected_TV, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(
             signal.token_logp_BT[b, :T],
@@ -107,8 +107,9 @@ def test_routing_scores_each_row_with_its_teacher_and_reports_per_teacher_metric
     signal, metrics = Scorer(load_config(None), tokenizer, student, teachers)(rollout, rows, request)
     for b, tag in enumerate(ex.teacher for ex in rows):
         alone = teachers[tag].score(rollout.select(slice(b, b + 1)), request)
-        for name in ("token_logp_BT", "topk_ids_BTK", "topk_logp_BTK", "logits_BTV"):
+        for name in ("token_logp_BT", "topk_ids_BTK", "topk_logp_BTK"):
             torch.testing.assert_close(getattr(signal, name)[b], getattr(alone, name)[0])
+        torch.testing.assert_close(signal.full_logits[b : b + 1].tensor(), alone.full_logits.tensor())
     assert metrics["teacher_sequences/big"] == 2 and metrics["teacher_sequences/default"] == 1
     mask = rollout.loss_mask_BT[1]
     kl = (rollout.sampler_logp_BT[1] - signal.token_logp_BT[1])[mask].mean()

@@ -102,7 +102,8 @@ def test_padded_embedding_rows_are_fitted_to_the_tokenizer(tmp_path, make_model,
 
 def test_a_layer_pruned_copy_keeps_the_chosen_layers_and_samples_consistently(tmp_path, tokenizer):
     from opdistill.cli.app import _layer_list
-    from opdistill.models import completion_logits, tiny_model
+    from opdistill.logits import completion_logits
+    from opdistill.models import tiny_model
     from opdistill.objectives.losses import token_logprobs
 
     model = tiny_model(ModelSpec(preset="d16l3"), tokenizer, seed=0)

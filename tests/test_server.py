@@ -80,7 +80,7 @@ def assert_same_signal(remote: TeacherSignal, local: TeacherSignal, mask_BT: tor
     if local.entropy_BT is not None:
         assert remote.entropy_BT is not None
         torch.testing.assert_close(remote.entropy_BT, local.entropy_BT, atol=1e-5, rtol=1e-5)
-    assert remote.logits_BTV is None
+    assert remote.full_logits is None
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from opdistill.data.examples import left_pad
-from opdistill.models import completion_logits
+from opdistill.logits import completion_logits
 from opdistill.sampling.rollout import generate, sample_next_token, sample_prompts
 from opdistill.sampling.speculative import SpeculativeGuide
 

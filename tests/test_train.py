@@ -249,7 +249,7 @@ def test_sft_stabiliser_adds_coef_times_token_mean_cross_entropy(make_model, tok
     import copy
 
     from opdistill.data.examples import left_pad, right_pad
-    from opdistill.models import completion_logits
+    from opdistill.logits import completion_logits
     from opdistill.objectives.losses import token_logprobs
     from opdistill.teachers.local import LocalTeacher
     from opdistill.training.step import train_step

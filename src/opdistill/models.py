@@ -373,21 +373,3 @@ def check_same_tokenizer(student_tok, teacher_tok) -> None:
         f"teacher and student tokenizers differ ({detail}); on-policy distillation here needs one shared "
         "tokenizer."
     )
-
-
-def completion_logits(model, rollout) -> torch.Tensor:
-    """Logits that predict each completion token: position P-1+t of prompt ⊕ completion predicts token t.
-
-    Returns [B, T, V]; only the last T+1 positions are projected onto the vocabulary.
-    """
-    attention_BL = rollout.attention_mask.long()
-    position_BL = (attention_BL.cumsum(-1) - 1).clamp(min=0)
-    T = rollout.tokens_BT.shape[1]
-    out = model(
-        input_ids=rollout.input_ids,
-        attention_mask=attention_BL,
-        position_ids=position_BL,
-        use_cache=False,
-        logits_to_keep=T + 1,
-    )
-    return out.logits[:, :-1]

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from opdistill.logits import CompletionLogits
 
 # the run's token counters: what each step adds and one-time work is charged (RunState, Cost, metrics.jsonl)
 COUNTERS = (
@@ -84,7 +87,8 @@ class TeacherSignal:
     topk_logp_BTK: torch.Tensor | None = None  # L1: their log-probs (tail mass = 1 - Σ exp)
     given_ids_BTK: torch.Tensor | None = None  # L1s: the ids the caller asked about
     given_logp_BTK: torch.Tensor | None = None  # L1s: teacher log-probs at those ids
-    logits_BTV: torch.Tensor | None = None  # L2: full teacher logits (loss log-softmaxes them chunk by chunk)
+    # L2: the teacher's full logits, made when asked: a chunk at a time for the step, whole per micro-batch
+    full_logits: CompletionLogits | None = None
     entropy_BT: torch.Tensor | None = None  # exact teacher entropy in nats
 
     def select(self, rows: slice | torch.Tensor) -> TeacherSignal:
@@ -99,10 +103,13 @@ class TeacherSignal:
         index_B = torch.cat([index for index, _ in parts])
         order_B = torch.empty_like(index_B)
         order_B[index_B] = torch.arange(rows, device=index_B.device)
-        fields = {}
+        fields: dict[str, Any] = {}
         for name, value in vars(parts[0][1]).items():
-            if value is not None:
+            if isinstance(value, torch.Tensor):
                 fields[name] = torch.cat([getattr(signal, name) for _, signal in parts])[order_B]
+            elif value is not None:  # full logits, small enough to keep whole (several local teachers)
+                whole_BTV = torch.cat([getattr(signal, name).tensor() for _, signal in parts])[order_B]
+                fields[name] = type(value).of(whole_BTV)
         return TeacherSignal(**fields)
 
 

@@ -138,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-topk", type=int, default=256, help="widest top-K or at_ids a request may ask for"
     )
+    serve.add_argument(
+        "--chunk-tokens", type=int, default=4096, help="positions of logits made at once (bounds memory)"
+    )
     serve.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     serve.add_argument("--device", default="", help="torch device (default cuda when available, else cpu)")
 
@@ -361,8 +364,8 @@ def _objectives(_args) -> int:
 def _serve_teacher(args) -> int:
     from opdistill.teachers.server import serve
 
-    if min(args.max_tokens, args.max_batch_tokens, args.max_topk) < 1:
-        raise UserError("--max-tokens, --max-batch-tokens and --max-topk must be at least 1.")
+    if min(args.max_tokens, args.max_batch_tokens, args.max_topk, args.chunk_tokens) < 1:
+        raise UserError("--max-tokens, --max-batch-tokens, --max-topk and --chunk-tokens must be at least 1.")
     serve(
         args.model,
         args.host,
@@ -372,6 +375,7 @@ def _serve_teacher(args) -> int:
         args.max_topk,
         args.dtype,
         args.device,
+        args.chunk_tokens,
     )
     return 0
 

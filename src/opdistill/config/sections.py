@@ -326,10 +326,14 @@ class TrainConfig:
     out_dir: str = "runs/run"  # run directory
     threads: int = 0  # torch threads (0 = torch's default)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2-sharded student)
+    chunk_tokens: int = 4096  # passes without gradient project at most this many positions onto the vocab
+    eval_batch_tokens: int = 65536  # evaluation samples this many prompt + completion tokens per batch
 
     def __post_init__(self):
         if self.steps < 1 or self.prompts_per_step < 1:
             raise UserError("train.steps and train.prompts_per_step must be at least 1.")
+        if self.chunk_tokens < 1 or self.eval_batch_tokens < 1:
+            raise UserError("train.chunk_tokens and train.eval_batch_tokens must be at least 1.")
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,11 @@ from opdistill.config import Config
 from opdistill.data.examples import Example, parse_record, prompt_key
 from opdistill.data.rendering import encode_prompts
 from opdistill.data.tasks import Task
-from opdistill.models import completion_logits
+from opdistill.logits import CHUNK_TOKENS, CompletionLogits, reduce_chunks
 from opdistill.observe.diagnostics import topk_overlap
 from opdistill.sampling.rollout import sample_prompts
 from opdistill.training.distributed import ONE_PROCESS, World
 from opdistill.types import Cost, Rollout, SignalRequest
-
-# B x T x V logits of one scoring forward (256 MB in fp32): bounds memory on a real vocabulary
-LOGITS_PER_FORWARD = 2**26
 
 
 @torch.no_grad()
@@ -42,6 +39,7 @@ def overlap_scores(
     temperature: float,
     seed: int,
     batch_size: int = 256,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> tuple[list[float], dict[str, int]]:
     """score(x) of math.md §11.3 for each example, in [0, 1]: one rollout of ``student`` (an HF model) per
     prompt, then the mean top-``topk`` overlap (``diagnostics.topk_overlap``) of student and ``teacher``
@@ -61,33 +59,31 @@ def overlap_scores(
             temperature=temperature,
             generator=generator,
         )
-        scores.extend(_rollout_overlap(student, teacher, rollout, topk))
+        scores.extend(_rollout_overlap(student, teacher, rollout, topk, chunk_tokens))
         tokens["student_sampled_tokens"] += int(rollout.loss_mask_BT.sum())
         tokens["teacher_scored_tokens"] += int(rollout.attention_mask.sum())
     return scores, tokens
 
 
-def _rollout_overlap(student, teacher, rollout: Rollout, topk: int) -> list[float]:
-    """Per-row mean overlap of one rollout, scored a few rows at a time: the student's [B, T, V] logits and
-    the teacher's are materialised whole, which a real vocabulary would not fit for hundreds of rows."""
-    vocab = student.config.vocab_size
-    k = min(topk, vocab)
-    rows = max(1, LOGITS_PER_FORWARD // (rollout.tokens_BT.shape[1] * vocab))
-    request = SignalRequest(topk=k)
+def _rollout_overlap(student, teacher, rollout: Rollout, topk: int, chunk_tokens: int) -> list[float]:
+    """Per-row mean overlap of one rollout: the student's top-K ids a chunk of logits at a time
+    (logits.py), the teacher's from its own scoring."""
+    k = min(topk, student.config.vocab_size)
     was_training = student.training
     student.eval()
     try:
-        scores: list[float] = []
-        for start in range(0, rollout.tokens_BT.shape[0], rows):
-            part = rollout.select(slice(start, start + rows))
-            student_ids_BTK = completion_logits(student, part).topk(k, dim=-1).indices
-            teacher_ids_BTK = teacher.score(part, request).topk_ids_BTK
-            overlap_BT = topk_overlap(student_ids_BTK, teacher_ids_BTK.to(student_ids_BTK.device))
-            mask_BT = part.loss_mask_BT.float()  # at least the first token (EOS or not) of every row
-            scores.extend(((overlap_BT * mask_BT).sum(1) / mask_BT.sum(1).clamp(min=1)).tolist())
+        logits = CompletionLogits(student, rollout)
+        student_ids_BTK = reduce_chunks(
+            logits.chunks(chunk_tokens),
+            logits.shape,
+            lambda rows, positions, logits_btV: {"ids": logits_btV.topk(k, dim=-1).indices},
+        )["ids"]
     finally:
         student.train(was_training)
-    return scores
+    teacher_ids_BTK = teacher.score(rollout, SignalRequest(topk=k)).topk_ids_BTK
+    overlap_BT = topk_overlap(student_ids_BTK, teacher_ids_BTK.to(student_ids_BTK.device))
+    mask_BT = rollout.loss_mask_BT.float()  # at least the first token (EOS or not) of every row
+    return ((overlap_BT * mask_BT).sum(1) / mask_BT.sum(1).clamp(min=1)).tolist()
 
 
 def top_fraction(scores: Sequence[float], fraction: float) -> list[int]:
@@ -155,6 +151,7 @@ def selected_prompts(
         max_new_tokens=config.rollout.max_new_tokens,
         temperature=config.rollout.temperature,
         seed=config.train.seed,
+        chunk_tokens=config.train.chunk_tokens,
     )
     selected = top_fraction(scores, data.select_fraction)
     if world.is_main:

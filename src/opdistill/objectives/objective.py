@@ -78,12 +78,16 @@ def direct(divergence_BT: torch.Tensor, inputs: ObjectiveInputs) -> torch.Tensor
     return inputs.shaping.weight_BT * divergence_BT
 
 
+def teacher_logits(inputs: ObjectiveInputs) -> torch.Tensor:
+    """The teacher's full logits (L2) for this micro-batch's rows, made on first use."""
+    assert inputs.signal.full_logits is not None
+    return inputs.signal.full_logits.tensor()
+
+
 def full_vocabulary_loss(inputs: ObjectiveInputs, beta: float) -> torch.Tensor:
     """GKD's generalized JSD_β over the whole vocabulary at temperature τ (math.md §3): β = 1 reverse KL."""
-    signal = inputs.signal
-    assert signal.logits_BTV is not None
     divergence_BT = losses.generalized_jsd(
-        inputs.logits_BTV, signal.logits_BTV, beta, inputs.objective.temperature
+        inputs.logits_BTV, teacher_logits(inputs), beta, inputs.objective.temperature
     )
     return direct(divergence_BT, inputs)
 
@@ -113,10 +117,10 @@ def topk_rkl_loss(inputs: ObjectiveInputs) -> torch.Tensor:
 
 def sead_loss(inputs: ObjectiveInputs) -> torch.Tensor:
     """SEAD (math.md §7.7): D = (1-λ) D_zone + λ FKL, with D_zone = FKL where the teacher is uncertain."""
-    signal, shaping = inputs.signal, inputs.shaping
-    assert signal.logits_BTV is not None and shaping.zone_BT is not None
-    reverse_BT = losses.generalized_jsd(inputs.logits_BTV, signal.logits_BTV, beta=1.0)
-    forward_BT = losses.generalized_jsd(inputs.logits_BTV, signal.logits_BTV, beta=0.0)
+    shaping = inputs.shaping
+    assert shaping.zone_BT is not None
+    reverse_BT = losses.generalized_jsd(inputs.logits_BTV, teacher_logits(inputs), beta=1.0)
+    forward_BT = losses.generalized_jsd(inputs.logits_BTV, teacher_logits(inputs), beta=0.0)
     zoned_BT = torch.where(shaping.zone_BT == weighting.FKL, forward_BT, reverse_BT)
     return direct((1 - shaping.sead_lambda) * zoned_BT + shaping.sead_lambda * forward_BT, inputs)
 
@@ -186,8 +190,7 @@ def sampled_rkl_loss(inputs: ObjectiveInputs) -> torch.Tensor:
                 inputs.logits_BTV.detach(), signal.given_ids_BTK, signal.given_logp_BTK, "renorm"
             )
         else:
-            assert signal.logits_BTV is not None
-            baseline_BT = losses.generalized_jsd(inputs.logits_BTV.detach(), signal.logits_BTV, beta=1.0)
+            baseline_BT = losses.generalized_jsd(inputs.logits_BTV.detach(), teacher_logits(inputs), beta=1.0)
     advantage_BT, _ = losses.sampled_rkl_advantage(
         detached_logp(inputs),
         signal.token_logp_BT,
@@ -211,8 +214,7 @@ def minillm_loss(inputs: ObjectiveInputs) -> torch.Tensor:
         shaping.baseline,
     )
     loss_BT = policy_gradient(advantage_BT, inputs)
-    assert signal.logits_BTV is not None
-    single_BT = losses.generalized_jsd(inputs.logits_BTV, signal.logits_BTV, beta=1.0)
+    single_BT = losses.generalized_jsd(inputs.logits_BTV, teacher_logits(inputs), beta=1.0)
     inputs.metrics["divergence"] = losses.masked_mean(single_BT, inputs.rollout.loss_mask_BT)
     return loss_BT + shaping.weight_BT * single_BT
 

@@ -13,7 +13,7 @@ import math
 import torch
 
 from opdistill.config import Config
-from opdistill.models import completion_logits
+from opdistill.logits import CompletionLogits, paired_chunks, reduce_chunks
 from opdistill.objectives import losses, weighting
 from opdistill.objectives.objective import ShapingInputs
 from opdistill.objectives.registry import OBJECTIVES
@@ -37,14 +37,11 @@ def shape(
     mask_BT = rollout.loss_mask_BT
     weight_BT = mask_BT.float()
     metrics = batch.metrics
-    student_logits_BTV = student_logp_BT = student_entropy_BT = None
     record = OBJECTIVES[objective.type]
+    passed: dict[str, torch.Tensor] = {}
     if weighting_config.needs_student_pass or record.student_pass:
-        with torch.no_grad():  # the untempered student over the whole step (the sampler's may be tempered)
-            student_logits_BTV = completion_logits(student, rollout)
-            student_logp_BT = losses.token_logprobs(student_logits_BTV, rollout.tokens_BT)
-            if weighting_config.tip_ratio or record.student_entropy:  # once, for whichever reads it
-                student_entropy_BT = diagnostics.token_entropy(student_logits_BTV)
+        passed = _student_pass(config, student, batch, record.student_entropy)
+    student_logp_BT, student_entropy_BT = passed.get("logp"), passed.get("entropy")
 
     if weighting_config.position_decay:
         weight_BT = weight_BT * weighting.position_decay(
@@ -66,9 +63,8 @@ def shape(
         weight_BT = weight_BT * iw_BT
         metrics.update(iw_metrics)
     if weighting_config.prune:
-        assert student_logits_BTV is not None and signal.topk_ids_BTK is not None
-        student_ids_BTK = student_logits_BTV.topk(objective.topk, dim=-1).indices
-        overlap_BT = diagnostics.topk_overlap(student_ids_BTK, signal.topk_ids_BTK)
+        assert signal.topk_ids_BTK is not None
+        overlap_BT = diagnostics.topk_overlap(passed["topk_ids"], signal.topk_ids_BTK)
         prune_BT, prune_metrics = weighting.prune_weights(
             overlap_BT,
             mask_BT,
@@ -80,11 +76,9 @@ def shape(
         metrics.update(prune_metrics)
     # student entropy × JSD_0.5 / ln 2 against the teacher, over the whole batch
     if weighting_config.tip_ratio:
-        assert student_logits_BTV is not None and student_entropy_BT is not None
-        assert signal.logits_BTV is not None
-        jsd_BT = losses.generalized_jsd(student_logits_BTV, signal.logits_BTV, 0.5) / math.log(2)
+        assert student_entropy_BT is not None
         mask_BT, tip_metrics = weighting.tip_keep_mask(
-            student_entropy_BT, jsd_BT, mask_BT, weighting_config.tip_ratio
+            student_entropy_BT, passed["jsd"], mask_BT, weighting_config.tip_ratio
         )
         metrics.update(tip_metrics)
     # k_t = max(ℓ_t, 0) on the sampled tokens [D]; the threshold follows the run's median
@@ -133,3 +127,31 @@ def shape(
     if kept < 1:
         metrics["kept_token_frac"] = kept
     return shaping, kat_ema
+
+
+@torch.no_grad()
+def _student_pass(config: Config, student, batch: StepBatch, entropy: bool) -> dict[str, torch.Tensor]:
+    """The untempered student over the whole step (the sampler's may be tempered), a chunk of logits at a
+    time: each token's log-prob, and what the weighting reads — the entropy (TIP, or an objective's
+    shaping), the top-K ids (pruning), JSD_0.5 / ln 2 against the teacher's full logits (TIP)."""
+    weighting_config, rollout, signal = config.weighting, batch.rollout, batch.signal
+    assert signal is not None
+    logits = CompletionLogits(student, rollout)
+    chunk_tokens = config.train.chunk_tokens
+    if weighting_config.tip_ratio:
+        assert signal.full_logits is not None
+        chunks = paired_chunks(logits, signal.full_logits, chunk_tokens)
+    else:
+        chunks = logits.chunks(chunk_tokens)
+
+    def reduce(rows: slice, positions: slice, logits_btV: torch.Tensor, teacher_btV=None) -> dict:
+        out = {"logp": losses.token_logprobs(logits_btV, rollout.tokens_BT[rows, positions])}
+        if weighting_config.tip_ratio or entropy:  # once, for whichever reads it
+            out["entropy"] = diagnostics.token_entropy(logits_btV)
+        if weighting_config.prune:
+            out["topk_ids"] = logits_btV.topk(config.objective.topk, dim=-1).indices
+        if teacher_btV is not None:
+            out["jsd"] = losses.generalized_jsd(logits_btV, teacher_btV, 0.5) / math.log(2)
+        return out
+
+    return reduce_chunks(chunks, logits.shape, reduce)

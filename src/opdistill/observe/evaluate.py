@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from opdistill.data.examples import Example, rollout_of
 from opdistill.data.rendering import encode_completion, encode_prompts, end_ids
 from opdistill.data.tasks import Verifier
-from opdistill.models import completion_logits
+from opdistill.logits import CHUNK_TOKENS, CompletionLogits, reduce_chunks
 from opdistill.observe.diagnostics import distinct_answers, distinct_n, pass_at_k, token_entropy
 from opdistill.sampling.rollout import sample_prompts
+from opdistill.training.distributed import ONE_PROCESS, World
 from opdistill.types import Rollout
+
+BATCH_TOKENS = 65536  # prompt + completion tokens sampled per batch (train.eval_batch_tokens)
 
 
 def decode_completions(tokenizer, tokens_BT: torch.Tensor, mask_BT: torch.Tensor) -> list[str]:
@@ -39,23 +42,28 @@ def sample_completions(
     top_p: float = 1.0,
     n: int = 1,
     seed: int = 0,
-    batch_size: int = 512,
+    batch_tokens: int = BATCH_TOKENS,
+    all_finished: Callable[[bool], bool] = bool,
 ) -> tuple[list[str], list[list[int]]]:
-    """``n`` completions per example (grouped per example), in batches of prompts: their texts (as a
-    verifier reads them) and their token ids as sampled (through the end token where they ended)."""
+    """``n`` completions per example (grouped per example), in batches of at most ``batch_tokens`` prompt +
+    completion tokens (what bounds the sampler's KV cache): their texts (as a verifier reads them) and their
+    token ids as sampled (through the end token where they ended)."""
     generator = torch.Generator().manual_seed(seed)
     repeated = [p for p in encode_prompts(tokenizer, examples) for _ in range(n)]
+    longest = max(map(len, repeated), default=0) + max_new_tokens
+    rows = max(1, batch_tokens // longest)
     texts: list[str] = []
     ids: list[list[int]] = []
-    for start in range(0, len(repeated), batch_size):
+    for start in range(0, len(repeated), rows):
         rollout = sample_prompts(
             model,
             tokenizer,
-            repeated[start : start + batch_size],
+            repeated[start : start + rows],
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
             generator=generator,
+            all_finished=all_finished,
         )
         texts.extend(completion_texts(tokenizer, rollout))
         ids.extend(rollout.completion_ids())
@@ -74,12 +82,33 @@ def evaluate(
     temperature: float = 1.0,
     seed: int = 0,
     shown: list | None = None,
+    batch_tokens: int = BATCH_TOKENS,
+    chunk_tokens: int = CHUNK_TOKENS,
+    world: World | None = None,
 ) -> dict[str, float]:
     """Greedy accuracy; with n > 0 also avg@n, pass@k over n samples at ``temperature`` (k in ``ks``, by
     default 1, 2, 4, ... n) and their diversity: distinct final answers per problem, distinct n-grams and
     the model's mean token entropy on them. ``shown`` (a list) receives every problem's (example, greedy
-    completion, verdict)."""
-    greedy, _ = sample_completions(model, tokenizer, examples, max_new_tokens=max_new_tokens)
+    completion, verdict).
+
+    Memory: sampling runs ``batch_tokens`` tokens at a time, the entropy pass ``chunk_tokens`` positions of
+    logits at a time. Under torchrun (``world``) each rank samples its share of the problems and the results
+    are gathered, so every rank returns the same figures (sampled ones depend on the world size: each rank
+    draws from its own stream)."""
+    world = world or ONE_PROCESS
+    share, real = world.shard(examples)
+    settings = {
+        "max_new_tokens": max_new_tokens,
+        "batch_tokens": batch_tokens,
+        "all_finished": world.all_finished,
+    }
+
+    def sampled_texts(**kwargs) -> list[str]:  # every problem's, gathered from the ranks
+        count = kwargs.get("n", 1)
+        texts, _ = sample_completions(model, tokenizer, share, **settings, **kwargs)
+        return world.gather(texts[: real * count])
+
+    greedy = sampled_texts()
     verdicts = [bool(verify(c, ex)) for c, ex in zip(greedy, examples, strict=True)]
     if shown is not None:
         shown.extend(zip(examples, greedy, verdicts, strict=True))
@@ -88,9 +117,7 @@ def evaluate(
         "greedy_acc": sum(verdicts) / len(examples),
     }
     if n > 0:
-        sampled, _ = sample_completions(
-            model, tokenizer, examples, max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed
-        )
+        sampled = sampled_texts(temperature=temperature, n=n, seed=seed + world.rank)
         correct = [sum(verify(sampled[i * n + j], ex) for j in range(n)) for i, ex in enumerate(examples)]
         result[f"avg@{n}"] = sum(c / n for c in correct) / len(examples)
         for k in ks or pass_k_ladder(n):
@@ -101,25 +128,41 @@ def evaluate(
         result["distinct_answers"] = distinct_answers(answers)
         for size in (2, 3, 4):
             result[f"distinct_{size}"] = distinct_n(sampled, size)
-        result["token_entropy"] = mean_token_entropy(model, tokenizer, examples, sampled, n)
+        result["token_entropy"] = mean_token_entropy(
+            model, tokenizer, examples, sampled, n, batch_tokens, chunk_tokens
+        )
     return result
 
 
 @torch.no_grad()
 def mean_token_entropy(
-    model, tokenizer, examples: Sequence[Example], completions: list[str], n: int, batch_size: int = 512
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    completions: list[str],
+    n: int,
+    batch_tokens: int = BATCH_TOKENS,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> float:
-    """The model's mean entropy (nats) over the tokens of its own completions (``n`` per example, grouped)."""
+    """The model's mean entropy (nats) over the tokens of its own completions (``n`` per example, grouped),
+    scored ``batch_tokens`` tokens per forward and ``chunk_tokens`` positions of logits at a time."""
     prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(n)]
+    targets = [
+        encode_completion(tokenizer, text, examples[i // n].messages()) for i, text in enumerate(completions)
+    ]
+    longest = max((len(p) + len(c) for p, c in zip(prompts, targets, strict=True)), default=1)
+    rows = max(1, batch_tokens // longest)
     total, count = 0.0, 0
-    for start in range(0, len(prompts), batch_size):
-        ids = [
-            encode_completion(tokenizer, completions[i], examples[i // n].messages())
-            for i in range(start, min(start + batch_size, len(prompts)))
-        ]
-        rollout = rollout_of(prompts[start : start + batch_size], ids, tokenizer.pad_token_id)
+    for start in range(0, len(prompts), rows):
+        part = slice(start, start + rows)
+        rollout = rollout_of(prompts[part], targets[part], tokenizer.pad_token_id)
         rollout = rollout.to(next(model.parameters()).device)
-        entropy_BT = token_entropy(completion_logits(model, rollout))
+        logits = CompletionLogits(model, rollout)
+        entropy_BT = reduce_chunks(
+            logits.chunks(chunk_tokens),
+            logits.shape,
+            lambda rows, positions, logits_btV: {"entropy": token_entropy(logits_btV)},
+        )["entropy"]
         total += float(entropy_BT[rollout.loss_mask_BT].sum())
         count += int(rollout.loss_mask_BT.sum())
     return total / max(count, 1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from opdistill.config import Config
-from opdistill.models import completion_logits
+from opdistill.logits import CompletionLogits, paired_chunks, reduce_chunks
 from opdistill.objectives import losses, weighting
 from opdistill.observe import diagnostics
 from opdistill.observe.evaluate import decode_completions
@@ -39,10 +39,28 @@ def diagnose(config: Config, student, tokenizer, batch: StepBatch) -> dict[str, 
     assert signal is not None and signal.topk_ids_BTK is not None and signal.topk_logp_BTK is not None
     assert signal.entropy_BT is not None
     mask_BT, k = rollout.loss_mask_BT, signal.topk_ids_BTK.shape[-1]
-    logits_BTV = completion_logits(student, rollout)
-    student_ids_BTK, student_topk_BTK = losses.topk_logprobs(logits_BTV, k)
-    log_ratio_BT = losses.token_logprobs(logits_BTV, rollout.tokens_BT) - signal.token_logp_BT
-    student_entropy_BT = diagnostics.token_entropy(logits_BTV)
+    student_logits = CompletionLogits(student, rollout)
+
+    def reduce(rows: slice, positions: slice, logits_btV: torch.Tensor, teacher_btV=None) -> dict:
+        ids_btK, topk_btK = losses.topk_logprobs(logits_btV, k)
+        out = {
+            "ids": ids_btK,
+            "topk": topk_btK,
+            "logp": losses.token_logprobs(logits_btV, rollout.tokens_BT[rows, positions]),
+            "entropy": diagnostics.token_entropy(logits_btV),
+        }
+        if teacher_btV is not None:
+            out["exact"] = losses.generalized_jsd(logits_btV, teacher_btV, beta=1.0)
+        return out
+
+    chunk_tokens = config.train.chunk_tokens
+    if signal.full_logits is not None:
+        chunks = paired_chunks(student_logits, signal.full_logits, chunk_tokens)
+    else:
+        chunks = student_logits.chunks(chunk_tokens)
+    stats = reduce_chunks(chunks, student_logits.shape, reduce)
+    student_ids_BTK, student_topk_BTK, student_entropy_BT = stats["ids"], stats["topk"], stats["entropy"]
+    log_ratio_BT = stats["logp"] - signal.token_logp_BT
     overlap_BT = diagnostics.topk_overlap(student_ids_BTK, signal.topk_ids_BTK)
     rank_BT = diagnostics.teacher_rank(signal.topk_ids_BTK, rollout.tokens_BT)
     out: dict[str, float | list[float | None]] = {
@@ -77,9 +95,8 @@ def diagnose(config: Config, student, tokenizer, batch: StepBatch) -> dict[str, 
             kat.kat_min_position,
         )
         out["kl_trap_rate"] = float(trapped_B.float().mean())
-    if signal.logits_BTV is not None:  # the exact reverse KL where the teacher sent full logits
-        exact_BT = losses.generalized_jsd(logits_BTV, signal.logits_BTV, beta=1.0)
-        out["exact_kl_by_position"] = diagnostics.relative_buckets(exact_BT, mask_BT, POSITION_BUCKETS)
+    if "exact" in stats:  # the exact reverse KL where the teacher's full logits exist
+        out["exact_kl_by_position"] = diagnostics.relative_buckets(stats["exact"], mask_BT, POSITION_BUCKETS)
     return out
 
 

@@ -48,7 +48,7 @@ import torch
 from opdistill.config import TrdConfig
 from opdistill.data.examples import Example, right_pad
 from opdistill.data.rendering import encode_prompts, end_ids, first_end
-from opdistill.models import completion_logits
+from opdistill.logits import completion_logits
 from opdistill.objectives.losses import token_logprobs
 from opdistill.sampling.rollout import sample_prompts
 from opdistill.types import Rollout

@@ -13,6 +13,7 @@ import torch
 
 from opdistill.config import Config, ModelSpec
 from opdistill.errors import UserError
+from opdistill.logits import CHUNK_TOKENS
 from opdistill.models import check_same_tokenizer, load_model
 from opdistill.objectives.registry import OBJECTIVES
 from opdistill.teachers.local import LocalTeacher
@@ -31,6 +32,7 @@ def make_teacher(
     student_tokenizer,
     requests: Iterable[SignalRequest] = (),
     device: torch.device | str = "cpu",
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> Teacher:
     """The teacher ``spec`` names: a ``RemoteTeacher`` when ``spec.url`` is set, else a ``LocalTeacher`` over
     ``spec.path`` on ``device`` whose tokenizer must equal the student's. A remote teacher is checked against
@@ -55,7 +57,7 @@ def make_teacher(
         )
     model, tokenizer = load_model(spec)
     check_same_tokenizer(student_tokenizer, tokenizer)
-    return LocalTeacher(cast(torch.nn.Module, model).to(device))
+    return LocalTeacher(cast(torch.nn.Module, model).to(device), chunk_tokens=chunk_tokens)
 
 
 def run_teachers(
@@ -76,7 +78,7 @@ def run_teachers(
     teachers: dict[str, Teacher] = {}
     ema_model = None
     if config.opsd.teacher == "live":
-        teachers[""] = LocalTeacher(student, frozen=False)
+        teachers[""] = LocalTeacher(student, frozen=False, chunk_tokens=config.train.chunk_tokens)
     elif config.opsd.teacher != "off":
         initial = initial_student()
         if saved_self_teacher is not None:
@@ -86,7 +88,9 @@ def run_teachers(
         diagnostics = [config.diagnostics_request] * bool(config.train.diagnostics_every)
         specs = {"": config.teacher, **config.teachers}
         teachers = {
-            tag: make_teacher(spec, tokenizer, [config.teacher_request, *diagnostics], device)
+            tag: make_teacher(
+                spec, tokenizer, [config.teacher_request, *diagnostics], device, config.train.chunk_tokens
+            )
             for tag, spec in specs.items()
         }
     widest, vocab = max(config.teacher_request.topk, config.objective.student_topk), len(tokenizer)

@@ -1,10 +1,11 @@
-"""A teacher in this process: one forward over prompt ⊕ completion per rollout, and OPSD's EMA update."""
+"""A teacher in this process: one forward over prompt ⊕ completion per rollout, scored a chunk of positions
+at a time, and OPSD's EMA update."""
 
 from __future__ import annotations
 
 import torch
 
-from opdistill.models import completion_logits
+from opdistill.logits import CHUNK_TOKENS, CompletionLogits, reduce_chunks
 from opdistill.objectives.losses import logprobs_at, token_logprobs, topk_logprobs
 from opdistill.observe.diagnostics import token_entropy
 from opdistill.types import Rollout, SignalRequest, TeacherSignal
@@ -12,35 +13,59 @@ from opdistill.types import Rollout, SignalRequest, TeacherSignal
 
 class LocalTeacher:
     """An HF model in this process; one forward over prompt ⊕ completion per rollout. It is frozen, unless it
-    is the student itself (``frozen=False``: OPSD's live self-teacher scores with the current weights)."""
+    is the student itself (``frozen=False``: OPSD's live self-teacher scores with the current weights). Its
+    logits exist ``chunk_tokens`` positions at a time (logits.py)."""
 
-    def __init__(self, model, frozen: bool = True):
+    def __init__(self, model, frozen: bool = True, chunk_tokens: int = CHUNK_TOKENS):
         self.model = model.eval().requires_grad_(False) if frozen else model
+        self.chunk_tokens = chunk_tokens
 
-    @torch.no_grad()
     def score(
         self, rollout: Rollout, request: SignalRequest, ids_BTK: torch.Tensor | None = None
     ) -> TeacherSignal:
-        """L0 always; L1 top-K, L1s log-probs at ``ids_BTK``, L2 logits and the entropy when ``request`` asks.
-        Nothing of size [B, T, V] is kept unless L2 is asked for. The forward runs in inference mode; what is
-        derived from it is computed outside, so the loss may save it for its backward."""
-        with torch.inference_mode():
-            logits_BTV = completion_logits(self.model, rollout)
+        """L0 always; L1 top-K, L1s log-probs at ``ids_BTK``, the entropy when ``request`` asks, each reduced
+        chunk by chunk. L2 (full logits) is handed over unmade (``CompletionLogits``: each loss micro-batch
+        makes its rows'), unless the batch is one chunk, whose logits are kept: then the teacher's one forward
+        serves every level. Derived values are ordinary tensors, which the loss may save for its backward."""
+        if request.at_ids and ids_BTK is None:
+            raise ValueError("the request asks for log-probs at given ids (L1s) but no ids were given")
+        B, T = rollout.tokens_BT.shape
+        logits = CompletionLogits(self.model, rollout)
+        if request.full and self.chunk_tokens >= B * T:
+            logits.tensor()  # one chunk: made now, kept for the loss
+
+        def reduce(rows: slice, positions: slice, logits_btV: torch.Tensor) -> dict[str, torch.Tensor]:
+            at_btK = None if ids_BTK is None or not request.at_ids else ids_BTK[rows, positions]
+            topk = min(request.topk, logits_btV.shape[-1])  # diagnostics ask for objective.topk on any vocab
+            return scores(logits_btV, rollout.tokens_BT[rows, positions], topk, at_btK, request.entropy)
+
+        with torch.no_grad():
+            out = reduce_chunks(logits.chunks(self.chunk_tokens), (B, T), reduce)
         mask_BT = rollout.loss_mask_BT
-        signal = TeacherSignal(token_logp_BT=token_logprobs(logits_BTV, rollout.tokens_BT) * mask_BT)
-        if request.topk:  # at most the vocabulary (diagnostics ask for objective.topk on any vocabulary)
-            signal.topk_ids_BTK, signal.topk_logp_BTK = topk_logprobs(
-                logits_BTV, min(request.topk, logits_BTV.shape[-1])
-            )
-        if request.at_ids:
-            if ids_BTK is None:
-                raise ValueError("the request asks for log-probs at given ids (L1s) but no ids were given")
-            signal.given_ids_BTK, signal.given_logp_BTK = ids_BTK, logprobs_at(logits_BTV, ids_BTK)
-        if request.entropy:
-            signal.entropy_BT = token_entropy(logits_BTV) * mask_BT
-        if request.full:
-            signal.logits_BTV = logits_BTV
-        return signal
+        return TeacherSignal(
+            token_logp_BT=out["token_logp"] * mask_BT,
+            topk_ids_BTK=out.get("topk_ids"),
+            topk_logp_BTK=out.get("topk_logp"),
+            given_ids_BTK=ids_BTK if request.at_ids else None,
+            given_logp_BTK=out.get("given_logp"),
+            entropy_BT=out["entropy"] * mask_BT if request.entropy else None,
+            full_logits=logits if request.full else None,
+        )
+
+
+def scores(
+    logits_btV: torch.Tensor, tokens_bt: torch.Tensor, topk: int, ids_btK: torch.Tensor | None, entropy: bool
+) -> dict[str, torch.Tensor]:
+    """A teacher's per-position scores from one chunk of its logits: the sampled token's log-prob, and as
+    asked its top-``topk`` ids and log-probs, its log-probs at ``ids_btK``, its entropy."""
+    out = {"token_logp": token_logprobs(logits_btV, tokens_bt)}
+    if topk:
+        out["topk_ids"], out["topk_logp"] = topk_logprobs(logits_btV, topk)
+    if ids_btK is not None:
+        out["given_logp"] = logprobs_at(logits_btV, ids_btK)
+    if entropy:
+        out["entropy"] = token_entropy(logits_btV)
+    return out
 
 
 @torch.no_grad()

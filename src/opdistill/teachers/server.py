@@ -37,9 +37,9 @@ import torch
 
 from opdistill.data.examples import rollout_of
 from opdistill.errors import UserError
-from opdistill.models import completion_logits, tokenizer_fingerprint
-from opdistill.objectives.losses import logprobs_at, token_logprobs, topk_logprobs
-from opdistill.observe.diagnostics import token_entropy
+from opdistill.logits import CHUNK_TOKENS, CompletionLogits, reduce_chunks
+from opdistill.models import tokenizer_fingerprint
+from opdistill.teachers.local import scores
 from opdistill.types import Rollout
 
 MAX_TOKENS = 32768  # prompt + completion tokens of one request
@@ -74,8 +74,8 @@ class ScoringServer:
     """A frozen causal LM behind ``GET /info`` and ``POST /score``; ``start()`` serves in background threads.
 
     One worker thread runs every forward (``torch.inference_mode``, left-padded prompts as in a
-    ``Rollout``, through ``models.completion_logits``, so scores equal ``LocalTeacher``'s); HTTP handler
-    threads only parse, validate and wait.
+    ``Rollout``, chunk by chunk through ``teachers.local.scores``, so scores equal ``LocalTeacher``'s); HTTP
+    handler threads only parse, validate and wait.
     """
 
     def __init__(
@@ -89,6 +89,7 @@ class ScoringServer:
         max_topk: int = MAX_TOPK,
         batch_wait_s: float = 0.0,
         name: str = "",
+        chunk_tokens: int = CHUNK_TOKENS,
     ):
         self.model = model.eval().requires_grad_(False)
         self.device = next(model.parameters()).device
@@ -96,6 +97,7 @@ class ScoringServer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_tokens, self.max_batch_tokens, self.max_topk = max_tokens, max_batch_tokens, max_topk
         self.batch_wait_s = batch_wait_s  # after the first request, wait this long for more to batch
+        self.chunk_tokens = chunk_tokens  # positions of logits that exist at once (logits.py)
         self.info = {
             "api": "opd",
             "model": name,
@@ -247,13 +249,12 @@ class ScoringServer:
             rollout = self._rollout(
                 [p for j in jobs for p in j.prompts], [c for j in jobs for c in j.completions]
             )
-            with torch.inference_mode():
-                logits_BTV = completion_logits(self.model, rollout)
-                start = 0
-                for job in jobs:
-                    rows = slice(start, start + len(job.prompts))
-                    start = rows.stop
-                    job.result = self._signal(job, logits_BTV[rows], rollout.select(rows))
+            scored = self._scores(jobs, rollout)
+            start = 0
+            for job in jobs:
+                rows = slice(start, start + len(job.prompts))
+                start = rows.stop
+                job.result = self._answer(job, {name: value[rows] for name, value in scored.items()})
             self.forwards += 1
         except Exception as err:  # the client gets a 500 and retries; the server keeps serving
             for job in jobs:
@@ -266,24 +267,48 @@ class ScoringServer:
         """Left-padded prompts, right-padded completions, as the sampler lays them out."""
         return rollout_of(prompts, completions, self.pad_id).to(self.device)
 
-    def _signal(self, job: _Job, logits_BTV: torch.Tensor, rollout: Rollout) -> dict[str, Any]:
-        """The job's answer from its rows of the batch logits, each list cut to the sequence's length."""
-        fields: dict[str, torch.Tensor] = {
-            "token_logprobs": token_logprobs(logits_BTV, rollout.tokens_BT) * rollout.loss_mask_BT
-        }
+    def _scores(self, jobs: list[_Job], rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Every job's scores from one forward over the merged batch, ``chunk_tokens`` positions of logits at
+        a time: the widest top-K asked (each job keeps its first K: they are sorted), entropy if any job asks,
+        and each job's at-ids (padded to the widest)."""
+        B, T = rollout.tokens_BT.shape
+        topk = min(max(job.topk for job in jobs), self.vocab_size)
+        widths = [len(row) for job in jobs for rows in job.at_ids or [] for row in rows]
+        ids_BTK = None
+        if widths:
+            ids_BTK = torch.zeros(B, T, max(widths), dtype=torch.long)
+            b = 0
+            for job in jobs:
+                for rows in job.at_ids or [[]] * len(job.prompts):
+                    for t, row in enumerate(rows):
+                        ids_BTK[b, t, : len(row)] = torch.tensor(row, dtype=torch.long)
+                    b += 1
+            ids_BTK = ids_BTK.to(self.device)
+        entropy = any(job.entropy for job in jobs)
+
+        def reduce(rows: slice, positions: slice, logits_btV: torch.Tensor) -> dict[str, torch.Tensor]:
+            at_btK = None if ids_BTK is None else ids_BTK[rows, positions]
+            return scores(logits_btV, rollout.tokens_BT[rows, positions], topk, at_btK, entropy)
+
+        with torch.inference_mode():
+            logits = CompletionLogits(self.model, rollout)
+            out = reduce_chunks(logits.chunks(self.chunk_tokens), (B, T), reduce)
+        out["token_logp"] = out["token_logp"] * rollout.loss_mask_BT
+        if entropy:
+            out["entropy"] = out["entropy"] * rollout.loss_mask_BT
+        return out
+
+    def _answer(self, job: _Job, scored: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The job's answer from its rows of the merged scores, each list cut to the sequence's length."""
+        fields: dict[str, torch.Tensor] = {"token_logprobs": scored["token_logp"]}
         if job.topk:
-            fields["topk_ids"], fields["topk_logprobs"] = topk_logprobs(
-                logits_BTV, min(job.topk, logits_BTV.shape[-1])
-            )
+            fields["topk_ids"] = scored["topk_ids"][..., : job.topk]
+            fields["topk_logprobs"] = scored["topk_logp"][..., : job.topk]
         if job.at_ids is not None:
             width = next((len(row) for rows in job.at_ids for row in rows), 1)
-            ids_BTK = torch.zeros(*rollout.tokens_BT.shape, width, dtype=torch.long)
-            for b, rows in enumerate(job.at_ids):
-                if rows:
-                    ids_BTK[b, : len(rows)] = torch.tensor(rows, dtype=torch.long)
-            fields["at_logprobs"] = logprobs_at(logits_BTV, ids_BTK.to(logits_BTV.device))
+            fields["at_logprobs"] = scored["given_logp"][..., :width]
         if job.entropy:
-            fields["entropy"] = token_entropy(logits_BTV) * rollout.loss_mask_BT
+            fields["entropy"] = scored["entropy"]
         lists = {name: value.cpu().tolist() for name, value in fields.items()}
         return {
             "sequences": [
@@ -356,6 +381,7 @@ def serve(
     max_topk: int = MAX_TOPK,
     dtype: Literal["float32", "bfloat16"] = "float32",
     device: str = "",
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> None:
     """Load ``model_dir`` and serve it until Ctrl-C or SIGTERM (what ``opd serve-teacher`` runs)."""
     from opdistill.config import ModelSpec
@@ -364,7 +390,15 @@ def serve(
     model, tokenizer = load_model(ModelSpec(path=model_dir, dtype=dtype))
     torch.nn.Module.to(model, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     server = ScoringServer(
-        model, tokenizer, host, port, max_tokens, max_batch_tokens, max_topk, name=model_dir
+        model,
+        tokenizer,
+        host,
+        port,
+        max_tokens,
+        max_batch_tokens,
+        max_topk,
+        name=model_dir,
+        chunk_tokens=chunk_tokens,
     )
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops the server as Ctrl-C does

@@ -34,7 +34,7 @@ from opdistill.data.rendering import completion_target, encode_prompts
 from opdistill.data.selection import selected_prompts
 from opdistill.data.tasks import Task
 from opdistill.errors import UserError
-from opdistill.models import completion_logits
+from opdistill.logits import CompletionLogits, reduce_chunks
 from opdistill.objectives.registry import OBJECTIVES
 from opdistill.observe import diagnostics
 from opdistill.observe.evaluate import completion_texts, sample_completions
@@ -284,11 +284,16 @@ def score(
     """The teacher's signal for ``rollout`` (``request``, by default the objective's), scored on
     ``teacher_view`` when given (the same completions after other prompts: OPSD); for L1s it scores the
     student's own top-K ids at each visited state (one student forward without gradient, on the student's
-    prompts)."""
+    prompts, a chunk of logits at a time)."""
     k, ids_BTK = config.objective.student_topk, None
     if k:
         with torch.no_grad():
-            ids_BTK = completion_logits(student, rollout).topk(k, dim=-1).indices
+            logits = CompletionLogits(student, rollout)
+            ids_BTK = reduce_chunks(
+                logits.chunks(config.train.chunk_tokens),
+                logits.shape,
+                lambda rows, positions, logits_btV: {"ids": logits_btV.topk(k, dim=-1).indices},
+            )["ids"]
     return teacher.score(teacher_view or rollout, request or config.teacher_request, ids_BTK)
 
 

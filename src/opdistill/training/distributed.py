@@ -11,15 +11,18 @@ collective here is a no-op.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from opdistill.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,22 @@ class World:
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
+
+    def shard(self, items: Sequence[T]) -> tuple[list[T], int]:
+        """This rank's contiguous share of ``items``, padded with repeats of the first item to the same length
+        on every rank (the ranks of an FSDP2-sharded model run the same forwards), and how many are real."""
+        per = -(-len(items) // self.size)
+        share = list(items[self.rank * per : (self.rank + 1) * per])
+        real = len(share)
+        return share + [items[0]] * (per - real) * bool(items), real
+
+    def gather(self, items: list[T]) -> list[T]:
+        """Every rank's ``items``, concatenated in rank order, on every rank."""
+        if self.size == 1:
+            return items
+        parts: list[list[T]] = [[] for _ in range(self.size)]
+        dist.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
 
 
 ONE_PROCESS = World()

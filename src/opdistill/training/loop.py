@@ -99,7 +99,7 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
 
     def initial_student() -> LocalTeacher:  # the student as the run started, frozen (what a resume rebuilds)
         model, _ = load_model(config.student, () if config.student.path else corpus_text(task), train.seed)
-        return LocalTeacher(world.place(model))
+        return LocalTeacher(world.place(model), chunk_tokens=train.chunk_tokens)
 
     teachers, ema_model = run_teachers(
         config, tokenizer, student, initial_student, saved.get("self_teacher"), world.device
@@ -276,7 +276,7 @@ def _eval_due(config: Config, state: RunState, step_s: float) -> bool:
 def _evaluate_and_log(
     config: Config, student, tokenizer, task: Task, run_dir: Path, state: RunState, world: World
 ) -> dict:
-    """Every rank evaluates (an FSDP2-sharded student needs all ranks in each forward); rank 0 logs, with
+    """Every rank evaluates its share of the problems (evaluate.py gathers the results); rank 0 logs, with
     the evaluation's seconds as ``eval_s``."""
     started = time.perf_counter()
     result = evaluate(
@@ -288,6 +288,9 @@ def _evaluate_and_log(
         n=config.train.eval_samples,
         temperature=config.rollout.temperature,
         seed=config.train.seed,
+        batch_tokens=config.train.eval_batch_tokens,
+        chunk_tokens=config.train.chunk_tokens,
+        world=world,
     )
     record = {"step": state.step, "elapsed_s": state.elapsed_s, **result}
     record["eval_s"] = time.perf_counter() - started

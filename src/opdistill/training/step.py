@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from opdistill.config import Config
-from opdistill.models import completion_logits
+from opdistill.logits import completion_logits
 from opdistill.objectives import losses
 from opdistill.objectives.registry import objective_loss
 from opdistill.training import distributed
