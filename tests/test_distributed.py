@@ -114,3 +114,18 @@ def test_a_checkpoint_written_by_two_ranks_resumes_on_two_ranks_exactly(runs, tm
     straight, again = _weights(runs["fsdp"]), _weights(resumed)
     assert all(torch.equal(straight[name], again[name]) for name in straight)
     assert _losses(resumed) == _losses(runs["fsdp"])
+
+
+def test_fsdp2_in_bf16_gathers_bf16_copies_and_keeps_fp32_weights(runs, tmp_path):
+    """train.precision=bf16 under FSDP2 (MixedPrecisionPolicy: bf16 forwards, fp32 gradient reduction): the
+    run trains, its weights stay fp32, and its losses track the fp32 run's."""
+    out = tmp_path / "fsdp_bf16"
+    _torchrun(
+        runs["config"], f"train.out_dir={out}", "train.parallel=fsdp", "train.precision=bf16", "train.steps=2"
+    )
+    weights = _weights(out)
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    assert not all(
+        torch.equal(weights[name], _weights(runs["one"], "checkpoints/step_2")[name]) for name in weights
+    )
+    assert _losses(out) == pytest.approx(_losses(runs["one"])[:2], rel=0.05)

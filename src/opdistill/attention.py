@@ -59,9 +59,11 @@ class _Attention(torch.autograd.Function):
     """``attend`` for heads narrower than ``NARROW``, with its backward written out: every product of an
     [L, L] and an [L, D] matrix runs as ``_wide`` (autograd's own backward of the two matmuls runs three of
     its four products with D as the output's last dimension). Gradients equal autograd's to float tolerance
-    (tests/test_attention.py)."""
+    (tests/test_attention.py). Under bf16 autocast (train.precision=bf16) it runs in fp32: q, k and v can
+    arrive in different dtypes there, and its backward runs outside autocast."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, q_BHQD, k_BHLD, v_BHLD, bias, scale):
         weights = _weights(q_BHQD, k_BHLD, bias, scale)  # saved in its fp32, as autograd saves a softmax's
         ctx.save_for_backward(q_BHQD, k_BHLD, v_BHLD, weights)
@@ -69,6 +71,7 @@ class _Attention(torch.autograd.Function):
         return _wide(weights.to(q_BHQD.dtype), v_BHLD)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_BHQD):
         q_BHQD, k_BHLD, v_BHLD, weights = ctx.saved_tensors
         dtype = q_BHQD.dtype

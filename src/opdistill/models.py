@@ -46,14 +46,16 @@ CHAR_CHAT_TEMPLATE = (
 )
 
 
-def char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+def char_tokenizer(texts: Iterable[str], size: int = 0) -> PreTrainedTokenizerFast:
     """A character-level tokenizer whose vocabulary is the special tokens plus every character in
-    ``texts``."""
+    ``texts``, and with ``size`` unused tokens ``<unused_i>`` after them up to that many ids (a real model's
+    vocabulary width, for benchmarks)."""
     seen: set[str] = set()
     for text in texts:  # text by text: a streamed corpus is never held whole
         seen.update(text)
     chars = sorted(seen)
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    vocab.update({f"<unused_{i}>": i for i in range(len(vocab), size)})
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # newlines too
     backend.decoder = decoders.Fuse()

@@ -109,6 +109,9 @@ class RolloutConfig:
     max_new_tokens: int = 64  # completions stop at EOS or here (then counted as truncated)
     on_policy_fraction: float = 1.0  # GKD λ: share of steps on student samples (else data.completions)
     skd_topk: int = -1  # SKD (math.md §9.2): resample tokens outside the teacher's top-K (-1 off, 0 all)
+    engine: Literal["builtin", "vllm"] = "builtin"  # who samples the student: this sampler | colocated vLLM
+    sync_every: int = 1  # engine=vllm: push the student's weights into vLLM every N optimizer steps
+    engine_memory: float = 0.3  # engine=vllm on a GPU: share of its memory vLLM may take (weights + KV cache)
 
     def __post_init__(self):
         if self.n_per_prompt < 1 or self.max_new_tokens < 1:
@@ -119,6 +122,15 @@ class RolloutConfig:
             raise UserError("rollout.on_policy_fraction must be in [0, 1].")
         if self.skd_topk < -1:
             raise UserError("rollout.skd_topk must be -1 (off), 0 (teacher sampling) or a top-K width.")
+        if self.sync_every < 1:
+            raise UserError("rollout.sync_every must be at least 1 (push the weights every N steps).")
+        if not 0 < self.engine_memory < 1:
+            raise UserError("rollout.engine_memory must be in (0, 1): the share of GPU memory vLLM may take.")
+        if self.engine == "vllm" and self.skd_topk >= 0:
+            raise UserError(
+                "rollout.skd_topk has the teacher verify every token inside the built-in sampler: not with "
+                "rollout.engine=vllm."
+            )
 
 
 @dataclass(frozen=True)
@@ -327,6 +339,7 @@ class TrainConfig:
     threads: int = 0  # torch threads (0 = torch's default)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2-sharded student)
     chunk_tokens: int = 4096  # passes without gradient project at most this many positions onto the vocab
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast forwards, fp32 master weights and loss
     eval_batch_tokens: int = 65536  # evaluation samples this many prompt + completion tokens per batch
 
     def __post_init__(self):
@@ -512,6 +525,17 @@ class Config:
                 "weighting.*, objective.ref_kl_coef, data.curriculum, data.select_fraction, "
                 "rollout.skd_topk, trd and cold_start apply to distillation objectives, not "
                 "objective.type=sft."
+            )
+        if self.student.dtype == "bfloat16":
+            raise UserError(
+                "student.dtype=bfloat16 would have AdamW update bf16 weights with no fp32 master copy: keep "
+                "student.dtype=float32 and set train.precision=bf16 (bf16 forwards, fp32 weights and "
+                "updates)."
+            )
+        if rollout.engine == "vllm" and (self.lora.rank or not self.student.path):
+            raise UserError(
+                "rollout.engine=vllm starts vLLM from student.path (an HF directory) and pushes full "
+                "weights: it needs student.path and no LoRA (lora.rank=0)."
             )
         if self.data.curriculum and self.data.select_fraction:
             raise UserError("data.curriculum and data.select_fraction each choose the prompts: use one.")

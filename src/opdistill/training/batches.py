@@ -30,7 +30,7 @@ from opdistill.data.examples import (
     rollout_of,
     write_jsonl,
 )
-from opdistill.data.rendering import completion_target, encode_prompts
+from opdistill.data.rendering import completion_target, encode_prompts, end_ids
 from opdistill.data.selection import selected_prompts
 from opdistill.data.tasks import Task
 from opdistill.errors import UserError
@@ -42,6 +42,7 @@ from opdistill.observe.timing import timed
 from opdistill.sampling.refine import refine
 from opdistill.sampling.rollout import sample_prompts
 from opdistill.sampling.speculative import SpeculativeGuide
+from opdistill.sampling.vllm_engine import VllmEngine
 from opdistill.teachers.base import Teacher
 from opdistill.training.distributed import ONE_PROCESS, World
 from opdistill.types import Cost, Rollout, SignalRequest, StepBatch, TeacherSignal
@@ -69,6 +70,7 @@ class BatchContext:
     )
     world: World = ONE_PROCESS
     reference: Teacher | None = None  # the initial student, frozen: scores the reference-KL term
+    engine: VllmEngine | None = None  # rollout.engine=vllm: samples the student's rollouts
 
     @property
     def teacher(self) -> Any:
@@ -89,6 +91,7 @@ def batch_context(
     run_dir: Path,
     world: World = ONE_PROCESS,
     reference: Teacher | None = None,
+    engine: VllmEngine | None = None,
 ) -> tuple[BatchContext, Cost]:
     """The run's ``BatchContext``, and the cost of the one-time work it took (a curriculum's difficulties, a
     prompt selection, a teacher pool: made once, kept in the run directory, reused on resume)."""
@@ -104,7 +107,7 @@ def batch_context(
         cost = cost + pool_cost
     scorer = Scorer(config, tokenizer, student, teachers)
     context = BatchContext(
-        config, task, tokenizer, student, teachers, scorer, prompts, off_policy, world, reference
+        config, task, tokenizer, student, teachers, scorer, prompts, off_policy, world, reference, engine
     )
     return context, cost
 
@@ -210,7 +213,12 @@ def roll_out(context: BatchContext, examples: list[Example], step: int) -> tuple
         guide = SpeculativeGuide(
             context.teacher.model, settings.skd_topk, settings.temperature, settings.top_p, generator
         )
-    rollout = sampled(context, context.student, examples, settings.temperature, settings.n_per_prompt, guide)
+    if context.engine is not None:
+        rollout = engine_sampled(context, examples, step)
+    else:
+        rollout = sampled(
+            context, context.student, examples, settings.temperature, settings.n_per_prompt, guide
+        )
     metrics = {
         "response_length": float(rollout.loss_mask_BT.sum(1).float().mean()),
         "truncation_rate": diagnostics.truncation_rate(rollout.truncated_B),
@@ -218,7 +226,30 @@ def roll_out(context: BatchContext, examples: list[Example], step: int) -> tuple
     }
     if guide is not None:
         metrics.update(guide.stats())
+    if context.engine is not None:  # optimizer steps the engine's weights are behind the student's
+        metrics["rollout_lag"] = step - context.engine.synced_step
     return rollout, metrics
+
+
+def engine_sampled(context: BatchContext, examples: list[Example], step: int) -> Rollout:
+    """The student's samples from the vLLM engine: ``rollout.n_per_prompt`` per example, each row seeded by
+    (seed, step, its index in the step's batch), so a row's sample is the same for any world size."""
+    config, tokenizer = context.config, context.tokenizer
+    settings, engine = config.rollout, context.engine
+    assert engine is not None
+    first, _ = context.world.share(config.train.prompts_per_step)
+    prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(settings.n_per_prompt)]
+    seed = random.Random(f"vllm-{config.train.seed}-{step}").getrandbits(30)
+    return engine.sample(
+        prompts,
+        max_new_tokens=settings.max_new_tokens,
+        end_ids=end_ids(tokenizer),
+        pad_id=tokenizer.pad_token_id,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        seed=seed + first * settings.n_per_prompt,
+        device=context.device,
+    )
 
 
 def refined(

@@ -104,17 +104,21 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, world: World, parallel: str) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, world: World, parallel: str, precision: str = "fp32") -> torch.nn.Module:
     """The module the loss runs through: the model itself (one rank), DDP around it, or the model sharded in
-    place by FSDP2 (each decoder layer, then the whole)."""
+    place by FSDP2 (each decoder layer, then the whole); with ``precision="bf16"`` FSDP2 gathers bf16 copies
+    of the fp32 shards for each forward and reduces gradients in fp32 (its ``MixedPrecisionPolicy``)."""
     if world.size == 1:
         return model
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy()
+        if precision == "bf16":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in _decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     from torch.nn.parallel import DistributedDataParallel
 

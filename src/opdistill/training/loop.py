@@ -31,6 +31,7 @@ from opdistill.observe.evaluate import evaluate
 from opdistill.observe.progress import NullProgress, ProgressBar
 from opdistill.observe.runlog import Board, Log
 from opdistill.observe.timing import PHASES, timed
+from opdistill.sampling.vllm_engine import VllmEngine
 from opdistill.teachers.base import run_teachers
 from opdistill.teachers.local import LocalTeacher, ema_update
 from opdistill.training import batches, distributed
@@ -106,7 +107,7 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
     )
     reference = initial_student() if config.objective.ref_kl_coef else None  # StableOPD's ref-KL term
     # the loss runs through `model` (DDP / FSDP2 under torchrun); sampling, scoring, evaluation use `student`
-    model = distributed.wrap(student, world, train.parallel)
+    model = distributed.wrap(student, world, train.parallel, train.precision)
     if config.cold_start.samples:  # SFT on teacher samples first; distillation then avoids their prompts
         seen, cost = cold_start(
             config,
@@ -121,8 +122,9 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
         )
         state.charge(cost)
         task = dataclasses.replace(task, train=disjoint(task.train, seen))
+    engine = _rollout_engine(config, student, state.step)
     context, cost = batches.batch_context(
-        config, task, tokenizer, student, teachers, run_dir, world, reference
+        config, task, tokenizer, student, teachers, run_dir, world, reference, engine
     )
     state.charge(cost)
     optimizer = distributed.adamw(model, config.optim.lr, config.optim.betas, config.optim.weight_decay)
@@ -170,6 +172,9 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
                     with timed(batch.metrics, "diagnostics"):
                         batch.metrics.update(monitor.diagnose(config, student, tokenizer, batch))
                 metrics = train_step(config, model, optimizer, batch, world)  # objective → update
+                if engine is not None and (step + 1) % config.rollout.sync_every == 0:
+                    with timed(metrics, "sync"):
+                        engine.push(student, step + 1)
                 if ema_model is not None:
                     ema_update(ema_model, student, config.opsd.ema_decay)
 
@@ -217,6 +222,19 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
         "final_eval": last_eval,
         **state.to_dict(),
     }
+
+
+def _rollout_engine(config: Config, student, step: int) -> VllmEngine | None:
+    """With ``rollout.engine=vllm``, a vLLM engine started from ``student.path`` and given the student's
+    current weights (a resumed run's are its checkpoint's); else None (the built-in sampler)."""
+    if config.rollout.engine != "vllm":
+        return None
+    data, rollout = config.data, config.rollout
+    max_len = data.max_prompt_tokens + rollout.max_new_tokens if data.max_prompt_tokens else None
+    dtype = "bfloat16" if config.train.precision == "bf16" else "float32"
+    engine = VllmEngine(config.student.path, max_len, dtype, config.train.seed, rollout.engine_memory)
+    engine.push(student, step)
+    return engine
 
 
 def _open_run_directory(

@@ -48,7 +48,7 @@ def train_step(config: Config, model, optimizer, batch: StepBatch, world: World 
 
         def sft_loss(part: slice):
             mb = sft.select(part)
-            nll_BT = -losses.token_logprobs(completion_logits(model, mb), mb.tokens_BT)
+            nll_BT = -losses.token_logprobs(student_logits(config, model, mb), mb.tokens_BT)
             return objective.sft_coef * nll_BT, {"sft_nll": losses.masked_mean(nll_BT, mb.loss_mask_BT)}
 
         sft_totals = _backward(
@@ -80,7 +80,19 @@ def train_step(config: Config, model, optimizer, batch: StepBatch, world: World 
 def micro_batch_loss(config: Config, model, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
     """The configured objective's per-token loss on one micro-batch, through the student's forward (with
     grad)."""
-    return objective_loss(config, completion_logits(model, batch.rollout), batch)
+    return objective_loss(config, student_logits(config, model, batch.rollout), batch)
+
+
+def student_logits(config: Config, model, rollout) -> torch.Tensor:
+    """The student's completion logits with gradient, for the loss: under ``train.precision=bf16`` the
+    forward autocasts to bf16 (the weights, their gradients and AdamW's state stay fp32: the master copy)
+    and the logits come back as fp32, so the loss's math is fp32 either way."""
+    if config.train.precision == "fp32":
+        return completion_logits(model, rollout)
+    device = rollout.tokens_BT.device.type
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        logits_BTV = completion_logits(model, rollout)
+    return logits_BTV.float()
 
 
 PerTokenLoss = Callable[[slice], tuple[torch.Tensor, dict[str, float]]]
