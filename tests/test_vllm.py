@@ -113,7 +113,8 @@ def test_a_short_opd_run_with_the_vllm_engine_lowers_teacher_kl_like_the_builtin
             [
                 f"student.path={smollm2}",
                 f"rollout.engine={engine}",
-                "train.steps=12",
+                "train.steps=16",
+                "optim.lr=1e-4",
                 "train.eval_every=0",
                 "train.save_every=0",
                 "train.diagnostics_every=0",
@@ -129,9 +130,9 @@ def test_a_short_opd_run_with_the_vllm_engine_lowers_teacher_kl_like_the_builtin
     for engine, kl in curves.items():
         first, last = sum(kl[:4]) / 4, sum(kl[-4:]) / 4
         print(f"{engine}: teacher_kl {first:.3f} -> {last:.3f}")
-        assert last < 0.8 * first, f"{engine}: teacher_kl {first:.3f} -> {last:.3f}"
+        assert last < 0.9 * first, f"{engine}: teacher_kl {first:.3f} -> {last:.3f}"
     ratio = (sum(curves["vllm"][-4:]) / 4) / (sum(curves["builtin"][-4:]) / 4)
-    assert 0.5 < ratio < 2.0, f"the vLLM run ends at {ratio:.2f}x the built-in sampler's teacher_kl"
+    assert 0.6 < ratio < 1.6, f"the vLLM run ends at {ratio:.2f}x the built-in sampler's teacher_kl"
 
 
 @pytest.mark.vllm

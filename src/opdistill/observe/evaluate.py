@@ -44,13 +44,16 @@ def sample_completions(
     seed: int = 0,
     batch_tokens: int = BATCH_TOKENS,
     all_finished: Callable[[bool], bool] = bool,
+    longest_prompt: int = 0,
 ) -> tuple[list[str], list[list[int]]]:
     """``n`` completions per example (grouped per example), in batches of at most ``batch_tokens`` prompt +
     completion tokens (what bounds the sampler's KV cache): their texts (as a verifier reads them) and their
-    token ids as sampled (through the end token where they ended)."""
+    token ids as sampled (through the end token where they ended). Batches are sized for the longest of
+    these prompts, or ``longest_prompt`` tokens if longer (ranks sampling shares of one set pass the set's,
+    so each runs the same number of batches)."""
     generator = torch.Generator().manual_seed(seed)
     repeated = [p for p in encode_prompts(tokenizer, examples) for _ in range(n)]
-    longest = max(map(len, repeated), default=0) + max_new_tokens
+    longest = max(max(map(len, repeated), default=0), longest_prompt) + max_new_tokens
     rows = max(1, batch_tokens // longest)
     texts: list[str] = []
     ids: list[list[int]] = []
@@ -101,6 +104,7 @@ def evaluate(
         "max_new_tokens": max_new_tokens,
         "batch_tokens": batch_tokens,
         "all_finished": world.all_finished,
+        "longest_prompt": max(map(len, encode_prompts(tokenizer, examples)), default=0),
     }
 
     def sampled_texts(**kwargs) -> list[str]:  # every problem's, gathered from the ranks

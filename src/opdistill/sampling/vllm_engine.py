@@ -44,7 +44,9 @@ def vllm_available() -> bool:
 class VllmEngine:
     """A colocated vLLM engine over the student's architecture, started from ``model_dir`` (an HF directory;
     its weights are replaced by the first ``push``). ``max_len`` bounds prompt + completion tokens (None: the
-    model's own limit). On a GPU vLLM takes ``memory_fraction`` of its memory (the trainer shares it)."""
+    model's own limit). On a GPU vLLM takes ``memory_fraction`` of its memory (the trainer shares it); under
+    torchrun (``ranks`` > 1) each rank starts one through vLLM's ``external_launcher`` (not run here: no
+    GPUs)."""
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class VllmEngine:
         dtype: str = "float32",
         seed: int = 0,
         memory_fraction: float = 0.3,
+        ranks: int = 1,
     ):
         if not vllm_available():
             raise UserError(
@@ -74,6 +77,8 @@ class VllmEngine:
             logprobs_mode="processed_logprobs",
             seed=seed,
             gpu_memory_utilization=memory_fraction,
+            # under torchrun every rank holds its own engine, on its own GPU, as TRL's colocate mode does
+            **({"distributed_executor_backend": "external_launcher"} if ranks > 1 else {}),
         )
         self.start_s = time.perf_counter() - started
         self.synced_step = -1  # the optimizer step whose weights the engine holds (-1: none pushed yet)
@@ -116,6 +121,7 @@ class VllmEngine:
                 logprobs=0,
                 seed=seed + i,
                 stop_token_ids=list(end_ids),
+                ignore_eos=True,  # rows end at ``end_ids`` only, as with the built-in sampler
                 detokenize=False,
             )
             for i in range(len(prompt_ids))
@@ -130,7 +136,10 @@ class VllmEngine:
             if temperature == 0:  # greedy: a deterministic choice, log-prob 0 as the built-in sampler has it
                 logps.append([0.0] * len(ids))
             else:
-                logps.append([next(iter(lp.values())).logprob for lp in (sample.logprobs or [])][: len(ids)])
+                steps = sample.logprobs or []
+                if len(steps) != len(ids):
+                    raise RuntimeError(f"vLLM returned {len(steps)} log-probs for {len(ids)} sampled tokens")
+                logps.append([step[token].logprob for step, token in zip(steps, ids, strict=True)])
             completions.append(ids)
             truncated.append(not ids or ids[-1] not in ends)
         ids_BP, mask_BP = left_pad([list(p) for p in prompt_ids], pad_id)

@@ -12,9 +12,11 @@ from opdistill.types import Rollout, SignalRequest, TeacherSignal
 
 
 class LocalTeacher:
-    """An HF model in this process; one forward over prompt ⊕ completion per rollout. It is frozen, unless it
-    is the student itself (``frozen=False``: OPSD's live self-teacher scores with the current weights). Its
-    logits exist ``chunk_tokens`` positions at a time (logits.py)."""
+    """An HF model in this process; one forward over prompt ⊕ completion per rollout for the scores it
+    returns (a teacher's full logits, when the batch is more than one chunk, are made again per loss
+    micro-batch, and by the diagnostics and TIP that read them). It is frozen, unless it is the student
+    itself (``frozen=False``: OPSD's live self-teacher scores with the current weights). Its logits exist
+    ``chunk_tokens`` positions at a time (logits.py)."""
 
     def __init__(self, model, frozen: bool = True, chunk_tokens: int = CHUNK_TOKENS):
         self.model = model.eval().requires_grad_(False) if frozen else model

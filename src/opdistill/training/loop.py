@@ -122,7 +122,7 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
         )
         state.charge(cost)
         task = dataclasses.replace(task, train=disjoint(task.train, seen))
-    engine = _rollout_engine(config, student, state.step)
+    engine = _rollout_engine(config, student, state.step, world)
     context, cost = batches.batch_context(
         config, task, tokenizer, student, teachers, run_dir, world, reference, engine
     )
@@ -224,7 +224,7 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
     }
 
 
-def _rollout_engine(config: Config, student, step: int) -> VllmEngine | None:
+def _rollout_engine(config: Config, student, step: int, world: World) -> VllmEngine | None:
     """With ``rollout.engine=vllm``, a vLLM engine started from ``student.path`` and given the student's
     current weights (a resumed run's are its checkpoint's); else None (the built-in sampler)."""
     if config.rollout.engine != "vllm":
@@ -232,7 +232,9 @@ def _rollout_engine(config: Config, student, step: int) -> VllmEngine | None:
     data, rollout = config.data, config.rollout
     max_len = data.max_prompt_tokens + rollout.max_new_tokens if data.max_prompt_tokens else None
     dtype = "bfloat16" if config.train.precision == "bf16" else "float32"
-    engine = VllmEngine(config.student.path, max_len, dtype, config.train.seed, rollout.engine_memory)
+    engine = VllmEngine(
+        config.student.path, max_len, dtype, config.train.seed, rollout.engine_memory, world.size
+    )
     engine.push(student, step)
     return engine
 
