@@ -87,15 +87,7 @@ def test_after_a_push_vllm_samples_from_the_students_new_weights(smollm2, temper
     assert engine.synced_step == 1
     model.load_state_dict(original)  # pushing the original weights back restores the original samples
     engine.push(model, step=2)
-    again = engine.sample(
-        prompts,
-        max_new_tokens=12,
-        end_ids=end_ids(tokenizer),
-        pad_id=tokenizer.pad_token_id,
-        temperature=temperature,
-        top_p=1.0,
-        seed=0,
-    )
+    again = sample()
     assert torch.equal(again.tokens_BT, stale.tokens_BT)
     rows = fresh.completion_ids()
     assert all(row and (row[-1] in end_ids(tokenizer) or len(row) == 12) for row in rows)

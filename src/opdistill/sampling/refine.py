@@ -48,7 +48,7 @@ import torch
 from opdistill.config import TrdConfig
 from opdistill.data.examples import Example, right_pad
 from opdistill.data.rendering import encode_prompts, end_ids, first_end
-from opdistill.logits import completion_logits
+from opdistill.logits import CompletionLogits, reduce_chunks
 from opdistill.objectives.losses import token_logprobs
 from opdistill.sampling.rollout import sample_prompts
 from opdistill.types import Rollout
@@ -133,12 +133,17 @@ def refine(
 @torch.no_grad()
 def prefix_cuts(teacher, rollout: Rollout, cut_topk: int) -> torch.Tensor:
     """[B] int64: per row the first loss position whose token is outside the teacher's top-``cut_topk`` (at
-    least ``cut_topk`` ids strictly more likely), or the row's completion length if there is none."""
+    least ``cut_topk`` ids strictly more likely), or the row's completion length if there is none. The
+    teacher's logits exist a chunk at a time (logits.py)."""
     device = next(teacher.parameters()).device
     on_teacher = rollout.to(device)
-    logits_BTV = completion_logits(teacher, on_teacher)
-    token_logit_BT1 = logits_BTV.gather(-1, on_teacher.tokens_BT[..., None])
-    outside_BT = ((logits_BTV > token_logit_BT1).sum(-1) >= cut_topk) & on_teacher.loss_mask_BT
+    logits = CompletionLogits(teacher, on_teacher)
+
+    def outside(rows: slice, positions: slice, logits_btV: torch.Tensor) -> dict[str, torch.Tensor]:
+        token_logit_bt1 = logits_btV.gather(-1, on_teacher.tokens_BT[rows, positions, None])
+        return {"outside": (logits_btV > token_logit_bt1).sum(-1) >= cut_topk}
+
+    outside_BT = reduce_chunks(logits.chunks(), logits.shape, outside)["outside"] & on_teacher.loss_mask_BT
     length_B = on_teacher.loss_mask_BT.sum(1)
     # argmax of a bool row finds its first True; rows with none keep their whole length
     return torch.where(outside_BT.any(1), outside_BT.int().argmax(1), length_B).cpu()
@@ -237,7 +242,14 @@ def through_first_end(ids: list[int], ends: Sequence[int]) -> list[int]:
 def mean_nll(model, rollout: Rollout) -> torch.Tensor:
     """[B] fp32 on the CPU: the model's mean negative log-likelihood per loss token of each completion."""
     on_model = rollout.to(next(model.parameters()).device)
-    logp_BT = token_logprobs(completion_logits(model, on_model), on_model.tokens_BT)
+    logits = CompletionLogits(model, on_model)
+    logp_BT = reduce_chunks(
+        logits.chunks(),
+        logits.shape,
+        lambda rows, positions, logits_btV: {
+            "logp": token_logprobs(logits_btV, on_model.tokens_BT[rows, positions])
+        },
+    )["logp"]
     mask_BT = on_model.loss_mask_BT
     return (-(logp_BT * mask_BT).sum(1) / mask_BT.sum(1).clamp(min=1)).cpu()
 
