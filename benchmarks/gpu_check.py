@@ -42,8 +42,15 @@ QWEN3_0_6B = dict(
     rope_theta=1_000_000.0,
     max_position_embeddings=40_960,
 )
-SMOKE = dict(QWEN3_0_6B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-             num_key_value_heads=1, head_dim=32)  # fmt: skip
+SMOKE = dict(
+    QWEN3_0_6B,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+)
 
 
 def save_random_model(shape: dict, tokenizer, seed: int, dtype: torch.dtype, path: Path) -> Path:

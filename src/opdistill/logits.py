@@ -171,3 +171,14 @@ def paired_chunks(
         first.chunks(chunk_tokens, by_position), second.chunks(chunk_tokens, by_position), strict=True
     ):
         yield rows, positions, a, b
+
+
+@torch.no_grad()
+def topk_ids(model, rollout: Rollout, k: int, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """[B, T, K]: ``model``'s K most likely ids at each completion position, a chunk of logits at a time."""
+    logits = CompletionLogits(model, rollout)
+    return reduce_chunks(
+        logits.chunks(chunk_tokens),
+        logits.shape,
+        lambda rows, positions, logits_btV: {"ids": logits_btV.topk(k, dim=-1).indices},
+    )["ids"]

@@ -20,7 +20,7 @@ from opdistill.config import Config
 from opdistill.data.examples import Example, parse_record, prompt_key
 from opdistill.data.rendering import encode_prompts
 from opdistill.data.tasks import Task
-from opdistill.logits import CHUNK_TOKENS, CompletionLogits, reduce_chunks
+from opdistill.logits import CHUNK_TOKENS, topk_ids
 from opdistill.observe.diagnostics import topk_overlap
 from opdistill.sampling.rollout import sample_prompts
 from opdistill.training.distributed import ONE_PROCESS, World
@@ -72,12 +72,7 @@ def _rollout_overlap(student, teacher, rollout: Rollout, topk: int, chunk_tokens
     was_training = student.training
     student.eval()
     try:
-        logits = CompletionLogits(student, rollout)
-        student_ids_BTK = reduce_chunks(
-            logits.chunks(chunk_tokens),
-            logits.shape,
-            lambda rows, positions, logits_btV: {"ids": logits_btV.topk(k, dim=-1).indices},
-        )["ids"]
+        student_ids_BTK = topk_ids(student, rollout, k, chunk_tokens)
     finally:
         student.train(was_training)
     teacher_ids_BTK = teacher.score(rollout, SignalRequest(topk=k)).topk_ids_BTK

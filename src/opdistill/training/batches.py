@@ -34,7 +34,7 @@ from opdistill.data.rendering import completion_target, encode_prompts, end_ids
 from opdistill.data.selection import selected_prompts
 from opdistill.data.tasks import Task
 from opdistill.errors import UserError
-from opdistill.logits import CompletionLogits, reduce_chunks
+from opdistill.logits import topk_ids
 from opdistill.objectives.registry import OBJECTIVES
 from opdistill.observe import diagnostics
 from opdistill.observe.evaluate import completion_texts, sample_completions
@@ -318,13 +318,7 @@ def score(
     prompts, a chunk of logits at a time)."""
     k, ids_BTK = config.objective.student_topk, None
     if k:
-        with torch.no_grad():
-            logits = CompletionLogits(student, rollout)
-            ids_BTK = reduce_chunks(
-                logits.chunks(config.train.chunk_tokens),
-                logits.shape,
-                lambda rows, positions, logits_btV: {"ids": logits_btV.topk(k, dim=-1).indices},
-            )["ids"]
+        ids_BTK = topk_ids(student, rollout, k, config.train.chunk_tokens)
     return teacher.score(teacher_view or rollout, request or config.teacher_request, ids_BTK)
 
 
