@@ -131,6 +131,7 @@ def test_reference_kl_is_zero_at_the_reference_and_positive_away_from_it(setup, 
         ("objective.type=sampled_rkl", "weighting.tip_ratio=0.5"),
         ("objective.type=sead",),
         ("objective.type=minillm", "objective.discount=0.5"),
+        ("objective.type=dpo", "rollout.n_per_prompt=2"),  # micro-batches of 3 split the pairs
     ],
 )
 def test_batch_wide_shaping_is_the_same_for_any_micro_batch_size(tiny_run, tmp_path, overrides):

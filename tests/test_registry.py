@@ -18,9 +18,12 @@ EXPECTED_LEVELS = {
     "minillm": "L0 L2",
     "scope": "L0",
     "dasd": "L0",
+    "teacher_pick": "L0",
+    "dpo": "L0",
     "sft": "",
 }
-VALID = {"dasd": ["rollout.n_per_prompt=4"], "minillm": ["objective.discount=1"]}
+GROUPS = ["rollout.n_per_prompt=4"]
+VALID = {"dasd": GROUPS, "teacher_pick": GROUPS, "dpo": GROUPS, "minillm": ["objective.discount=1"]}
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))

@@ -151,6 +151,7 @@ def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_pa
         ),
         ("objective.type=full_rkl", "data.select_fraction=0.5", "data.pool_size=16", "data.select_topk=4"),
         ("objective.type=jsd", "rollout.skd_topk=2", "trd.mode=prefix"),
+        ("objective.type=dpo", "rollout.n_per_prompt=2", "objective.rank_by=verifier+teacher"),
         (
             "objective.type=sead",
             "data.curriculum=true",

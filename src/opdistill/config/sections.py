@@ -49,6 +49,7 @@ SftTargets = Literal["dataset", "teacher", "teacher_pool"]
 Route = Literal["all", "failed_only", "correct_only"]
 Window = Literal["first", "last", "random"]
 TopKSupport = Literal["student", "teacher", "union", "intersect"]
+RankBy = Literal["teacher", "verifier", "verifier+teacher"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "sum", "constant"]
 
 
@@ -156,6 +157,8 @@ class ObjectiveConfig:
     scope_tau: float = 1.0  # scope: temperature of the perplexity weights
     dasd_beta: float = 1.0  # dasd: β, scale of the direction-adaptive teacher term
     dasd_rho: float = 0.2  # dasd: share of highest-entropy (forking) tokens pushed away from the teacher
+    rank_by: RankBy = "teacher"  # teacher_pick, dpo: rank samples by teacher likelihood | verifier | both
+    dpo_beta: float = 0.1  # dpo: β of -log σ(β (Δ_best - Δ_worst))
     ref_kl_coef: float = 0.0  # StableOPD β: k3 KL to the initial student on sampled tokens, e.g. 1e-3
     sft_coef: float = 0.0  # SFT-stabiliser: add coef x CE on data.completions of the prompts (math.md §5.5)
     aggregation: Aggregation = "token-mean"  # per-token losses -> one number: see docs/objectives.md
@@ -224,6 +227,10 @@ class ObjectiveConfig:
             )
         if record.check is not None:  # what only this objective's settings must satisfy
             record.check(self)
+        if self.rank_by != "teacher" and not record.ranks:
+            raise UserError(f"objective.rank_by applies to objective.type={names_where(lambda r: r.ranks)}.")
+        if self.dpo_beta <= 0:
+            raise UserError("objective.dpo_beta must be above 0 (DPO's β, e.g. 0.1).")
         if self.scope_tau <= 0 or self.dasd_beta < 0 or not 0 < self.dasd_rho < 1 or self.ref_kl_coef < 0:
             raise UserError(
                 "objective.scope_tau must be > 0, dasd_beta >= 0, dasd_rho in (0, 1) and ref_kl_coef >= 0."
@@ -238,7 +245,14 @@ class ObjectiveConfig:
     @property
     def needs_reward(self) -> bool:
         """Whether each sample needs its verifier outcome (RLVR hybrids, SCOPE, DASD)."""
-        return bool(self.grpo_coef) or self.route_opd != "all" or OBJECTIVES[self.type].needs_reward
+        record = OBJECTIVES[self.type]
+        ranked_by_verifier = record.ranks and self.rank_by != "teacher"
+        return bool(self.grpo_coef) or self.route_opd != "all" or record.needs_reward or ranked_by_verifier
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the initial student scores each batch (StableOPD's reference KL, DPO's reference)."""
+        return bool(self.ref_kl_coef) or OBJECTIVES[self.type].needs_reference
 
     @property
     def student_topk(self) -> int:

@@ -215,6 +215,28 @@ def k3_per_token(logp_BT: torch.Tensor, reference_logp_BT: torch.Tensor) -> torc
     return torch.exp(-log_ratio_BT) - 1 + log_ratio_BT
 
 
+def dpo_terms(
+    delta_B: torch.Tensor, best_B: torch.Tensor, worst_B: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO on the pairs (best, worst) of each group (math.md §17): ``delta_B`` = Σ_t [log π_θ(y_t) - log
+    π_ref(y_t)] of each row, z = β (Δ_best - Δ_worst) per pair, loss = -log σ(z) = softplus(-z). Returns
+    (loss_N, coef_B): one loss per pair, in group order, and ∂loss/∂Δ of each row (-β σ(-z) on the best row,
+    +β σ(-z) on the worst, 0 elsewhere), so Σ_t coef_B · log π_θ(y_t) has DPO's exact gradient when coef is
+    detached. A group without a pair (best = worst) has no loss and coefficients 0."""
+    paired_B = best_B & ~worst_B
+    best_N = best_B.nonzero().squeeze(-1)
+    worst_N = worst_B.nonzero().squeeze(-1)
+    delta_B = at_least_fp32(delta_B)
+    z_N = beta * (delta_B[best_N] - delta_B[worst_N])
+    pair_N = paired_B[best_N]
+    loss_N = torch.nn.functional.softplus(-z_N)[pair_N]
+    slope_N = beta * torch.sigmoid(-z_N) * pair_N
+    coef_B = torch.zeros_like(delta_B)
+    coef_B[best_N] -= slope_N
+    coef_B[worst_N] += slope_N
+    return loss_N, coef_B
+
+
 def minillm_long_advantage(
     sampler_logp_BT: torch.Tensor,
     teacher_logp_BT: torch.Tensor,

@@ -8,6 +8,7 @@ token (math.md §1.4); the step's ``Shaping`` weights the teacher term. ``regist
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -134,6 +135,57 @@ def sft_loss(inputs: ObjectiveInputs) -> torch.Tensor:
     """Cross-entropy on the batch's completions (dataset or teacher)."""
     inputs.metrics["nll"] = losses.masked_mean(-inputs.logp_BT, inputs.rollout.loss_mask_BT)
     return -inputs.logp_BT
+
+
+# --- sequence-level teacher feedback: the teacher ranks the student's own samples (math.md §17) ------------
+
+
+def teacher_pick_loss(inputs: ObjectiveInputs) -> torch.Tensor:
+    """On-policy rejection sampling: cross-entropy on the sample of each group the teacher picked (the
+    shaping's mask holds only its tokens)."""
+    inputs.metrics["nll"] = losses.masked_mean(-inputs.logp_BT, inputs.shaping.mask_BT)
+    return -inputs.logp_BT
+
+
+def dpo_loss(inputs: ObjectiveInputs) -> torch.Tensor:
+    """DPO on the teacher-ranked pair of each group: Σ_t coef · log π_θ(y_t), whose gradient is DPO's (the
+    shaping's per-row coefficient, detached, from the whole pair)."""
+    return inputs.shaping.weight_BT * inputs.logp_BT
+
+
+def _ranking(inputs: ShapingInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best and worst sample of each group by ``objective.rank_by``, with their scores logged."""
+    batch = inputs.batch
+    score_B = weighting.sequence_score(
+        inputs.objective.rank_by, inputs.signal.token_logp_BT, batch.rollout.loss_mask_BT, batch.reward_B
+    )
+    best_B, worst_B = weighting.group_extremes(score_B, inputs.group)
+    inputs.metrics["picked_score"] = float(score_B[best_B].mean())
+    inputs.metrics["mean_score"] = float(score_B.mean())
+    return best_B, worst_B
+
+
+def teacher_pick_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
+    """Loss only on the picked sample of each group."""
+    best_B, _ = _ranking(inputs)
+    shaping.mask_BT = shaping.mask_BT & best_B[:, None]
+
+
+def dpo_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
+    """Each row's DPO coefficient ∂loss/∂Δ, from the student's and the reference's sequence log-ratios over
+    the whole pair; scaled by the group size so that the step's loss is the mean over groups under the
+    record's seq-mean-token-sum aggregation. The loss itself and the pairs' accuracy are logged."""
+    batch, student_logp_BT = inputs.batch, inputs.student_logp_BT
+    assert student_logp_BT is not None and batch.reference_logp_BT is not None
+    mask_BT = batch.rollout.loss_mask_BT
+    best_B, worst_B = _ranking(inputs)
+    delta_B = ((student_logp_BT - batch.reference_logp_BT) * mask_BT).sum(1)
+    loss_N, coef_B = losses.dpo_terms(delta_B, best_B, worst_B, inputs.objective.dpo_beta)
+    shaping.mask_BT = shaping.mask_BT & (coef_B != 0)[:, None]
+    shaping.weight_BT = (coef_B * inputs.group)[:, None] * mask_BT
+    inputs.metrics["dpo_loss"] = float(loss_N.mean()) if len(loss_N) else 0.0
+    inputs.metrics["dpo_pairs"] = len(loss_N)
+    inputs.metrics["dpo_accuracy"] = float((loss_N < math.log(2)).float().mean()) if len(loss_N) else 0.0
 
 
 # --- the policy-gradient branch: a detached advantage per token, importance-sampled or PPO-clipped ----------

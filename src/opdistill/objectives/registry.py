@@ -63,6 +63,9 @@ class ObjectiveRecord:
     student_entropy: bool = False  # ... and the student's entropy per position there
     teacher_entropy: bool = False  # the teacher's exact entropy per position
     rlvr_hybrid: bool = False  # grpo_coef, route_opd, route_rl and baseline=vopd apply
+    ranks: bool = False  # the teacher ranks each group's samples (objective.rank_by, math.md §17)
+    needs_reference: bool = False  # the initial student's log-probs (DPO's reference)
+    aggregation: str | None = None  # its own normaliser, whatever objective.aggregation says
     check: Callable[[ObjectiveConfig], None] | None = None  # what only its own settings must satisfy
 
     @property
@@ -205,6 +208,29 @@ RECORDS = (
         needs_reward=True,
         needs_group=True,
         check=verifier_check,
+    ),
+    ObjectiveRecord(
+        "teacher_pick",
+        "direct",
+        "on-policy rejection sampling: SFT on the sample of each group the teacher ranks best, math.md §17",
+        objective.teacher_pick_loss,
+        shaping=objective.teacher_pick_shaping,
+        student_samples=True,
+        needs_group=True,
+        ranks=True,
+    ),
+    ObjectiveRecord(
+        "dpo",
+        "direct",
+        "on-policy DPO on each group's best vs worst sample as the teacher ranks them, math.md §17",
+        objective.dpo_loss,
+        shaping=objective.dpo_shaping,
+        student_samples=True,
+        needs_group=True,
+        student_pass=True,
+        ranks=True,
+        needs_reference=True,
+        aggregation="seq-mean-token-sum",
     ),
     ObjectiveRecord(
         "sft",

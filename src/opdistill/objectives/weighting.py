@@ -200,6 +200,40 @@ def grpo_advantage(
     return centred_NG.reshape(-1)
 
 
+def group_extremes(score_B: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best_B, worst_B): per group of ``group_size`` consecutive rows, the row of the highest score and the
+    row of the lowest (the first on a tie; in a group whose scores are all equal both are its first row,
+    and such a group forms no pair, math.md §17). Shapes: [B] → ([B] bool, [B] bool)."""
+    score_NG = _by_group(score_B.detach(), group_size)
+    rows_NG = torch.arange(score_B.shape[0], device=score_B.device).reshape(score_NG.shape)
+    best_B = torch.zeros(score_B.shape, dtype=torch.bool, device=score_B.device)
+    worst_B = torch.zeros_like(best_B)
+    best_B[rows_NG.gather(1, score_NG.argmax(1, keepdim=True))] = True
+    worst_B[rows_NG.gather(1, score_NG.argmin(1, keepdim=True))] = True
+    return best_B, worst_B
+
+
+def sequence_score(
+    rank_by: Literal["teacher", "verifier", "verifier+teacher"],
+    teacher_logp_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    reward_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """How the teacher ranks the student's samples (math.md §17): ``teacher`` = its mean log-prob per token
+    of the sample (length-normalised sequence log-likelihood), ``verifier`` = the reward, ``verifier+teacher``
+    = the reward first, the teacher's likelihood breaking ties (it lies in (-∞, 0], so adding it to a
+    reward of 0/1 scaled by a bound on it keeps the reward's order). Shapes: [B, T] → [B]."""
+    likelihood_B = _masked_row_mean(at_least_fp32(teacher_logp_BT.detach()), mask_BT)
+    if rank_by == "teacher":
+        return likelihood_B
+    assert reward_B is not None, f"rank_by={rank_by} needs each sample's verifier reward"
+    reward_B = at_least_fp32(reward_B.detach())
+    if rank_by == "verifier":
+        return reward_B
+    spread = (likelihood_B.max() - likelihood_B.min()).clamp(min=1.0)
+    return reward_B + 0.5 * (likelihood_B - likelihood_B.max()) / spread
+
+
 def route_weights(
     correct_B: torch.Tensor, route: Literal["all", "failed_only", "correct_only"] = "all"
 ) -> torch.Tensor:

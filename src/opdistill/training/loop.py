@@ -105,7 +105,7 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
     teachers, ema_model = run_teachers(
         config, tokenizer, student, initial_student, saved.get("self_teacher"), world.device
     )
-    reference = initial_student() if config.objective.ref_kl_coef else None  # StableOPD's ref-KL term
+    reference = initial_student() if config.objective.needs_reference else None  # StableOPD's, DPO's
     # the loss runs through `model` (DDP / FSDP2 under torchrun); sampling, scoring, evaluation use `student`
     model = distributed.wrap(student, world, train.parallel, train.precision)
     if config.cold_start.samples:  # SFT on teacher samples first; distillation then avoids their prompts

@@ -12,7 +12,7 @@ import torch
 from opdistill.config import Config
 from opdistill.logits import completion_logits
 from opdistill.objectives import losses
-from opdistill.objectives.registry import objective_loss
+from opdistill.objectives.registry import OBJECTIVES, objective_loss
 from opdistill.training import distributed
 from opdistill.training.distributed import ONE_PROCESS, World
 from opdistill.types import StepBatch
@@ -28,7 +28,8 @@ def train_step(config: Config, model, optimizer, batch: StepBatch, world: World 
     loss_mask_BT = rollout.loss_mask_BT if batch.shaping is None else batch.shaping.mask_BT
     tokens = distributed.all_sum(float(loss_mask_BT.sum()), world)
     rows = distributed.all_sum(float(rollout.tokens_BT.shape[0]), world)
-    normalizer = losses.Normalizer(objective.aggregation, tokens, rows, objective.aggregation_constant)
+    aggregation = OBJECTIVES[objective.type].aggregation or objective.aggregation
+    normalizer = losses.Normalizer(aggregation, tokens, rows, objective.aggregation_constant)
     sft, started = batch.sft_rollout, time.perf_counter()
     totals = _backward(
         model,
