@@ -45,8 +45,8 @@ class VllmEngine:
     """A colocated vLLM engine over the student's architecture, started from ``model_dir`` (an HF directory;
     its weights are replaced by the first ``push``). ``max_len`` bounds prompt + completion tokens (None: the
     model's own limit). On a GPU vLLM takes ``memory_fraction`` of its memory (the trainer shares it); under
-    torchrun (``ranks`` > 1) each rank starts one through vLLM's ``external_launcher`` (not run here: no
-    GPUs)."""
+    torchrun (``ranks`` > 1) each rank starts one through vLLM's ``external_launcher``. ``close`` it last:
+    vLLM's teardown destroys the default process group."""
 
     def __init__(
         self,
@@ -155,6 +155,11 @@ class VllmEngine:
             sampler_logp_BT=logp_BT,
             truncated_B=torch.tensor(truncated),
         ).to(torch.device(device))
+
+    def close(self) -> None:
+        """Stop the engine now rather than at interpreter exit (by then the process group its teardown
+        destroys is gone, and it raises)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
 
 def _full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -8,6 +8,7 @@ log, evaluate, checkpoint. A variant is a config switch that selects a function,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -69,12 +70,20 @@ def run(
     rank runs this; rank 0 logs and checkpoints (distributed.py)."""
     world = distributed.init(config.train.prompts_per_step)
     try:
-        return _run(config, world, resume, stop_after, show_progress and world.is_main)
+        with contextlib.ExitStack() as closing:  # a vLLM engine is closed before the process group goes
+            return _run(config, world, resume, stop_after, show_progress and world.is_main, closing)
     finally:
         distributed.shutdown()
 
 
-def _run(config: Config, world: World, resume: bool, stop_after: int | None, show_progress: bool) -> dict:
+def _run(
+    config: Config,
+    world: World,
+    resume: bool,
+    stop_after: int | None,
+    show_progress: bool,
+    closing: contextlib.ExitStack,
+) -> dict:
     run_dir, train = Path(config.train.out_dir), config.train
     lr_chosen_by_user = bool(config.optim.lr)
     distills = OBJECTIVES[config.objective.type].distills
@@ -123,6 +132,8 @@ def _run(config: Config, world: World, resume: bool, stop_after: int | None, sho
         state.charge(cost)
         task = dataclasses.replace(task, train=disjoint(task.train, seen))
     engine = _rollout_engine(config, student, state.step, world)
+    if engine is not None:
+        closing.callback(engine.close)
     context, cost = batches.batch_context(
         config, task, tokenizer, student, teachers, run_dir, world, reference, engine
     )
