@@ -129,3 +129,26 @@ def test_fsdp2_in_bf16_gathers_bf16_copies_and_keeps_fp32_weights(runs, tmp_path
         torch.equal(weights[name], _weights(runs["one"], "checkpoints/step_2")[name]) for name in weights
     )
     assert _losses(out) == pytest.approx(_losses(runs["one"])[:2], rel=0.05)
+
+
+def test_ddp_plays_episodes_on_every_rank(runs, tmp_path):
+    """Multi-turn episodes under torchrun: each rank plays its share in its own environments, rank 0 logs
+    the step's global counts (the environment's tokens never in the loss's)."""
+    out = tmp_path / "episodes"
+    _torchrun(
+        runs["config"],
+        f"train.out_dir={out}",
+        "env.name=calculator",
+        "objective.type=full_rkl",
+        "rollout.max_new_tokens=12",
+        "train.steps=2",
+        "train.save_every=0",
+    )
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["turns"] >= 1 for r in records)
+    previous = {"student_sampled_tokens": 0, "teacher_scored_tokens": 0}
+    for record in records:  # the counters are the run's totals; a step adds its global counts
+        sampled = record["student_sampled_tokens"] - previous["student_sampled_tokens"]
+        scored = record["teacher_scored_tokens"] - previous["teacher_scored_tokens"]
+        assert record["loss_tokens"] == sampled < scored
+        previous = record

@@ -8,6 +8,7 @@ a valid batch whose position ``P - 1 + t`` predicts completion token ``t``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,24 +49,36 @@ class Rollout:
     loss_mask_BT: torch.Tensor  # bool, True on completion tokens that receive loss (EOS included)
     sampler_logp_BT: torch.Tensor  # fp32, log-prob of each token under the behaviour policy (0 on pad)
     truncated_B: torch.Tensor  # bool, hit max_new_tokens without EOS
+    # bool, True on an episode's environment tokens (observations, chat-template glue between turns): part of
+    # the context every model attends to, never loss, never counted (None: a single-turn completion)
+    observed_BT: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
         return torch.cat([self.prompt_ids_BP, self.tokens_BT], dim=1)
 
     @property
+    def real_BT(self) -> torch.Tensor:
+        """The completion's tokens that are not padding: the student's and an episode's environment's."""
+        return self.loss_mask_BT if self.observed_BT is None else self.loss_mask_BT | self.observed_BT
+
+    @property
     def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask_BP, self.loss_mask_BT], dim=1)
+        return torch.cat([self.prompt_mask_BP, self.real_BT], dim=1)
 
     def completion_ids(self) -> list[list[int]]:
         """Each row's completion tokens (its loss tokens: through the end token where it ended)."""
         return [row[mask].tolist() for row, mask in zip(self.tokens_BT, self.loss_mask_BT, strict=True)]
 
     def select(self, rows: slice | torch.Tensor) -> Rollout:
-        return Rollout(*(getattr(self, name)[rows] for name in self.__dataclass_fields__))
+        return self._map(lambda tensor: tensor[rows])
 
     def to(self, device: torch.device) -> Rollout:
-        return Rollout(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
+        return self._map(lambda tensor: tensor.to(device))
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Rollout:
+        fields = {name: fn(value) for name, value in vars(self).items() if value is not None}
+        return dataclasses.replace(self, **fields)
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a task option (repeatable), as data.task_options, e.g. digits=5 or privileged=rule",
     )
 
-    tasks = commands.add_parser("tasks", help="list built-in tasks, or export one to JSONL")
+    tasks = commands.add_parser(
+        "tasks", help="list built-in tasks and environments, or export a task to JSONL"
+    )
     tasks.add_argument("--export", metavar="NAME", help="write examples of this task as JSONL")
     tasks.add_argument("--split", choices=("train", "test"), default="train")
     tasks.add_argument("--n", type=int, default=20, help="examples to export (default 20)")
@@ -329,9 +331,13 @@ def _tasks(args) -> int:
 
     from opdistill.data.examples import write_jsonl
     from opdistill.data.tasks import task_names
+    from opdistill.envs import env_names
 
     if not args.export:
         for name, description in task_names().items():
+            print(f"{name:12s} {description}")
+        print("\nenvironments (env.name, docs/agents.md):")
+        for name, description in env_names().items():
             print(f"{name:12s} {description}")
         return 0
     task = _task(args.export, args.task_option)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from opdistill.data.examples import EXAMPLE_FIELDS
+from opdistill.envs import builtin_task
 from opdistill.errors import UserError
 from opdistill.objectives.losses import TopKVariant
 from opdistill.objectives.registry import OBJECTIVES, names_where
@@ -425,7 +426,8 @@ class TrdConfig:
     # TRD (math.md §9.3): the teacher refines each student rollout and the student distils along the refined
     # trajectory. prefix: keep the student's tokens up to the first one outside the teacher's top-cut_topk,
     # the teacher writes the rest; prompt: the teacher rewrites the whole draft from `template`.
-    mode: Literal["off", "prefix", "prompt"] = "off"  # prefix (any teacher) | prompt (instruction teachers)
+    # takeover: episodes (env.name) — the teacher plays on from a failed episode's first rejected turn
+    mode: Literal["off", "prefix", "prompt", "takeover"] = "off"  # prefix | prompt | takeover (episodes)
     cut_topk: int = 4  # prefix: the first student token outside the teacher's top-K ends the kept prefix
     temperature: float = 0.0  # the teacher's sampling temperature for the refinement (0 = greedy)
     template: str = TRD_TEMPLATE  # mode=prompt: the teacher's prompt, from {prompt} and the student's {draft}
@@ -437,6 +439,21 @@ class TrdConfig:
             raise UserError("trd.cut_topk must be >= 1, trd.temperature and trd.max_nll_gap >= 0.")
         if self.mode == "prompt" and "{draft}" not in self.template:
             raise UserError("trd.template must contain {draft} (and usually {prompt}).")
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    # Multi-turn episodes (docs/agents.md): the student's turns alternate with an environment's; only the
+    # student's tokens get loss. A built-in environment plays on its own task (data.task).
+    name: str = ""  # calculator | guess | module:Class of your own ("" = single-turn completions)
+    options: dict[str, Any] = field(default_factory=dict)  # the environment's constructor arguments
+    max_turns: int = 8  # the student's turns per episode (rollout.max_new_tokens bounds each)
+    max_tokens: int = 512  # tokens per episode after the prompt: the student's turns and the observations
+    mask_observations: bool = True  # false: the ablation that gives the environment's tokens loss too
+
+    def __post_init__(self):
+        if self.max_turns < 1 or self.max_tokens < 1:
+            raise UserError("env.max_turns and env.max_tokens must be at least 1.")
 
 
 @dataclass(frozen=True)
@@ -477,6 +494,7 @@ class Config:
     opsd: OpsdConfig = field(default_factory=OpsdConfig)
     trd: TrdConfig = field(default_factory=TrdConfig)
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     teachers: dict[str, ModelSpec] = field(default_factory=dict)  # more teachers by tag (examples' `teacher`)
 
     def __post_init__(self):
@@ -572,6 +590,40 @@ class Config:
             )
 
         self._check_opsd()
+        self._check_env()
+
+    def _check_env(self) -> None:
+        env = self.env.name
+        if self.trd.mode == "takeover" and not env:
+            raise UserError(
+                "trd.mode=takeover is TRD for multi-turn episodes (env.name); single completions take "
+                "trd.mode=prefix or prompt."
+            )
+        if not env:
+            return
+        task = builtin_task(env)
+        if task and self.data.task != task:
+            raise UserError(f"env.name={env} plays on the built-in task: set data.task={task}.")
+        unsupported = [
+            name
+            for name, on in (
+                ("train.parallel=fsdp", self.train.parallel == "fsdp"),
+                ("rollout.engine=vllm", self.rollout.engine == "vllm"),
+                (f"trd.mode={self.trd.mode}", self.trd.mode not in ("off", "takeover")),
+                ("opsd.teacher", self.opsd.teacher != "off"),
+                ("data.completions=teacher_pool", self.data.completions == "teacher_pool"),
+                ("cold_start.samples", self.cold_start.samples > 0),
+                ("data.curriculum", self.data.curriculum),
+                ("data.select_fraction", self.data.select_fraction > 0),
+                ("objective.sft_coef", self.objective.sft_coef > 0),
+            )
+            if on
+        ]
+        if unsupported:
+            raise UserError(
+                f"env.name={env} (multi-turn episodes) does not combine with {unsupported[0]} yet "
+                "(docs/agents.md lists what does)."
+            )
 
     def _check_opsd(self) -> None:
         opsd = self.opsd.teacher

@@ -11,6 +11,8 @@ from opdistill.data.rendering import encode_completion, encode_prompts, end_ids
 from opdistill.data.tasks import Verifier
 from opdistill.logits import CHUNK_TOKENS, CompletionLogits, reduce_chunks
 from opdistill.observe.diagnostics import distinct_answers, distinct_n, pass_at_k, token_entropy
+from opdistill.sampling.episodes import EpisodeSpec
+from opdistill.sampling.episodes import outcomes as episode_outcomes
 from opdistill.sampling.rollout import sample_prompts
 from opdistill.training.distributed import ONE_PROCESS, World
 from opdistill.types import Rollout
@@ -88,11 +90,13 @@ def evaluate(
     batch_tokens: int = BATCH_TOKENS,
     chunk_tokens: int = CHUNK_TOKENS,
     world: World | None = None,
+    episodes: EpisodeSpec | None = None,
 ) -> dict[str, float]:
     """Greedy accuracy; with n > 0 also avg@n, pass@k over n samples at ``temperature`` (k in ``ks``, by
     default 1, 2, 4, ... n) and their diversity: distinct final answers per problem, distinct n-grams and
     the model's mean token entropy on them. ``shown`` (a list) receives every problem's (example, greedy
-    completion, verdict).
+    completion, verdict). With ``episodes`` each sample is a multi-turn episode, correct when its
+    environment's reward is above 0.5 (its transcript stands for the completion; no token entropy).
 
     Memory: sampling runs ``batch_tokens`` tokens at a time, the entropy pass ``chunk_tokens`` positions of
     logits at a time. Under torchrun (``world``) each rank samples its share of the problems and the results
@@ -107,13 +111,24 @@ def evaluate(
         "longest_prompt": max(map(len, encode_prompts(tokenizer, examples)), default=0),
     }
 
-    def sampled_texts(**kwargs) -> list[str]:  # every problem's, gathered from the ranks
+    def sampled(**kwargs) -> tuple[list[str], list[bool]]:  # every problem's, gathered from the ranks
         count = kwargs.get("n", 1)
+        if episodes is not None:
+            texts, solved = episode_outcomes(
+                model,
+                tokenizer,
+                share,
+                episodes,
+                max_new_tokens=max_new_tokens,
+                batch_tokens=batch_tokens,
+                **kwargs,
+            )
+            return world.gather(texts[: real * count]), world.gather(solved[: real * count])
         texts, _ = sample_completions(model, tokenizer, share, **settings, **kwargs)
-        return world.gather(texts[: real * count])
+        texts = world.gather(texts[: real * count])
+        return texts, [bool(verify(c, examples[i // count])) for i, c in enumerate(texts)]
 
-    greedy = sampled_texts()
-    verdicts = [bool(verify(c, ex)) for c, ex in zip(greedy, examples, strict=True)]
+    greedy, verdicts = sampled()
     if shown is not None:
         shown.extend(zip(examples, greedy, verdicts, strict=True))
     result: dict[str, float] = {
@@ -121,20 +136,21 @@ def evaluate(
         "greedy_acc": sum(verdicts) / len(examples),
     }
     if n > 0:
-        sampled = sampled_texts(temperature=temperature, n=n, seed=seed + world.rank)
-        correct = [sum(verify(sampled[i * n + j], ex) for j in range(n)) for i, ex in enumerate(examples)]
+        samples, solved = sampled(temperature=temperature, n=n, seed=seed + world.rank)
+        correct = [sum(solved[i * n : (i + 1) * n]) for i in range(len(examples))]
         result[f"avg@{n}"] = sum(c / n for c in correct) / len(examples)
         for k in ks or pass_k_ladder(n):
             result[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(examples)
         # diversity (math.md §13.4): distinct final answers per problem, distinct character n-grams
         extract = getattr(verify, "extract", str.strip)
-        answers = [[extract(sampled[i * n + j]) or "" for j in range(n)] for i in range(len(examples))]
+        answers = [[extract(samples[i * n + j]) or "" for j in range(n)] for i in range(len(examples))]
         result["distinct_answers"] = distinct_answers(answers)
         for size in (2, 3, 4):
-            result[f"distinct_{size}"] = distinct_n(sampled, size)
-        result["token_entropy"] = mean_token_entropy(
-            model, tokenizer, examples, sampled, n, batch_tokens, chunk_tokens
-        )
+            result[f"distinct_{size}"] = distinct_n(samples, size)
+        if episodes is None:
+            result["token_entropy"] = mean_token_entropy(
+                model, tokenizer, examples, samples, n, batch_tokens, chunk_tokens
+            )
     return result
 
 

@@ -133,8 +133,8 @@ def refine(
 @torch.no_grad()
 def prefix_cuts(teacher, rollout: Rollout, cut_topk: int) -> torch.Tensor:
     """[B] int64: per row the first loss position whose token is outside the teacher's top-``cut_topk`` (at
-    least ``cut_topk`` ids strictly more likely), or the row's completion length if there is none. The
-    teacher's logits exist a chunk at a time (logits.py)."""
+    least ``cut_topk`` ids strictly more likely), or the row's completion length (an episode's included) if
+    there is none. The teacher's logits exist a chunk at a time (logits.py)."""
     device = next(teacher.parameters()).device
     on_teacher = rollout.to(device)
     logits = CompletionLogits(teacher, on_teacher)
@@ -144,7 +144,7 @@ def prefix_cuts(teacher, rollout: Rollout, cut_topk: int) -> torch.Tensor:
         return {"outside": (logits_btV > token_logit_bt1).sum(-1) >= cut_topk}
 
     outside_BT = reduce_chunks(logits.chunks(), logits.shape, outside)["outside"] & on_teacher.loss_mask_BT
-    length_B = on_teacher.loss_mask_BT.sum(1)
+    length_B = on_teacher.real_BT.sum(1)
     # argmax of a bool row finds its first True; rows with none keep their whole length
     return torch.where(outside_BT.any(1), outside_BT.int().argmax(1), length_B).cpu()
 

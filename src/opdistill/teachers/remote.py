@@ -209,6 +209,10 @@ class RemoteTeacher:
                 f"the teacher at {self.url} sent top-K ids outside the student's {self.width} tokens "
                 f"({int(ids.min())}..{int(ids.max())}): is it serving another tokenizer's model?"
             )
+        if rollout.observed_BT is not None:  # environment tokens are context, not scored tokens
+            signal.token_logp_BT *= rollout.loss_mask_BT.cpu()
+            if signal.entropy_BT is not None:
+                signal.entropy_BT *= rollout.loss_mask_BT.cpu()
         device = rollout.tokens_BT.device
         return dataclasses.replace(
             signal, **{name: value.to(device) for name, value in vars(signal).items() if value is not None}
@@ -291,12 +295,13 @@ class RemoteTeacher:
 
 
 def rollout_sequences(rollout: Rollout) -> tuple[list[list[int]], list[list[int]]]:
-    """Each row's real prompt ids (left padding dropped) and completion ids up to its last loss token."""
+    """Each row's real prompt ids (left padding dropped) and completion ids up to its last real token (an
+    episode's environment tokens included: the teacher scores the student's turns in their context)."""
     prompt_ids_BP, prompt_mask_BP = rollout.prompt_ids_BP.cpu(), rollout.prompt_mask_BP.cpu()
-    tokens_BT, loss_mask_BT = rollout.tokens_BT.cpu(), rollout.loss_mask_BT.cpu()
-    lengths_B = loss_mask_BT.sum(1)
-    if not torch.equal(loss_mask_BT, torch.arange(tokens_BT.shape[1]) < lengths_B[:, None]):
-        raise ValueError("a remote teacher scores completions whose loss mask is a prefix (tokens up to EOS)")
+    tokens_BT, real_BT = rollout.tokens_BT.cpu(), rollout.real_BT.cpu()
+    lengths_B = real_BT.sum(1)
+    if not torch.equal(real_BT, torch.arange(tokens_BT.shape[1]) < lengths_B[:, None]):
+        raise ValueError("a remote teacher scores completions whose tokens are a prefix (tokens up to EOS)")
     prompts = [prompt_ids_BP[b][prompt_mask_BP[b]].tolist() for b in range(len(tokens_BT))]
     completions = [tokens_BT[b, : int(n)].tolist() for b, n in enumerate(lengths_B)]
     return prompts, completions

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from opdistill.config import Config
+from opdistill.config import Config, EnvConfig
 from opdistill.data.curriculum import curriculum
 from opdistill.data.examples import (
     Example,
@@ -33,12 +33,15 @@ from opdistill.data.examples import (
 from opdistill.data.rendering import completion_target, encode_prompts, end_ids
 from opdistill.data.selection import selected_prompts
 from opdistill.data.tasks import Task
+from opdistill.envs import make_env
 from opdistill.errors import UserError
 from opdistill.logits import topk_ids
 from opdistill.objectives.registry import OBJECTIVES
 from opdistill.observe import diagnostics
 from opdistill.observe.evaluate import completion_texts, sample_completions
 from opdistill.observe.timing import timed
+from opdistill.sampling import episodes
+from opdistill.sampling.episodes import EpisodeSpec
 from opdistill.sampling.refine import refine
 from opdistill.sampling.rollout import sample_prompts
 from opdistill.sampling.speculative import SpeculativeGuide
@@ -71,6 +74,7 @@ class BatchContext:
     world: World = ONE_PROCESS
     reference: Teacher | None = None  # the initial student, frozen: scores the reference-KL term
     engine: VllmEngine | None = None  # rollout.engine=vllm: samples the student's rollouts
+    env: EpisodeSpec | None = None  # env.name: each rollout is a multi-turn episode in a fresh environment
 
     @property
     def teacher(self) -> Any:
@@ -106,10 +110,18 @@ def batch_context(
         off_policy, pool_cost = teacher_pool(config, task, tokenizer, teachers[""], run_dir, world)
         cost = cost + pool_cost
     scorer = Scorer(config, tokenizer, student, teachers)
+    env = episode_spec(config.env)
     context = BatchContext(
-        config, task, tokenizer, student, teachers, scorer, prompts, off_policy, world, reference, engine
+        config, task, tokenizer, student, teachers, scorer, prompts, off_policy, world, reference, engine, env
     )
     return context, cost
+
+
+def episode_spec(env: EnvConfig) -> EpisodeSpec | None:
+    """How ``env.*`` plays episodes (None without an environment); the environment is checked here."""
+    if not env.name:
+        return None
+    return EpisodeSpec(make_env(env.name, env.options), env.max_turns, env.max_tokens, env.mask_observations)
 
 
 def uses_off_policy(config: Config) -> bool:
@@ -138,11 +150,11 @@ def next_batch(context: BatchContext, step: int) -> StepBatch:
         if on_policy:
             examples = this_rank(context, context.prompts, step)
             rows = [ex for ex in examples for _ in range(config.rollout.n_per_prompt)]  # each row's example
-            rollout, metrics = roll_out(context, examples, step)
-            if config.trd.mode != "off":  # TRD: distil along the teacher's refinement of each rollout
+            rollout, metrics, episode_reward_B = roll_out(context, examples, step)
+            if config.trd.mode in ("prefix", "prompt"):  # TRD: distil along the teacher's refinement
                 rollout = refined(context, rollout, rows, step, metrics)
-            if config.objective.needs_reward:
-                reward_B = verify(context, rollout, rows)
+            if config.objective.needs_reward:  # an episode's reward is its environment's verdict
+                reward_B = verify(context, rollout, rows) if episode_reward_B is None else episode_reward_B
                 metrics["reward"] = float(reward_B.mean())
         else:
             rollout, metrics, rows = off_policy_batch(context, step)
@@ -202,9 +214,11 @@ def sampled(
     )
 
 
-def roll_out(context: BatchContext, examples: list[Example], step: int) -> tuple[Rollout, dict[str, float]]:
-    """The student's own samples, ``rollout.n_per_prompt`` per prompt; with SKD, the teacher verifies each
-    token with its own (seed, step) random stream."""
+def roll_out(
+    context: BatchContext, examples: list[Example], step: int
+) -> tuple[Rollout, dict[str, float], torch.Tensor | None]:
+    """The student's own samples, ``rollout.n_per_prompt`` per prompt, and with an environment each
+    episode's reward; with SKD, the teacher verifies each token with its own (seed, step) random stream."""
     settings = context.config.rollout
     guide = None
     if settings.skd_topk >= 0:
@@ -213,7 +227,14 @@ def roll_out(context: BatchContext, examples: list[Example], step: int) -> tuple
         guide = SpeculativeGuide(
             context.teacher.model, settings.skd_topk, settings.temperature, settings.top_p, generator
         )
-    if context.engine is not None:
+    reward_B, episode_metrics = None, {}
+    if context.env is not None:
+        rows = [ex for ex in examples for _ in range(settings.n_per_prompt)]
+        takeover = context.config.trd.mode == "takeover"
+        rollout, reward_B, episode_metrics = played(
+            context, context.student, rows, step, guide=guide, takeover=takeover
+        )
+    elif context.engine is not None:
         rollout = engine_sampled(context, examples, step)
     else:
         rollout = sampled(
@@ -228,7 +249,58 @@ def roll_out(context: BatchContext, examples: list[Example], step: int) -> tuple
         metrics.update(guide.stats())
     if context.engine is not None:  # optimizer steps the engine's weights are behind the student's
         metrics["rollout_lag"] = step - context.engine.synced_step
-    return rollout, metrics
+    metrics.update(episode_metrics)
+    return rollout, metrics, reward_B
+
+
+def played(
+    context: BatchContext,
+    model,
+    rows: list[Example],
+    step: int,
+    guide=None,
+    temperature: float | None = None,
+    takeover: bool = False,
+) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
+    """Multi-turn episodes of ``model`` in fresh environments, one per row, with their rewards; the random
+    stream is this rank's for (seed, step). With ``takeover`` the teacher plays on in the failed ones."""
+    config, spec, tokenizer = context.config, context.env, context.tokenizer
+    assert spec is not None
+    seed = random.Random(f"env-{config.train.seed}-{step}-{context.world.rank}").getrandbits(63)
+    settings = {
+        "max_turns": spec.max_turns,
+        "max_new_tokens": config.rollout.max_new_tokens,
+        "max_tokens": spec.max_tokens,
+        "top_p": config.rollout.top_p,
+        "generator": torch.Generator().manual_seed(seed),
+    }
+    temperature = config.rollout.temperature if temperature is None else temperature
+    done = episodes.play(
+        model,
+        tokenizer,
+        episodes.start(tokenizer, rows, spec.make_env),
+        temperature=temperature,
+        guide=guide,
+        **settings,
+    )
+    reward_B = torch.tensor([e.reward for e in done], device=context.device)
+    metrics = {"turns": sum(e.turns for e in done) / len(done), "episode_reward": float(reward_B.mean())}
+    if takeover:
+        done, takeover_metrics = episodes.take_over(
+            context.teacher.model,
+            tokenizer,
+            done,
+            rows,
+            spec.make_env,
+            cut_topk=config.trd.cut_topk,
+            verified=config.trd.select == "verified",
+            temperature=config.trd.temperature,
+            **settings,
+        )
+        metrics.update(takeover_metrics)
+        reward_B = torch.tensor([e.reward for e in done], device=context.device)
+    rollout = episodes.as_rollout(done, tokenizer.pad_token_id, context.device, spec.mask_observations)
+    return rollout, reward_B, metrics
 
 
 def engine_sampled(context: BatchContext, examples: list[Example], step: int) -> Rollout:
@@ -292,8 +364,15 @@ def off_policy_batch(context: BatchContext, step: int) -> tuple[Rollout, dict[st
     config = context.config
     if config.data.completions == "teacher":
         examples = this_rank(context, context.task.train, step)
-        rollout = sampled(context, context.teacher.model, examples, config.data.teacher_temperature, 1)
+        temperature = config.data.teacher_temperature
+        if context.env is not None:  # the teacher plays the episodes
+            rollout = played(context, context.teacher.model, examples, step, temperature=temperature)[0]
+            return rollout, {"teacher_generated_tokens": int(rollout.loss_mask_BT.sum())}, examples
+        rollout = sampled(context, context.teacher.model, examples, temperature, 1)
         return rollout, {"teacher_generated_tokens": int(rollout.attention_mask.sum())}, examples
+    if context.env is not None:  # the environment's demonstrations, played through it
+        examples = this_rank(context, context.task.train, step)
+        return demonstrations(context, examples), {}, examples
     examples = this_rank(context, context.off_policy, step)
     missing = [ex.id or ex.prompt for ex in examples if not ex.completion]
     if missing:
@@ -302,6 +381,21 @@ def off_policy_batch(context: BatchContext, step: int) -> tuple[Rollout, dict[st
     completions = [completion_target(tokenizer, ex) for ex in examples]
     rollout = rollout_of(encode_prompts(tokenizer, examples), completions, tokenizer.pad_token_id)
     return rollout.to(context.device), {}, examples
+
+
+def demonstrations(context: BatchContext, examples: list[Example]) -> Rollout:
+    """Episodes played with the environment's demonstration turns (SFT targets for a multi-turn task)."""
+    assert context.env is not None
+    demonstrate = getattr(context.env.make_env(), "demonstration", None)
+    if demonstrate is None:
+        raise UserError(
+            f"environment {context.config.env.name!r} has no demonstration(example) to train on: use "
+            "data.completions=teacher (the teacher plays the episodes)."
+        )
+    tokenizer = context.tokenizer
+    started = episodes.start(tokenizer, examples, context.env.make_env)
+    done = episodes.demonstrated(tokenizer, started, [demonstrate(ex) for ex in examples])
+    return episodes.as_rollout(done, tokenizer.pad_token_id, context.device)
 
 
 def score(

@@ -322,6 +322,7 @@ def _evaluate_and_log(
         batch_tokens=config.train.eval_batch_tokens,
         chunk_tokens=config.train.chunk_tokens,
         world=world,
+        episodes=batches.episode_spec(config.env),
     )
     record = {"step": state.step, "elapsed_s": state.elapsed_s, **result}
     record["eval_s"] = time.perf_counter() - started

@@ -90,11 +90,12 @@ class _Limited:
 
 
 def _builtin() -> dict[str, tuple[str, Callable[..., tuple[Stream, list[Example], Verifier]]]]:
-    from opdistill.data.tasks import addition, capitals
+    from opdistill.data.tasks import addition, capitals, guess
 
     return {
         "addition": (addition.DESCRIPTION, addition.build),
         "capitals": (capitals.DESCRIPTION, capitals.build),
+        "guess": (guess.DESCRIPTION, guess.build),
     }
 
 
