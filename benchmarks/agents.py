@@ -4,12 +4,14 @@ it plays on, for token-level OPD) and on the guess environment.
 
     python benchmarks/agents.py [--steps 150] [--eval-size 200] [--envs calculator guess]
 
-Teachers and student warm starts are built first if missing (configs/calculator_teacher.yaml,
-configs/guess_teacher.yaml, configs/guess_student.yaml; a few minutes each). Every method then starts from
-the same student with the same prompts per step; the rows:
+Teachers and student warm starts are built first if missing (configs/calculator_teacher.yaml and the
+other three *_teacher / *_student configs; a few minutes each). Every method then starts from the
+environment's student warm start (brief SFT on demonstrations) with the same prompts per step, except
+where a row says otherwise:
 
   token_opd          single-turn OPD on the environment's task without the environment (calculator only:
-                     the student writes the whole chain itself, scored by the shipped single-turn teacher)
+                     the shipped student writes the whole chain itself, scored by the shipped teacher)
+  untaught_student   multi-turn OPD from the shipped student, which has never called the tool (calculator)
   episode_opd        multi-turn OPD, environment tokens masked (the default)
   episode_unmasked   the same with env.mask_observations=false: the environment's tokens get loss too
   takeover           episode_opd with trd.mode=takeover: the teacher plays on from a failed episode's first
@@ -41,14 +43,17 @@ REPO = Path(__file__).resolve().parents[1]
 ENVS = {
     "calculator": {
         "teacher": ("configs/calculator_teacher.yaml", "build/calculator/teacher/final"),
-        "student": (None, "src/opdistill/assets/addition-student"),
+        "student": ("configs/calculator_student.yaml", "build/calculator/student/final"),
         "opd": "configs/calculator_opd.yaml",
+        # token_opd and untaught_student start from the shipped student, which never calls the tool
+        "token_student": "src/opdistill/assets/addition-student",
         "token_teacher": "src/opdistill/assets/addition-teacher",
     },
     "guess": {
         "teacher": ("configs/guess_teacher.yaml", "build/guess/teacher/final"),
         "student": ("configs/guess_student.yaml", "build/guess/student/final"),
         "opd": "configs/guess_opd.yaml",
+        "token_student": None,
         "token_teacher": None,
     },
 }
@@ -92,7 +97,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--eval-size", type=int, default=200)
     parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS))
-    parser.add_argument("--methods", nargs="+", default=["token_opd", *METHODS])
+    parser.add_argument("--methods", nargs="+", default=["token_opd", "untaught_student", *METHODS])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_agents")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -111,10 +116,12 @@ def main() -> int:
         student, teacher = f"student.path={spec['student'][1]}", f"teacher.path={spec['teacher'][1]}"
         rows = []
         for method in args.methods:
-            if method == "token_opd":
-                if spec["token_teacher"] is None:
+            if method in ("token_opd", "untaught_student"):
+                if spec["token_student"] is None:
                     continue
-                overrides = [*common, "env.name=", student, f"teacher.path={spec['token_teacher']}"]
+                overrides = [*common, f"student.path={spec['token_student']}", teacher]
+                if method == "token_opd":
+                    overrides += ["env.name=", f"teacher.path={spec['token_teacher']}"]
             else:
                 overrides = [*common, student, teacher, *METHODS[method]]
             rows.append(run(method, spec["opd"], overrides, args.out / env))

@@ -4,6 +4,7 @@ the loss — checked on the gradient, and with the teacher reading them as conte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -76,6 +77,12 @@ def test_environments_are_checked_before_training():
         load_config(None, ["env.name=guess"])
     with pytest.raises(UserError, match="does not combine with train.parallel=fsdp"):
         load_config(None, ["env.name=calculator", "train.parallel=fsdp"])
+    with pytest.raises(UserError, match="does not combine with weighting.position_decay"):
+        load_config(None, ["env.name=calculator", "weighting.position_decay=2"])
+    with pytest.raises(UserError, match="with env.mask_observations=false use a full-vocabulary"):
+        load_config(None, ["env.name=calculator", "env.mask_observations=false", "objective.type=k2"])
+    with pytest.raises(UserError, match="takeover is TRD for multi-turn episodes"):
+        load_config(None, ["trd.mode=takeover"])
 
 
 def test_a_demonstrated_episode_interleaves_turns_and_observations(teacher):
@@ -232,6 +239,15 @@ def test_a_cut_episode_replays_its_kept_turns_into_a_fresh_environment(teacher):
     assert kept.ids == episode.ids[: episode.starts[2]] and kept.messages == episode.messages[:5]
     assert kept.env.step("3") == Step(reward=1.0, done=True)
     assert episodes.cut_at_turn(episode, 0, Counter, example).ids == []
+    # a prompt of several messages (a system turn first) keeps them, and replays only the model's turns
+    told = dataclasses.replace(example, prompt=(("system", "count"), ("user", example.prompt)))
+    episode = episodes.demonstrated(tokenizer, episodes.start(tokenizer, [told], Counter), [["1", "2", "3"]])[
+        0
+    ]
+    kept = episodes.cut_at_turn(episode, 2, Counter, told)
+    assert (
+        kept.env.seen == 2 and kept.messages == episode.messages[:6] and kept.messages[0]["role"] == "system"
+    )
 
 
 def test_the_masking_ablation_gives_the_environments_tokens_loss(teacher):

@@ -140,6 +140,16 @@ def test_teacher_pick_is_cross_entropy_on_the_argmax_of_each_group():
     assert metrics["nll"] == pytest.approx(float(nll) / float(mask_BT.sum()))
 
 
+def test_teacher_pick_by_the_verifier_trains_on_no_sample_of_a_group_that_all_failed():
+    theta_TV, reference_TV, teacher_BT = _tabular(3)
+    logits_BTV, batch = _batch(
+        theta_TV, reference_TV, teacher_BT, reward_B=torch.tensor([0.0, 0.0, 0.0, 1.0])
+    )
+    _shaped("teacher_pick", logits_BTV, batch, "objective.rank_by=verifier+teacher")
+    assert batch.shaping.mask_BT.any(1).tolist() == [False, False, False, True]
+    assert batch.metrics["picked_frac"] == 0.25
+
+
 def test_the_ranking_settings_are_checked():
     from opdistill.errors import UserError
 
@@ -147,6 +157,8 @@ def test_the_ranking_settings_are_checked():
         load_config(None, ["objective.type=full_rkl", "objective.rank_by=verifier"])
     with pytest.raises(UserError, match="n_per_prompt"):
         load_config(None, ["objective.type=dpo"])
+    with pytest.raises(UserError, match="weighs whole samples"):
+        load_config(None, ["objective.type=dpo", "rollout.n_per_prompt=2", "weighting.tip_ratio=0.5"])
     with pytest.raises(UserError, match="dpo_beta must be above 0"):
         load_config(None, ["objective.type=dpo", "rollout.n_per_prompt=2", "objective.dpo_beta=0"])
     assert load_config(None, ["objective.type=dpo", "rollout.n_per_prompt=2"]).objective.needs_reference
@@ -159,7 +171,7 @@ def test_the_ranking_settings_are_checked():
 @pytest.mark.parametrize(
     "overrides",
     [
-        ("objective.type=teacher_pick", "objective.rank_by=verifier+teacher"),
+        ("objective.type=teacher_pick",),  # by teacher likelihood: a fresh student solves nothing
         ("objective.type=dpo", "optim.lr=1e-2"),
     ],
 )

@@ -166,12 +166,17 @@ def test_left_padded_rows_sample_as_each_prompt_alone(models, tokenizer):
         torch.testing.assert_close(alone.sampler_logp_BT[0], batch.sampler_logp_BT[row, :width])
 
 
-def test_a_guide_reports_its_last_rollout_and_rejects_a_negative_topk(models, tokenizer):
+def test_a_guide_counts_every_rollout_it_steered_and_rejects_a_negative_topk(models, tokenizer):
+    """One guide per step: an episode's turns are several rollouts, and its acceptance rate covers them all."""
     student, teacher = models
     guide = _guide(teacher, 6)
     first = _generate(student, tokenizer, _prompts(tokenizer), STUDENT_SEED, guide)
+    once = guide.stats()
     second = _generate(student, tokenizer, _prompts(tokenizer, TEXTS[:2]), STUDENT_SEED, guide)
-    assert guide.stats()["skd_proposed"] == int(second.loss_mask_BT.sum()) < int(first.loss_mask_BT.sum())
+    assert once["skd_proposed"] == int(first.loss_mask_BT.sum())
+    both = guide.stats()
+    assert both["skd_proposed"] == once["skd_proposed"] + int(second.loss_mask_BT.sum())
+    assert both["skd_replaced"] == once["skd_replaced"] + int(guide.replaced_BT.sum())
     assert guide.out is None  # the teacher's KV cache is released after the rollout
     with pytest.raises(ValueError, match="top-K"):
         SpeculativeGuide(teacher, topk=-1)

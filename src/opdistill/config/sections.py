@@ -506,10 +506,16 @@ class Config:
                 ("rollout.on_policy_fraction < 1", rollout.on_policy_fraction < 1),
                 ("rollout.skd_topk", rollout.skd_topk >= 0),
                 ("trd.mode", self.trd.mode != "off"),
+                ("env.mask_observations=false", bool(self.env.name) and not self.env.mask_observations),
             )
             if on
         ]
         record = OBJECTIVES[objective.type]
+        if record.ranks and weighting != WeightingConfig():
+            raise UserError(
+                f"objective.type={objective.type} weighs whole samples: weighting.* (per-token weights and "
+                "masks) does not apply."
+            )
         student_samples = record.student_samples or objective.ref_kl_coef
         if student_samples and not_sampled:
             raise UserError(
@@ -616,6 +622,12 @@ class Config:
                 ("data.curriculum", self.data.curriculum),
                 ("data.select_fraction", self.data.select_fraction > 0),
                 ("objective.sft_coef", self.objective.sft_coef > 0),
+                # weights by response position would count the environment's tokens and every turn's budget
+                ("weighting.position_decay", self.weighting.position_decay > 0),
+                ("weighting.position_limit", self.weighting.position_limit > 0),
+                ("weighting.loss_window", self.weighting.loss_window > 0),
+                ("weighting.iw_opd_gamma", self.weighting.iw_opd_gamma > 0),
+                ("weighting.kat", self.weighting.kat),
             )
             if on
         ]

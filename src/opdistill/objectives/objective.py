@@ -166,9 +166,14 @@ def _ranking(inputs: ShapingInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def teacher_pick_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:
-    """Loss only on the picked sample of each group."""
+    """Loss only on the picked sample of each group; ranked by a verifier, only if that sample passed (a
+    group whose samples all failed trains on none of them)."""
     best_B, _ = _ranking(inputs)
+    if inputs.objective.rank_by != "teacher":
+        assert inputs.batch.reward_B is not None
+        best_B = best_B & (inputs.batch.reward_B > 0.5)
     shaping.mask_BT = shaping.mask_BT & best_B[:, None]
+    inputs.metrics["picked_frac"] = float(best_B.float().mean())
 
 
 def dpo_shaping(inputs: ShapingInputs, shaping: Shaping) -> None:

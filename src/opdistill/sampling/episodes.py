@@ -40,6 +40,7 @@ class Episode:
     env: Environment
     prompt_ids: list[int]
     messages: list[dict[str, str]]  # the conversation so far, as the chat template renders it
+    head: int = 1  # how many of ``messages`` the prompt holds (a system turn, earlier turns, the first)
     ids: list[int] = field(default_factory=list)  # the completion region: turns and observations
     mine: list[bool] = field(default_factory=list)  # True on the model's own tokens
     logps: list[float] = field(default_factory=list)  # log-prob under its sampler (0: not sampled)
@@ -67,7 +68,7 @@ def start(tokenizer, examples: Sequence[Example], make_env: EnvFactory) -> list[
         first = env.reset(example)
         messages = [*example.messages()[:-1], {"role": "user", "content": first}]
         view = dataclasses.replace(example, prompt=tuple((m["role"], m["content"]) for m in messages))
-        episodes.append(Episode(env, encode_prompts(tokenizer, [view])[0], messages))
+        episodes.append(Episode(env, encode_prompts(tokenizer, [view])[0], messages, len(messages)))
     return episodes
 
 
@@ -223,9 +224,10 @@ def cut_at_turn(episode: Episode, turn: int, make_env: EnvFactory, example: Exam
     brought to the same state by replaying the kept turns (environments are deterministic in their turns)."""
     env = make_env()
     env.reset(example)
-    kept = Episode(env, episode.prompt_ids, episode.messages[: 1 + 2 * turn])
-    for text in [m["content"] for m in kept.messages[1::2]]:
-        kept.reward += env.step(text).reward
+    head = episode.head
+    kept = Episode(env, episode.prompt_ids, episode.messages[: head + 2 * turn], head)
+    for message in kept.messages[head::2]:  # the model's turns; the environment's answers follow each
+        kept.reward += env.step(message["content"]).reward
     end = episode.starts[turn] if turn < len(episode.starts) else len(episode.ids)
     kept.ids, kept.mine, kept.logps = episode.ids[:end], episode.mine[:end], episode.logps[:end]
     kept.starts, kept.turns = episode.starts[:turn], turn
@@ -308,5 +310,5 @@ def as_rollout(
 
 def transcript(episode: Episode) -> str:
     """An episode as text, the model's turns and the environment's replies (for logs and shown samples)."""
-    turns = [f"{m['role']}: {m['content']}" for m in episode.messages]
+    turns = [f"{m['role']}: {m['content']}" for m in episode.messages[episode.head - 1 :]]
     return " | ".join(turns)

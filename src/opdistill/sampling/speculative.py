@@ -50,6 +50,7 @@ class SpeculativeGuide:
         self.logits_BV = None  # the teacher's logits for the next token
         self.real: list[torch.Tensor] = []  # per step, [B]: rows whose token is real (not after EOS)
         self.replaced: list[torch.Tensor] = []  # per step, [B]: real tokens the teacher replaced
+        self.counts = [0, 0]  # tokens proposed and replaced over every rollout so far (an episode's turns)
 
     def start(
         self,
@@ -88,6 +89,9 @@ class SpeculativeGuide:
 
     def finish(self) -> None:
         self.out = self.logits_BV = None  # the teacher's KV cache is not kept past the rollout
+        if self.real:
+            self.counts[0] += int(torch.stack(self.real).sum())
+            self.counts[1] += int(torch.stack(self.replaced).sum())
 
     @property
     def replaced_BT(self) -> torch.Tensor:
@@ -95,9 +99,9 @@ class SpeculativeGuide:
         return torch.stack(self.replaced, dim=1)
 
     def stats(self) -> dict[str, float | int]:
-        """The last rollout's acceptance rate (student tokens kept / proposed) and the counts behind it."""
-        proposed = int(torch.stack(self.real).sum()) if self.real else 0
-        replaced = int(torch.stack(self.replaced).sum()) if self.replaced else 0
+        """The acceptance rate (student tokens kept / proposed) over the rollouts this guide steered (one
+        per step; each turn of an episode), and the counts behind it."""
+        proposed, replaced = self.counts
         return {
             "skd_acceptance": (proposed - replaced) / proposed if proposed else 1.0,
             "skd_proposed": proposed,
