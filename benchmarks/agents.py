@@ -81,6 +81,7 @@ def run(name: str, config: str, overrides: list[str], out: Path) -> dict:
     last = [json.loads(line) for line in (out / name / "metrics.jsonl").open()][-1]
     return {
         "method": name,
+        "problems": evals[0]["n_problems"],
         "before": evals[0]["greedy_acc"],
         "after": summary["final_eval"]["greedy_acc"],
         "turns": last.get("turns", 1.0),
@@ -126,7 +127,8 @@ def main() -> int:
                 overrides = [*common, student, teacher, *METHODS[method]]
             rows.append(run(method, spec["opd"], overrides, args.out / env))
             print(json.dumps(rows[-1]), file=sys.stderr)
-        print(f"\n{env} ({args.steps} steps, greedy success on {args.eval_size} held-out problems)\n")
+        problems = rows[0]["problems"]
+        print(f"\n{env} ({args.steps} steps, greedy success on {problems} held-out problems)\n")
         print("| method | before | after | turns / episode | student tokens | teacher tokens | seconds |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:

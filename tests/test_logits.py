@@ -16,7 +16,7 @@ from opdistill.observe import monitor
 from opdistill.observe.evaluate import evaluate, mean_token_entropy
 from opdistill.teachers.local import LocalTeacher
 from opdistill.training.distributed import World
-from opdistill.types import SignalRequest, StepBatch
+from opdistill.types import SignalRequest, StepBatch, TeacherSignal
 
 
 def _rollout(tokenizer, rows: int = 5, seed: int = 0):
@@ -75,6 +75,29 @@ def test_a_chunked_teacher_sends_the_same_signal_and_defers_its_full_logits(make
     assert chunked.full_logits._kept is None  # nothing [B, T, V] made for the step
     micro = chunked.full_logits[1:3]  # what a loss micro-batch asks for: its rows only
     torch.testing.assert_close(micro.tensor(), whole.full_logits.tensor()[1:3], atol=1e-5, rtol=1e-5)
+
+
+def test_a_routed_batchs_full_logits_come_from_each_rows_teacher_a_chunk_at_a_time(make_model, tokenizer):
+    """Several teachers, each scoring some rows (TeacherSignal.gather): every row's logits are its own
+    teacher's, narrowed or chunked without the whole batch ever being made."""
+    first, second, rollout = make_model(seed=5), make_model(seed=6), _rollout(tokenizer, rows=5)
+    index_first, index_second = torch.tensor([0, 3, 4]), torch.tensor([1, 2])
+    request = SignalRequest(full=True)
+    parts = [
+        (index, LocalTeacher(model, chunk_tokens=1).score(rollout.select(index), request))
+        for index, model in ((index_first, first), (index_second, second))
+    ]
+    signal = TeacherSignal.gather(parts, 5)
+    expected_BTV = torch.empty_like(completion_logits(first, rollout))
+    expected_BTV[index_first] = completion_logits(first, rollout.select(index_first))
+    expected_BTV[index_second] = completion_logits(second, rollout.select(index_second))
+    assert signal.full_logits is not None and signal.full_logits._kept is None
+    torch.testing.assert_close(signal.full_logits[1:4].tensor(), expected_BTV[1:4], atol=1e-5, rtol=1e-5)
+    T = rollout.tokens_BT.shape[1]
+    for rows, _, logits_btV in signal.full_logits.chunks(2 * T):
+        assert logits_btV.shape[0] <= 2
+        torch.testing.assert_close(logits_btV, expected_BTV[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(signal.select(torch.tensor([4, 1])).full_logits.tensor(), expected_BTV[[4, 1]])
 
 
 def test_diagnostics_and_shaping_do_not_depend_on_the_chunk_size(make_model, tokenizer):

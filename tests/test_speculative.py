@@ -167,7 +167,7 @@ def test_left_padded_rows_sample_as_each_prompt_alone(models, tokenizer):
 
 
 def test_a_guide_counts_every_rollout_it_steered_and_rejects_a_negative_topk(models, tokenizer):
-    """One guide per step: an episode's turns are several rollouts, and its acceptance rate covers them all."""
+    """One guide per step: an episode's turns are several rollouts; its acceptance rate covers them all."""
     student, teacher = models
     guide = _guide(teacher, 6)
     first = _generate(student, tokenizer, _prompts(tokenizer), STUDENT_SEED, guide)

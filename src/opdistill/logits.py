@@ -66,6 +66,12 @@ class CompletionLogits:
         kept = None if self._kept is None else self._kept[rows]
         return CompletionLogits(self.model, self.rollout and self.rollout.select(rows), kept)
 
+    @staticmethod
+    def routed(parts: list[tuple[torch.Tensor, CompletionLogits]], rows: int) -> RoutedLogits:
+        """One batch's logits from several models' over some of its rows each: ``(index_B, logits)`` pairs
+        that cover each of the ``rows`` rows once (the teachers of a routed batch)."""
+        return RoutedLogits(parts, rows)
+
     @property
     def shape(self) -> tuple[int, int]:
         B, T = (self._kept if self._kept is not None else self._rollout().tokens_BT).shape[:2]
@@ -126,6 +132,54 @@ class CompletionLogits:
             return
         for positions in _spans(T, max(1, chunk_tokens // (rows.stop - rows.start))):
             yield rows, positions, self._kept[rows, positions]
+
+
+class RoutedLogits(CompletionLogits):
+    """A batch's completion logits made by several models, each over its own rows (``routed``):
+    narrowed, whole or in chunks of whole rows like ``CompletionLogits``, each row's logits made by its
+    own model when asked — never more rows at once than the request covers."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, CompletionLogits]], rows: int):
+        super().__init__(None, None)
+        self.parts, self.rows = parts, rows
+
+    def __getitem__(self, rows: slice | torch.Tensor) -> RoutedLogits:
+        wanted_N = torch.arange(self.rows)[rows]
+        place_B = torch.full((self.rows,), -1, dtype=torch.long)
+        place_B[wanted_N] = torch.arange(len(wanted_N))
+        parts = []
+        for index_B, logits in self.parts:
+            place_b = place_B[index_B.cpu()]
+            chosen_b = place_b >= 0
+            if chosen_b.any():
+                parts.append((place_b[chosen_b], logits[chosen_b.nonzero().squeeze(-1)]))
+        return RoutedLogits(parts, len(wanted_N))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.parts[0][1].shape[1]
+
+    def chunks_by_position(self) -> bool:
+        return False
+
+    def tensor(self) -> torch.Tensor:
+        if self._kept is None:
+            made = [(index_B, logits.tensor()) for index_B, logits in self.parts]
+            first = made[0][1]
+            self._kept = first.new_zeros(self.rows, *first.shape[1:])
+            for index_B, logits_bTV in made:
+                self._kept[index_B.to(first.device)] = logits_bTV
+        return self._kept
+
+    @torch.no_grad()
+    def chunks(
+        self, chunk_tokens: int = CHUNK_TOKENS, by_position: bool = True
+    ) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+        B, T = self.shape
+        rows_per = max(1, chunk_tokens // max(T, 1))
+        for first in range(0, B, rows_per):
+            rows = slice(first, min(first + rows_per, B))
+            yield rows, slice(0, T), self[rows].tensor()
 
 
 def _spans(length: int, size: int) -> list[slice]:

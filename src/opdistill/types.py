@@ -120,9 +120,10 @@ class TeacherSignal:
         for name, value in vars(parts[0][1]).items():
             if isinstance(value, torch.Tensor):
                 fields[name] = torch.cat([getattr(signal, name) for _, signal in parts])[order_B]
-            elif value is not None:  # full logits, small enough to keep whole (several local teachers)
-                whole_BTV = torch.cat([getattr(signal, name).tensor() for _, signal in parts])[order_B]
-                fields[name] = type(value).of(whole_BTV)
+            elif value is not None:  # full logits: each row's made by its own teacher, when asked
+                fields[name] = type(value).routed(
+                    [(index, getattr(signal, name)) for index, signal in parts], rows
+                )
         return TeacherSignal(**fields)
 
 
