@@ -152,10 +152,15 @@ def alarms(record: dict, state: AlarmState, evaluated: bool) -> list[str]:
         history = state.truncation_history
         history[:] = [*history, record["truncation_rate"]][-TRUNCATION_STEPS:]
         if len(history) == TRUNCATION_STEPS and min(history) >= 0.5:
+            cap = (
+                "ran out of env.max_turns or max_tokens"
+                if "turns" in record
+                else "hit rollout.max_new_tokens"
+            )
             trip(
                 "truncation_collapse",
-                f"at least half the responses hit rollout.max_new_tokens for {TRUNCATION_STEPS} steps in a "
-                "row (StableOPD's truncation-repetition inflation).",
+                f"at least half the responses {cap} for {TRUNCATION_STEPS} steps in a row (StableOPD's "
+                "truncation-repetition inflation; in episodes, a student that does not finish in time).",
             )
     if "teacher_kl" in record:
         window = state.kl_since_eval
