@@ -123,3 +123,10 @@ def test_kl_agreement_trap_alarm():
     assert _run(
         [_record(1, kl_trap_rate=0.1), _record(2, kl_trap_rate=0.3), _record(3, kl_trap_rate=0.5)]
     ) == ["kl_agreement_trap"]
+
+
+def test_the_truncation_alarm_names_the_budget_an_episode_ran_out_of():
+    state = monitor.AlarmState()
+    records = [_record(step, truncation_rate=0.9, turns=7.0) for step in (1, 2, 3)]
+    messages = [m for r in records for m in monitor.alarms(r, state, evaluated=False)]
+    assert len(messages) == 1 and "env.max_turns" in messages[0] and "max_new_tokens" not in messages[0]

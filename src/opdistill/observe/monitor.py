@@ -152,15 +152,20 @@ def alarms(record: dict, state: AlarmState, evaluated: bool) -> list[str]:
         history = state.truncation_history
         history[:] = [*history, record["truncation_rate"]][-TRUNCATION_STEPS:]
         if len(history) == TRUNCATION_STEPS and min(history) >= 0.5:
-            cap = (
-                "ran out of env.max_turns or max_tokens"
-                if "turns" in record
-                else "hit rollout.max_new_tokens"
+            episodes = "turns" in record  # an episode is truncated when it runs out of turns or tokens
+            what = (
+                "episodes ran out of env.max_turns or env.max_tokens"
+                if episodes
+                else "responses hit rollout.max_new_tokens"
+            )
+            why = (
+                "the student does not finish in time"
+                if episodes
+                else "StableOPD's truncation-repetition inflation"
             )
             trip(
                 "truncation_collapse",
-                f"at least half the responses {cap} for {TRUNCATION_STEPS} steps in a row (StableOPD's "
-                "truncation-repetition inflation; in episodes, a student that does not finish in time).",
+                f"at least half the {what} for {TRUNCATION_STEPS} steps in a row ({why}).",
             )
     if "teacher_kl" in record:
         window = state.kl_since_eval
