@@ -130,11 +130,7 @@ def play(
         logps = rollout.sampler_logp_BT.tolist()
         for episode, ids, row in zip(open_, rollout.completion_ids(), logps, strict=True):
             ids = ids[: max(0, max_tokens - len(episode.ids))]
-            episode.starts.append(len(episode.ids))
-            episode.ids += ids
-            episode.mine += [True] * len(ids)
-            episode.logps += row[: len(ids)]
-            episode.turns += 1
+            _take_turn(episode, ids, row[: len(ids)])
             if not ids or ids[-1] not in ends:  # the turn hit its token budget
                 episode.truncated = True
                 continue
@@ -161,6 +157,14 @@ def _answer(tokenizer, episode: Episode, turn: str) -> list[int]:
     return observed
 
 
+def _take_turn(episode: Episode, ids: list[int], logps: list[float]) -> None:
+    episode.starts.append(len(episode.ids))
+    episode.ids += ids
+    episode.mine += [True] * len(ids)
+    episode.logps += logps
+    episode.turns += 1
+
+
 def _observe(episode: Episode, observed: list[int]) -> None:
     episode.ids += observed
     episode.mine += [False] * len(observed)
@@ -175,11 +179,7 @@ def demonstrated(tokenizer, episodes: list[Episode], turns: Sequence[Sequence[st
             if episode.over:
                 break
             ids = encode_completion(tokenizer, text, episode.messages)
-            episode.starts.append(len(episode.ids))
-            episode.ids += ids
-            episode.mine += [True] * len(ids)
-            episode.logps += [0.0] * len(ids)
-            episode.turns += 1
+            _take_turn(episode, ids, [0.0] * len(ids))
             _observe(episode, _answer(tokenizer, episode, text))
     return episodes
 
