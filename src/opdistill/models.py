@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -58,6 +58,28 @@ def char_tokenizer(texts: Iterable[str], size: int = 0) -> PreTrainedTokenizerFa
     vocab.update({f"<unused_{i}>": i for i in range(len(vocab), size)})
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # newlines too
+    return _wrapped(backend)
+
+
+def bpe_tokenizer(texts: Iterable[str], merges: int) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer learnt on ``texts``: the special tokens, every character, and ``merges`` merged
+    tokens (the most frequent pairs, across symbols too: "12", "+3", "=1"), with ``char_tokenizer``'s chat
+    template — the same text as a character model's, in other tokens."""
+    texts = list(texts)
+    chars = sorted(set("".join(texts)))
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(SPECIAL_TOKENS) + len(chars) + merges,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=chars,
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    return _wrapped(backend)
+
+
+def _wrapped(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """A tokenizers backend as a left-padding HF tokenizer with ``SPECIAL_TOKENS`` and the chat template."""
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -131,10 +153,10 @@ def load_tokenizer(path: str | Path):
 
 
 def load_model(spec: ModelSpec, corpus: Iterable[str] = (), seed: int = 0):
-    """(model, tokenizer) from ``spec.path``, or a fresh tiny model with a character tokenizer over
-    ``corpus``."""
+    """(model, tokenizer) from ``spec.path``, or a fresh tiny model with the tokenizer of ``spec.tokenizer``
+    (a tokenizer directory) or a character tokenizer over ``corpus``."""
     if not spec.path:
-        tokenizer = char_tokenizer(corpus)
+        tokenizer = load_tokenizer(spec.tokenizer) if spec.tokenizer else char_tokenizer(corpus)
         return tiny_model(spec, tokenizer, seed), tokenizer
     path = Path(spec.path)
     if not (path / "config.json").is_file():
@@ -357,21 +379,3 @@ def tokenizer_fingerprint(tokenizer) -> str:
         }
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def check_same_tokenizer(student_tok, teacher_tok) -> None:
-    """Teacher and student must map text to the same ids; say how they differ when they do not."""
-    if tokenizer_fingerprint(student_tok) == tokenizer_fingerprint(teacher_tok):
-        return
-    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
-    only_s = sorted(set(s_vocab) - set(t_vocab))[:3]
-    only_t = sorted(set(t_vocab) - set(s_vocab))[:3]
-    detail = f"vocab sizes {len(s_vocab)} vs {len(t_vocab)}"
-    if only_s or only_t:
-        detail += f"; student-only tokens {only_s}, teacher-only tokens {only_t}"
-    else:
-        detail += "; same tokens but different ids or special tokens"
-    raise UserError(
-        f"teacher and student tokenizers differ ({detail}); on-policy distillation here needs one shared "
-        "tokenizer."
-    )

@@ -92,6 +92,26 @@ class SignalRequest:
 
 
 @dataclass
+class Spans:
+    """How a teacher with another tokenizer lines up with the student's tokens (teachers/cross.py, math.md
+    §18): runs of student positions that cover the same text as a run of the teacher's tokens."""
+
+    span_BT: torch.Tensor  # int64, each completion position's span, counted from 0 along the row (-1 on pad)
+    start_BT: torch.Tensor  # bool, the span's first position: the teacher scored the same text prefix there
+    one_to_one_BT: torch.Tensor  # bool, a span of one token on each side, the same token text on both
+    vocab_ids_S: torch.Tensor | None = None  # student ids of the shared vocabulary, the order of L2's columns
+    align_s: float = 0.0  # seconds spent re-tokenizing, aligning and moving the scores
+
+    def __getitem__(self, rows: slice | torch.Tensor) -> Spans:
+        return dataclasses.replace(
+            self,
+            span_BT=self.span_BT[rows],
+            start_BT=self.start_BT[rows],
+            one_to_one_BT=self.one_to_one_BT[rows],
+        )
+
+
+@dataclass
 class TeacherSignal:
     """What the teacher sends back: L0 always, the other levels only when asked (math.md §1.3)."""
 
@@ -103,6 +123,9 @@ class TeacherSignal:
     # L2: the teacher's full logits, made when asked: a chunk at a time for the step, whole per micro-batch
     full_logits: CompletionLogits | None = None
     entropy_BT: torch.Tensor | None = None  # exact teacher entropy in nats
+    # a teacher with another tokenizer (math.md §18): L0 is each span's log-prob, at its last position; its
+    # state-level scores (L1, entropy) sit at span starts and L2 at one-to-one spans, over vocab_ids_S
+    spans: Spans | None = None
 
     def select(self, rows: slice | torch.Tensor) -> TeacherSignal:
         return dataclasses.replace(

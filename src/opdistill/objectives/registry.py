@@ -274,7 +274,8 @@ def objective_loss(config: Config, logits_BTV: torch.Tensor, batch: StepBatch) -
         return record.loss(inputs), metrics
     assert signal is not None
     # teacher_kl (the sampled reverse-KL estimate), mean |log-ratio|, share of negative-reward tokens
-    metrics.update(diagnostics.log_ratio_stats(logp_BT - signal.token_logp_BT, mask_BT))
+    student_BT = objective.in_teacher_units(logp_BT, signal)
+    metrics.update(diagnostics.log_ratio_stats(student_BT - signal.token_logp_BT, mask_BT))
     loss_BT = record.loss(inputs)
     if config.weighting.eopd_coef:  # EOPD: forward KL on the teacher's top-K where the teacher is uncertain
         assert signal.entropy_BT is not None and signal.topk_ids_BTK is not None

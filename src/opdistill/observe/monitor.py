@@ -34,7 +34,8 @@ def diagnose(config: Config, student, tokenizer, batch: StepBatch) -> dict[str, 
     per-position sampled reverse KL (by decile of length, and by token position in math.md §13.3's bins),
     exact reverse KL, overlap and teacher rank, the 3-gram repetition rate and StableOPD's zlib repetition
     rate of the decoded responses, on ``batch``'s rollouts. Entropies of the teacher are at the student's
-    states."""
+    states. Under a teacher with another tokenizer (math.md §18) the state-level statistics are taken where
+    both have read the same text (span starts) and the log-ratios per aligned span, at its last position."""
     rollout, signal = batch.rollout, batch.signal
     assert signal is not None and signal.topk_ids_BTK is not None and signal.topk_logp_BTK is not None
     assert signal.entropy_BT is not None
@@ -54,32 +55,39 @@ def diagnose(config: Config, student, tokenizer, batch: StepBatch) -> dict[str, 
         return out
 
     chunk_tokens = config.train.chunk_tokens
-    if signal.full_logits is not None:
+    spans = signal.spans
+    if signal.full_logits is not None and spans is None:
         chunks = paired_chunks(student_logits, signal.full_logits, chunk_tokens)
     else:
         chunks = student_logits.chunks(chunk_tokens)
     stats = reduce_chunks(chunks, student_logits.shape, reduce)
     student_ids_BTK, student_topk_BTK, student_entropy_BT = stats["ids"], stats["topk"], stats["entropy"]
-    log_ratio_BT = stats["logp"] - signal.token_logp_BT
+    state_BT, ratio_BT, student_BT = mask_BT, mask_BT, stats["logp"]
+    if spans is not None:
+        state_BT, ratio_BT = spans.start_BT, mask_BT & losses.span_ends(spans.span_BT)
+        student_BT = losses.span_sums(student_BT, spans.span_BT)
+    log_ratio_BT = student_BT - signal.token_logp_BT
     overlap_BT = diagnostics.topk_overlap(student_ids_BTK, signal.topk_ids_BTK)
     rank_BT = diagnostics.teacher_rank(signal.topk_ids_BTK, rollout.tokens_BT)
     out: dict[str, float | list[float | None]] = {
         **diagnostics.overlap_stats(
-            student_ids_BTK, student_topk_BTK, signal.topk_ids_BTK, signal.topk_logp_BTK, mask_BT
+            student_ids_BTK, student_topk_BTK, signal.topk_ids_BTK, signal.topk_logp_BTK, state_BT
         ),
-        **diagnostics.abs_log_ratio_quantiles(log_ratio_BT, mask_BT),
-        "teacher_entropy": losses.masked_mean(signal.entropy_BT, mask_BT),
-        "entropy_gap": diagnostics.entropy_gap(student_entropy_BT, signal.entropy_BT, mask_BT),
-        "student_high_entropy_rate": diagnostics.high_entropy_rate(student_entropy_BT, mask_BT),
-        "teacher_high_entropy_rate": diagnostics.high_entropy_rate(signal.entropy_BT, mask_BT),
+        **diagnostics.abs_log_ratio_quantiles(log_ratio_BT, ratio_BT),
+        "teacher_entropy": losses.masked_mean(signal.entropy_BT, state_BT),
+        "entropy_gap": diagnostics.entropy_gap(student_entropy_BT, signal.entropy_BT, state_BT),
+        "student_high_entropy_rate": diagnostics.high_entropy_rate(student_entropy_BT, state_BT),
+        "teacher_high_entropy_rate": diagnostics.high_entropy_rate(signal.entropy_BT, state_BT),
         "repeated_token_rate": diagnostics.repeated_token_rate(rollout.tokens_BT, mask_BT),
         "repetition_rate": diagnostics.repetition_rate(
             decode_completions(tokenizer, rollout.tokens_BT, rollout.loss_mask_BT)
         ),
-        "kl_by_token_position": diagnostics.position_buckets(log_ratio_BT, mask_BT, TOKEN_BINS),
-        "kl_by_position": diagnostics.relative_buckets(log_ratio_BT, mask_BT, POSITION_BUCKETS),
-        "overlap_by_position": diagnostics.relative_buckets(overlap_BT, mask_BT, POSITION_BUCKETS),
-        "teacher_rank_by_position": diagnostics.relative_buckets(rank_BT.double(), mask_BT, POSITION_BUCKETS),
+        "kl_by_token_position": diagnostics.position_buckets(log_ratio_BT, ratio_BT, TOKEN_BINS),
+        "kl_by_position": diagnostics.relative_buckets(log_ratio_BT, ratio_BT, POSITION_BUCKETS),
+        "overlap_by_position": diagnostics.relative_buckets(overlap_BT, state_BT, POSITION_BUCKETS),
+        "teacher_rank_by_position": diagnostics.relative_buckets(
+            rank_BT.double(), state_BT, POSITION_BUCKETS
+        ),
     }
     # KAT's rule, as a diagnostic: where the rollouts are long enough to trap
     kat = config.weighting

@@ -14,8 +14,9 @@ import torch
 from opdistill.config import Config, ModelSpec
 from opdistill.errors import UserError
 from opdistill.logits import CHUNK_TOKENS
-from opdistill.models import check_same_tokenizer, load_model
+from opdistill.models import load_model, load_tokenizer, tokenizer_fingerprint
 from opdistill.objectives.registry import OBJECTIVES
+from opdistill.teachers.cross import CrossTokenizerTeacher, check_config
 from opdistill.teachers.local import LocalTeacher
 from opdistill.teachers.remote import RemoteTeacher
 from opdistill.types import Rollout, SignalRequest, TeacherSignal
@@ -35,13 +36,15 @@ def make_teacher(
     chunk_tokens: int = CHUNK_TOKENS,
 ) -> Teacher:
     """The teacher ``spec`` names: a ``RemoteTeacher`` when ``spec.url`` is set, else a ``LocalTeacher`` over
-    ``spec.path`` on ``device`` whose tokenizer must equal the student's. A remote teacher is checked against
-    ``requests`` (e.g. the objective's and the diagnostics' requests) now, so an impossible run fails before
-    step 1."""
+    ``spec.path`` on ``device``. A teacher whose tokenizer is not the student's (a local one's own, or a
+    remote one's ``spec.tokenizer``) scores through a ``CrossTokenizerTeacher`` (cross.py). A remote teacher
+    is checked against ``requests`` (e.g. the objective's and the diagnostics' requests) now, so an
+    impossible run fails before step 1."""
     if spec.url:
+        tokenizer = load_tokenizer(spec.tokenizer) if spec.tokenizer else student_tokenizer
         teacher = RemoteTeacher(
             spec.url,
-            student_tokenizer,
+            tokenizer,
             api=spec.api,
             served_model=spec.served_model,
             timeout_s=spec.timeout_s,
@@ -49,15 +52,17 @@ def make_teacher(
         )
         for request in requests:
             teacher.require(request)
-        return teacher
-    if not spec.path:
+    elif not spec.path:
         raise UserError(
             "this run needs a trained teacher: set teacher.path to its model directory or teacher.url to a "
             "teacher server."
         )
-    model, tokenizer = load_model(spec)
-    check_same_tokenizer(student_tokenizer, tokenizer)
-    return LocalTeacher(cast(torch.nn.Module, model).to(device), chunk_tokens=chunk_tokens)
+    else:
+        model, tokenizer = load_model(spec)
+        teacher = LocalTeacher(cast(torch.nn.Module, model).to(device), chunk_tokens=chunk_tokens)
+    if tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(student_tokenizer):
+        return teacher
+    return CrossTokenizerTeacher(teacher, student_tokenizer, tokenizer, chunk_tokens)
 
 
 def run_teachers(
@@ -93,6 +98,8 @@ def run_teachers(
             )
             for tag, spec in specs.items()
         }
+    if any(isinstance(teacher, CrossTokenizerTeacher) for teacher in teachers.values()):
+        check_config(config)
     widest, vocab = max(config.teacher_request.topk, config.objective.student_topk), len(tokenizer)
     if teachers and widest > vocab:
         raise UserError(

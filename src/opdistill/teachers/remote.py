@@ -81,7 +81,8 @@ class RemoteTeacher:
             if ours != theirs:
                 raise UserError(
                     f"the teacher at {self.url} has tokenizer fingerprint {theirs} and the student {ours}: "
-                    "teacher and student must share one tokenizer (same vocabulary and special tokens)."
+                    "for a teacher with another tokenizer, set teacher.tokenizer to the directory of the "
+                    "tokenizer it serves (the cross-tokenizer path, docs/cross_tokenizer.md)."
                 )
             self.vocab_size = int(info["vocab_size"])
             self.max_tokens = int(info["max_tokens_per_request"])

@@ -47,6 +47,7 @@ from opdistill.sampling.rollout import sample_prompts
 from opdistill.sampling.speculative import SpeculativeGuide
 from opdistill.sampling.vllm_engine import VllmEngine
 from opdistill.teachers.base import Teacher
+from opdistill.teachers.cross import CrossTokenizerTeacher
 from opdistill.training.distributed import ONE_PROCESS, World
 from opdistill.types import Cost, Rollout, SignalRequest, StepBatch, TeacherSignal
 
@@ -405,15 +406,20 @@ def score(
     rollout: Rollout,
     request: SignalRequest | None = None,
     teacher_view: Rollout | None = None,
+    rows: Sequence[Example] = (),
 ) -> TeacherSignal:
     """The teacher's signal for ``rollout`` (``request``, by default the objective's), scored on
     ``teacher_view`` when given (the same completions after other prompts: OPSD); for L1s it scores the
     student's own top-K ids at each visited state (one student forward without gradient, on the student's
-    prompts, a chunk of logits at a time)."""
+    prompts, a chunk of logits at a time). A teacher with another tokenizer renders ``rows`` (each sequence's
+    example) its own way."""
+    request = request or config.teacher_request
+    if isinstance(teacher, CrossTokenizerTeacher):
+        return teacher.score(rollout, request, rows=rows)
     k, ids_BTK = config.objective.student_topk, None
     if k:
         ids_BTK = topk_ids(student, rollout, k, config.train.chunk_tokens)
-    return teacher.score(teacher_view or rollout, request or config.teacher_request, ids_BTK)
+    return teacher.score(teacher_view or rollout, request, ids_BTK)
 
 
 class Scorer:
@@ -441,7 +447,8 @@ class Scorer:
                 self.config, self.student, self.teachers[""], rollout, request, self.view(rollout, rows)
             ), {}
         if len(self.teachers) == 1:
-            return score(self.config, self.student, self.teachers[""], rollout, request), {}
+            signal = score(self.config, self.student, self.teachers[""], rollout, request, rows=rows)
+            return signal, alignment_metrics(signal, rollout)
         parts, metrics = [], {}
         for tag in sorted(set(tags)):
             index_B = torch.tensor(
@@ -475,6 +482,20 @@ class Scorer:
         return dataclasses.replace(
             rollout, prompt_ids_BP=ids_BP.to(device), prompt_mask_BP=mask_BP.to(device)
         )
+
+
+def alignment_metrics(signal: TeacherSignal, rollout: Rollout) -> dict[str, float]:
+    """How a teacher with another tokenizer lined up with the student (none for one tokenizer): student
+    tokens per aligned span, the share of one-to-one spans, and the alignment's seconds."""
+    if signal.spans is None:
+        return {}
+    mask_BT, spans = rollout.loss_mask_BT, signal.spans
+    count = max(float(spans.start_BT.sum()), 1.0)
+    return {
+        "align_tokens_per_span": float(mask_BT.sum()) / count,
+        "align_one_to_one": float(spans.one_to_one_BT.sum()) / count,
+        "time_align_s": spans.align_s,
+    }
 
 
 def teacher_pool(
