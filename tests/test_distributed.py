@@ -18,7 +18,8 @@ import yaml
 from safetensors.torch import load_file
 
 from opdistill.config import ModelSpec, load_config
-from opdistill.models import load_model
+from opdistill.data.tasks import corpus_text, load_task
+from opdistill.models import bpe_tokenizer, load_model, save_model, tiny_model
 from opdistill.teachers.server import ScoringServer
 from opdistill.training import loop
 
@@ -152,3 +153,27 @@ def test_ddp_plays_episodes_on_every_rank(runs, tmp_path):
         scored = record["teacher_scored_tokens"] - previous["teacher_scored_tokens"]
         assert record["loss_tokens"] == sampled < scored
         previous = record
+
+
+def test_two_ranks_distil_across_tokenizers_as_one_process(runs, tmp_path):
+    """A teacher with another tokenizer (a BPE over the task's text) under torchrun: each rank re-tokenizes
+    and aligns its own rows, and the two ranks train the same student as one process."""
+    tokenizer = bpe_tokenizer(corpus_text(load_task(task="addition", seed=0), 500), merges=40)
+    teacher = tmp_path / "bpe_teacher"
+    save_model(tiny_model(ModelSpec(preset="d16l1"), tokenizer, seed=1), tokenizer, teacher)
+    overrides = [
+        f"teacher.path={teacher}",
+        "objective.type=sampled_rkl",
+        "rollout.max_new_tokens=12",
+        "train.steps=2",
+        "train.save_every=0",
+        "train.diagnostics_every=0",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    loop.run(load_config(runs["config"], [*overrides, f"train.out_dir={one}"]), show_progress=False)
+    _torchrun(runs["config"], *overrides, f"train.out_dir={two}")
+    records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["align_tokens_per_span"] > 1.0 for r in records)
+    single, double = _weights(one), _weights(two)
+    for name in single:
+        torch.testing.assert_close(double[name], single[name], atol=2e-5, rtol=1e-4, msg=name)

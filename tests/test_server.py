@@ -27,6 +27,7 @@ from opdistill.data.rendering import encode_completion
 from opdistill.errors import UserError
 from opdistill.models import char_tokenizer, load_model, load_tokenizer, tiny_model
 from opdistill.teachers.base import make_teacher
+from opdistill.teachers.cross import CrossTokenizerTeacher
 from opdistill.teachers.local import LocalTeacher
 from opdistill.teachers.remote import (
     RemoteTeacher,
@@ -162,7 +163,7 @@ def test_remote_teacher_refuses_full_logits_and_foreign_tokenizers(server, token
     with pytest.raises(UserError, match="full logits"):
         make_teacher(ModelSpec(url=server.url), tokenizer, requests=[SignalRequest(full=True)])
     other = char_tokenizer(["abc"])
-    with pytest.raises(UserError, match="fingerprint .* and the student .*must share one tokenizer") as err:
+    with pytest.raises(UserError, match="fingerprint .* and the student .*set teacher.tokenizer") as err:
         RemoteTeacher(server.url, other)
     assert server.info["tokenizer_fingerprint"] in str(err.value)
 
@@ -171,7 +172,10 @@ def test_make_teacher_picks_the_backend(server, tokenizer):
     assert isinstance(make_teacher(ModelSpec(url=server.url), tokenizer), RemoteTeacher)
     asset_tokenizer = load_tokenizer(TEACHER_DIR)
     assert isinstance(make_teacher(ModelSpec(path=TEACHER_DIR), asset_tokenizer), LocalTeacher)
-    with pytest.raises(UserError, match="tokenizers differ"):
+    assert isinstance(
+        make_teacher(ModelSpec(path=TEACHER_DIR), char_tokenizer(["1+2=3"])), CrossTokenizerTeacher
+    )
+    with pytest.raises(UserError, match="cannot write 3 of the student's tokens"):
         make_teacher(ModelSpec(path=TEACHER_DIR), char_tokenizer(["abc"]))
     with pytest.raises(UserError, match="teacher.path .* or teacher.url"):
         make_teacher(ModelSpec(), tokenizer)

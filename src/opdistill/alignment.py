@@ -77,3 +77,13 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[list[int], 
     pairs[ends[0]] = ends[1]
     ids = sorted(pairs)
     return ids, [pairs[i] for i in ids]
+
+
+def unwritable(student_tokenizer, teacher_tokenizer) -> list[str]:
+    """The texts of the student's tokens that the teacher's tokenizer can only write as its unknown token."""
+    unknown = teacher_tokenizer.unk_token_id
+    if unknown is None:
+        return []
+    texts = [text for special, text in token_keys(student_tokenizer) if text and not special]
+    encoded = teacher_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [text for text, ids in zip(texts, encoded, strict=True) if unknown in ids]

@@ -30,9 +30,7 @@ class ModelSpec:
     served_model: str = ""  # api=vllm: model name sent to vLLM (empty = the one model it serves)
     timeout_s: float = 60.0  # remote teacher: seconds per HTTP request before it is retried
     retries: int = 5  # remote teacher: retries after a failed request (backoff 0.5 s, doubling)
-    tokenizer: str = (
-        ""  # tokenizer directory: a fresh model's (else characters), a remote teacher's if not the student's
-    )
+    tokenizer: str = ""  # tokenizer dir: a fresh model's (else characters); a remote teacher's, if not ours
 
     def __post_init__(self):
         if not self.path and not parse_preset(self.preset):

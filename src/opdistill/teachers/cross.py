@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from opdistill.alignment import align, shared_vocabulary, token_ends
+from opdistill.alignment import align, shared_vocabulary, token_ends, unwritable
 from opdistill.config import Config, WeightingConfig
 from opdistill.data.examples import Example, rollout_of
 from opdistill.data.rendering import encode_prompts, end_ids
@@ -41,9 +41,18 @@ class RowSpans:
 
 class CrossTokenizerTeacher:
     """``inner`` (a teacher over ``teacher_tokenizer``'s ids) scoring the rollouts of a student with
-    ``student_tokenizer``. It needs each row's example, for the teacher's own rendering of the prompt."""
+    ``student_tokenizer``. It needs each row's example, for the teacher's own rendering of the prompt. A
+    teacher whose tokenizer cannot write some student token's text (it would read it as its unknown token)
+    is refused."""
 
     def __init__(self, inner, student_tokenizer, teacher_tokenizer, chunk_tokens: int):
+        missing = unwritable(student_tokenizer, teacher_tokenizer)
+        if missing:
+            raise UserError(
+                f"the teacher's tokenizer differs from the student's and cannot write {len(missing)} of the "
+                f"student's tokens (e.g. {missing[:3]}): it would read them as its unknown token. Use a "
+                "teacher whose tokenizer covers the student's text."
+            )
         self.inner, self.chunk_tokens = inner, chunk_tokens
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
         self.student_ends, self.teacher_end = end_ids(student_tokenizer), end_ids(teacher_tokenizer)[0]
