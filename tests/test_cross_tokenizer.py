@@ -5,6 +5,7 @@ remote teacher, diagnostics) with tokenizers built in-process, and a real pair: 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
-from opdistill.alignment import align, shared_vocabulary, token_ends
+from opdistill.alignment import align, prefix_projection, shared_vocabulary, token_ends
 from opdistill.config import ModelSpec, load_config
 from opdistill.data.examples import Example, rollout_of
 from opdistill.data.rendering import encode_completion, encode_prompts
 from opdistill.data.tasks import corpus_text, load_task
 from opdistill.errors import UserError
+from opdistill.logits import CompletionLogits
 from opdistill.models import CHAR_CHAT_TEMPLATE, bpe_tokenizer, load_tokenizer, save_model, tiny_model
 from opdistill.objectives.registry import objective_loss
 from opdistill.teachers.base import make_teacher
@@ -31,9 +33,9 @@ SPECIALS = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
 
 
 def merged(*merges: tuple[str, str]) -> PreTrainedTokenizerFast:
-    """A BPE tokenizer over "0-9 + =" whose only merges are ``merges``."""
+    """A BPE tokenizer over "0-9 + = , >" whose only merges are ``merges``."""
     vocab = dict(SPECIALS)
-    for token in [*"0123456789+=", *(a + b for a, b in merges)]:
+    for token in [*"0123456789+=,>", *(a + b for a, b in merges)]:
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
@@ -124,16 +126,19 @@ def _problem_rollout(tokenizer, n: int = 6):
     return rollout, rows
 
 
-@pytest.mark.parametrize("objective", ["sampled_rkl", "full_rkl", "jsd"])
+@pytest.mark.parametrize(
+    "objective,vocabulary",
+    [("sampled_rkl", "prefix"), ("full_rkl", "prefix"), ("full_rkl", "shared"), ("jsd", "prefix")],
+)
 def test_one_tokenizer_through_the_cross_path_gives_the_same_loss_and_gradient(
-    tokenizer, make_model, objective
+    tokenizer, make_model, objective, vocabulary
 ):
     config = load_config(None, [f"objective.type={objective}", "objective.jsd_beta=0.3"])
     student, teacher = make_model(seed=0), make_model(seed=1)
     rollout, rows = _problem_rollout(tokenizer)
     request = config.teacher_request
     same = LocalTeacher(teacher).score(rollout, request)
-    cross = CrossTokenizerTeacher(LocalTeacher(teacher), tokenizer, tokenizer, 64).score(
+    cross = CrossTokenizerTeacher(LocalTeacher(teacher), tokenizer, tokenizer, 64, vocabulary).score(
         rollout, request, rows=rows
     )
     assert cross.spans is not None and bool((cross.spans.one_to_one_BT == rollout.loss_mask_BT).all())
@@ -254,7 +259,10 @@ def test_a_real_pair_smollm2_and_gemma3_align_on_real_text(smollm2, gemma_tokeni
     mine = student(REAL_TEXT, add_special_tokens=False)["input_ids"]
     theirs = teacher(REAL_TEXT, add_special_tokens=False)["input_ids"]
     assert mine != theirs
-    mine_ends, their_ends = token_ends(student, mine, REAL_TEXT), token_ends(teacher, theirs, REAL_TEXT)
+    [mine_ends], [their_ends] = (
+        token_ends(student, [mine], [REAL_TEXT]),
+        token_ends(teacher, [theirs], [REAL_TEXT]),
+    )
     assert None in mine_ends  # byte-level BPE cuts the CJK characters inside a character
     mine_span, their_span = align(mine_ends, their_ends, len(REAL_TEXT))
     assert mine_span[-1] == their_span[-1] and len(set(mine_span)) > 0.6 * len(mine)
@@ -271,3 +279,29 @@ def test_a_real_pair_smollm2_and_gemma3_align_on_real_text(smollm2, gemma_tokeni
     shared_student, shared_teacher = shared_vocabulary(student, teacher)
     assert 40_000 < len(shared_student) < 49_152
     assert student.decode(shared_student[1000:1010]) == teacher.decode(shared_teacher[1000:1010])
+
+
+def test_the_prefix_projection_gives_a_character_student_the_teachers_next_character_marginal(tokenizer):
+    teacher = merged(("1", "2"), ("+", "5"), ("12", "3"))
+    projection = prefix_projection(tokenizer, teacher)
+    name = tokenizer.convert_ids_to_tokens
+    assert {
+        t: name(projection[teacher.convert_tokens_to_ids(t)]) for t in ("12", "+5", "123", "7", "<eos>")
+    } == {
+        "12": "1",
+        "+5": "+",
+        "123": "1",
+        "7": "7",
+        "<eos>": "<eos>",
+    }
+    logits_11V = torch.randn(1, 1, len(teacher))
+    cross = CrossTokenizerTeacher(None, tokenizer, teacher, 64, "prefix")
+    projected_11W, _ = cross.student_vocabulary_logits(CompletionLogits.of(logits_11V))
+    p_V = logits_11V[0, 0].softmax(-1)
+    first = {i: teacher.convert_ids_to_tokens(i)[0] for i in range(len(teacher))}
+    for char in "1+7":
+        marginal = sum(float(p_V[i]) for i, c in first.items() if c == char and i >= len(SPECIALS))
+        assert math.isclose(
+            float(projected_11W[0, 0, tokenizer.convert_tokens_to_ids(char)].exp()), marginal, rel_tol=1e-5
+        )
+    assert math.isclose(float(projected_11W[0, 0].exp().sum()), 1.0, rel_tol=1e-4)

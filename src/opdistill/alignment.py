@@ -14,18 +14,31 @@ from collections.abc import Sequence
 from opdistill.data.rendering import end_ids
 
 
-def token_ends(tokenizer, ids: Sequence[int], text: str) -> list[int | None]:
-    """Where in ``text`` each of ``ids`` ends (a character offset), or None where its decoded prefix is not
-    a prefix of ``text``; the last token ends at ``len(text)`` (the ids encode the whole text)."""
-    prefixes = tokenizer.batch_decode(
-        [list(ids[: k + 1]) for k in range(len(ids))],
-        skip_special_tokens=True,
-        clean_up_tokenization_spaces=False,
-    )
-    ends: list[int | None] = [len(p) if text.startswith(p) else None for p in prefixes]
-    if ends:
-        ends[-1] = len(text)
-    return ends
+def decode(tokenizer, rows: Sequence[Sequence[int]]) -> list[str]:
+    """Each row of ids as text, special tokens left out, spaces as they are: by the fast tokenizer's own
+    backend when it has one (HF's ``batch_decode`` spends most of its time checking its arguments)."""
+    rows = [list(row) for row in rows]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode_batch(rows, skip_special_tokens=True)
+    return tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def token_ends(tokenizer, rows: Sequence[Sequence[int]], texts: Sequence[str]) -> list[list[int | None]]:
+    """For each row of ids and the text it encodes: where in the text each token ends (a character offset),
+    or None where its decoded prefix is not a prefix of the text; a row's last token ends at the text's end.
+    Every prefix of every row is decoded in one call."""
+    prefixes = iter(decode(tokenizer, [row[: k + 1] for row in rows for k in range(len(row))]))
+    out = []
+    for row, text in zip(rows, texts, strict=True):
+        ends: list[int | None] = []
+        for _ in row:
+            prefix = next(prefixes)
+            ends.append(len(prefix) if text.startswith(prefix) else None)
+        if ends:
+            ends[-1] = len(text)
+        out.append(ends)
+    return out
 
 
 def span_index(ends: Sequence[int | None], boundaries: set[int]) -> list[int]:
@@ -87,3 +100,23 @@ def unwritable(student_tokenizer, teacher_tokenizer) -> list[str]:
     texts = [text for special, text in token_keys(student_tokenizer) if text and not special]
     encoded = teacher_tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [text for text, ids in zip(texts, encoded, strict=True) if unknown in ids]
+
+
+def prefix_projection(student_tokenizer, teacher_tokenizer) -> list[int]:
+    """Each teacher id's student id under the prefix projection (math.md §18.3): the longest student token
+    whose text begins the teacher token's text (the lowest id among equals); special tokens by name, the end
+    tokens to each other; -1 where no student token begins it."""
+    student: dict[tuple[bool, str], int] = {}
+    for i, key in enumerate(token_keys(student_tokenizer)):
+        if key[1]:
+            student.setdefault(key, i)
+    longest = max((len(text) for _, text in student), default=0)
+    out = []
+    for special, text in token_keys(teacher_tokenizer):
+        if special:
+            out.append(student.get((True, text), -1))
+            continue
+        prefixes = (student.get((False, text[:n]), -1) for n in range(min(len(text), longest), 0, -1))
+        out.append(next((i for i in prefixes if i >= 0), -1))
+    out[end_ids(teacher_tokenizer)[0]] = end_ids(student_tokenizer)[0]
+    return out

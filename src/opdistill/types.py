@@ -99,15 +99,18 @@ class Spans:
     span_BT: torch.Tensor  # int64, each completion position's span, counted from 0 along the row (-1 on pad)
     start_BT: torch.Tensor  # bool, the span's first position: the teacher scored the same text prefix there
     one_to_one_BT: torch.Tensor  # bool, a span of one token on each side, the same token text on both
-    vocab_ids_S: torch.Tensor | None = None  # student ids of the shared vocabulary, the order of L2's columns
+    full_BT: torch.Tensor | None = None  # bool, the positions L2 covers (math.md §18.3), when it was asked
+    vocab_ids_S: torch.Tensor | None = None  # L2 over the shared vocabulary: its student ids, L2's columns
     align_s: float = 0.0  # seconds spent re-tokenizing, aligning and moving the scores
 
     def __getitem__(self, rows: slice | torch.Tensor) -> Spans:
+        full_BT = None if self.full_BT is None else self.full_BT[rows]
         return dataclasses.replace(
             self,
             span_BT=self.span_BT[rows],
             start_BT=self.start_BT[rows],
             one_to_one_BT=self.one_to_one_BT[rows],
+            full_BT=full_BT,
         )
 
 
@@ -124,7 +127,7 @@ class TeacherSignal:
     full_logits: CompletionLogits | None = None
     entropy_BT: torch.Tensor | None = None  # exact teacher entropy in nats
     # a teacher with another tokenizer (math.md §18): L0 is each span's log-prob, at its last position; its
-    # state-level scores (L1, entropy) sit at span starts and L2 at one-to-one spans, over vocab_ids_S
+    # state-level scores (L1, entropy) sit at span starts, and L2 where spans.full_BT says
     spans: Spans | None = None
 
     def select(self, rows: slice | torch.Tensor) -> TeacherSignal:

@@ -140,6 +140,7 @@ class RolloutConfig:
 class ObjectiveConfig:
     type: str = "full_rkl"  # what the student minimises: `opd objectives` lists them all
     jsd_beta: float = 0.5  # β of type=jsd: 0 = forward KL, 1 = reverse KL (TRL convention)
+    cross_vocab: Literal["prefix", "shared"] = "prefix"  # L2 across tokenizers: math.md §18.3
     topk: int = 16  # K of topk_rkl and of the top-K baseline (ids per position)
     topk_variant: TopKVariant = "sg"  # topk_rkl: raw (T1, biased) | sg | renorm | tail | pg | fkl, see docs
     topk_support: TopKSupport = "student"  # topk_rkl ids: student's top-K | teacher's | union | intersect

@@ -87,19 +87,19 @@ def teacher_logits(inputs: ObjectiveInputs) -> torch.Tensor:
 
 def full_vocabulary_loss(inputs: ObjectiveInputs, beta: float) -> torch.Tensor:
     """GKD's generalized JSD_β over the whole vocabulary at temperature τ (math.md §3): β = 1 reverse KL. A
-    teacher with another tokenizer: over the shared vocabulary, both sides renormalised on it, at spans of one
-    token on each side only (math.md §18.3)."""
+    teacher with another tokenizer: where its distribution reached the student's vocabulary (math.md §18.3:
+    projected, at span starts; or both restricted to the shared vocabulary, at one-to-one spans)."""
     spans, student_BTV = inputs.signal.spans, inputs.logits_BTV
-    if spans is not None:
-        assert spans.vocab_ids_S is not None
+    if spans is not None and spans.vocab_ids_S is not None:
         student_BTV = student_BTV[..., spans.vocab_ids_S]
     divergence_BT = losses.generalized_jsd(
         student_BTV, teacher_logits(inputs), beta, inputs.objective.temperature
     )
     if spans is not None:
-        divergence_BT = divergence_BT * spans.one_to_one_BT
-        inputs.metrics["one_to_one_frac"] = losses.masked_mean(
-            spans.one_to_one_BT.float(), inputs.rollout.loss_mask_BT
+        assert spans.full_BT is not None
+        divergence_BT = divergence_BT * spans.full_BT
+        inputs.metrics["divergence_frac"] = losses.masked_mean(
+            spans.full_BT.float(), inputs.rollout.loss_mask_BT
         )
     return direct(divergence_BT, inputs)
 

@@ -34,6 +34,7 @@ def make_teacher(
     requests: Iterable[SignalRequest] = (),
     device: torch.device | str = "cpu",
     chunk_tokens: int = CHUNK_TOKENS,
+    cross_vocab: str = "prefix",
 ) -> Teacher:
     """The teacher ``spec`` names: a ``RemoteTeacher`` when ``spec.url`` is set, else a ``LocalTeacher`` over
     ``spec.path`` on ``device``. A teacher whose tokenizer is not the student's (a local one's own, or a
@@ -62,7 +63,7 @@ def make_teacher(
         teacher = LocalTeacher(cast(torch.nn.Module, model).to(device), chunk_tokens=chunk_tokens)
     if tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(student_tokenizer):
         return teacher
-    return CrossTokenizerTeacher(teacher, student_tokenizer, tokenizer, chunk_tokens)
+    return CrossTokenizerTeacher(teacher, student_tokenizer, tokenizer, chunk_tokens, cross_vocab)
 
 
 def run_teachers(
@@ -94,7 +95,12 @@ def run_teachers(
         specs = {"": config.teacher, **config.teachers}
         teachers = {
             tag: make_teacher(
-                spec, tokenizer, [config.teacher_request, *diagnostics], device, config.train.chunk_tokens
+                spec,
+                tokenizer,
+                [config.teacher_request, *diagnostics],
+                device,
+                config.train.chunk_tokens,
+                config.objective.cross_vocab,
             )
             for tag, spec in specs.items()
         }

@@ -17,13 +17,13 @@ from collections.abc import Sequence
 
 import torch
 
-from opdistill.alignment import align, shared_vocabulary, token_ends, unwritable
+from opdistill.alignment import align, decode, prefix_projection, shared_vocabulary, token_ends, unwritable
 from opdistill.config import Config, WeightingConfig
 from opdistill.data.examples import Example, rollout_of
 from opdistill.data.rendering import encode_prompts, end_ids
 from opdistill.errors import UserError
 from opdistill.logits import CompletionLogits, reduce_chunks
-from opdistill.objectives.losses import MASKED
+from opdistill.objectives.losses import MASKED, TAIL_FLOOR
 from opdistill.types import Rollout, SignalRequest, Spans, TeacherSignal
 
 
@@ -43,9 +43,13 @@ class CrossTokenizerTeacher:
     """``inner`` (a teacher over ``teacher_tokenizer``'s ids) scoring the rollouts of a student with
     ``student_tokenizer``. It needs each row's example, for the teacher's own rendering of the prompt. A
     teacher whose tokenizer cannot write some student token's text (it would read it as its unknown token)
-    is refused."""
+    is refused. ``vocabulary`` is how its full logits (L2) reach the student's vocabulary (math.md §18.3):
+    ``prefix`` projects them onto it at every span start, ``shared`` restricts both to the shared vocabulary
+    at one-to-one spans."""
 
-    def __init__(self, inner, student_tokenizer, teacher_tokenizer, chunk_tokens: int):
+    def __init__(
+        self, inner, student_tokenizer, teacher_tokenizer, chunk_tokens: int, vocabulary: str = "prefix"
+    ):
         missing = unwritable(student_tokenizer, teacher_tokenizer)
         if missing:
             raise UserError(
@@ -53,10 +57,11 @@ class CrossTokenizerTeacher:
                 f"student's tokens (e.g. {missing[:3]}): it would read them as its unknown token. Use a "
                 "teacher whose tokenizer covers the student's text."
             )
-        self.inner, self.chunk_tokens = inner, chunk_tokens
+        self.inner, self.chunk_tokens, self.vocabulary = inner, chunk_tokens, vocabulary
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
         self.student_ends, self.teacher_end = end_ids(student_tokenizer), end_ids(teacher_tokenizer)[0]
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._projection: torch.Tensor | None = None
 
     def shared(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(student ids, teacher ids) of the shared vocabulary, decoded once on first use (seconds for a
@@ -65,6 +70,12 @@ class CrossTokenizerTeacher:
             student, teacher = shared_vocabulary(self.student_tokenizer, self.teacher_tokenizer)
             self._shared = torch.tensor(student), torch.tensor(teacher)
         return self._shared
+
+    def projection(self) -> torch.Tensor:
+        """[V_teacher]: each teacher id's student id under the prefix projection (-1: none), made once."""
+        if self._projection is None:
+            self._projection = torch.tensor(prefix_projection(self.student_tokenizer, self.teacher_tokenizer))
+        return self._projection
 
     def score(
         self, rollout: Rollout, request: SignalRequest, ids_BTK=None, rows: Sequence[Example] = ()
@@ -86,20 +97,22 @@ class CrossTokenizerTeacher:
     def view(self, rollout: Rollout, rows: Sequence[Example]) -> tuple[Rollout, list[RowSpans]]:
         """The rollout in the teacher's tokens, and each row's spans."""
         student, teacher = self.student_tokenizer, self.teacher_tokenizer
-        completions, alignment = [], []
+        contents, ended = [], []
         for content in rollout.completion_ids():
-            ended = bool(content) and content[-1] in self.student_ends
-            content = content[:-1] if ended else content
-            text = student.decode(content, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            theirs = teacher(text, add_special_tokens=False)["input_ids"]
-            mine_span, their_span = align(
-                token_ends(student, content, text), token_ends(teacher, theirs, text), len(text)
-            )
-            spans = RowSpans(mine_span, their_span)
-            if ended:  # the end token is a span of its own on both sides
-                spans = RowSpans([*mine_span, spans.count], [*their_span, spans.count])
-                theirs = [*theirs, self.teacher_end]
-            completions.append(theirs)
+            ended.append(bool(content) and content[-1] in self.student_ends)
+            contents.append(content[:-1] if ended[-1] else content)
+        texts = decode(student, contents)
+        theirs = teacher(texts, add_special_tokens=False)["input_ids"] if texts else []
+        completions, alignment = [], []
+        rows_ends = zip(token_ends(student, contents, texts), token_ends(teacher, theirs, texts), strict=True)
+        for (mine_ends, their_ends), text, their_ids, end in zip(
+            rows_ends, texts, theirs, ended, strict=True
+        ):
+            spans = RowSpans(*align(mine_ends, their_ends, len(text)))
+            if end:  # the end token is a span of its own on both sides
+                spans = RowSpans([*spans.student, spans.count], [*spans.teacher, spans.count])
+                their_ids = [*their_ids, self.teacher_end]
+            completions.append(their_ids)
             alignment.append(spans)
         prompts = encode_prompts(teacher, rows)
         view = rollout_of(prompts, completions, teacher.pad_token_id)
@@ -160,16 +173,19 @@ class CrossTokenizerTeacher:
             fields["topk_logp_BTK"] = moved(scored.topk_logp_BTK.cpu().float(), MASKED)
         if scored.entropy_BT is not None:
             fields["entropy_BT"] = moved(scored.entropy_BT.cpu().float(), 0.0)
-        full_logits, vocab_ids_S = None, None
+        mask_BT = rollout.loss_mask_BT.cpu()
+        full_logits, full_BT, vocab_ids_S = None, None, None
         if request.full:
             assert scored.full_logits is not None
-            vocab_ids_S, teacher_ids_S = self.shared()
-            shared_BtS = self.shared_logits(scored.full_logits, teacher_ids_S).cpu()
-            full_logits = CompletionLogits.of(moved(shared_BtS, 0.0, one_BT).to(device))
-            vocab_ids_S = vocab_ids_S.to(device)
-        mask_BT = rollout.loss_mask_BT.cpu()
+            full_BT = (start_BT if self.vocabulary == "prefix" else one_BT) & mask_BT
+            logits_BtX, vocab_ids_S = self.student_vocabulary_logits(scored.full_logits)
+            full_logits = CompletionLogits.of(moved(logits_BtX, 0.0, full_BT).to(device))
         spans = Spans(
-            span_BT.to(device), (start_BT & mask_BT).to(device), (one_BT & mask_BT).to(device), vocab_ids_S
+            span_BT.to(device),
+            (start_BT & mask_BT).to(device),
+            (one_BT & mask_BT).to(device),
+            None if full_BT is None else full_BT.to(device),
+            None if vocab_ids_S is None else vocab_ids_S.to(device),
         )
         return TeacherSignal(
             token_logp_BT=(token_logp_BT * mask_BT).to(device),
@@ -185,15 +201,27 @@ class CrossTokenizerTeacher:
         table[teacher_S] = student_S
         return table[teacher_ids]
 
-    def shared_logits(self, logits: CompletionLogits, teacher_ids_S: torch.Tensor) -> torch.Tensor:
-        """[B, T_teacher, S]: the teacher's logits at the shared vocabulary's ids, a chunk at a time."""
-        return reduce_chunks(
-            logits.chunks(self.chunk_tokens),
-            logits.shape,
-            lambda rows, positions, logits_btV: {
-                "shared": logits_btV[..., teacher_ids_S.to(logits_btV.device)]
-            },
-        )["shared"].float()
+    def student_vocabulary_logits(self, logits: CompletionLogits) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's full logits at its own positions, a chunk at a time, in the student's vocabulary:
+        projected ([B, T_teacher, V_student] log-probs, floored at ``TAIL_FLOOR``), or at the shared
+        vocabulary's ids ([B, T_teacher, S], with those ids' student twins)."""
+        if self.vocabulary == "shared":
+            student_S, teacher_S = self.shared()
+        else:
+            projection, width = self.projection(), len(self.student_tokenizer)
+            kept = projection >= 0
+
+        def bring(rows, positions, logits_btV: torch.Tensor) -> dict[str, torch.Tensor]:
+            device = logits_btV.device
+            if self.vocabulary == "shared":
+                return {"out": logits_btV[..., teacher_S.to(device)].float()}
+            probs_btV = logits_btV.float().softmax(-1)[..., kept.to(device)]
+            index_btV = projection[kept].to(device).expand_as(probs_btV)
+            mass_btW = probs_btV.new_zeros(*probs_btV.shape[:2], width).scatter_add(-1, index_btV, probs_btV)
+            return {"out": mass_btW.clamp(min=TAIL_FLOOR).log()}
+
+        out = reduce_chunks(logits.chunks(self.chunk_tokens), logits.shape, bring)["out"].cpu()
+        return out, student_S if self.vocabulary == "shared" else None
 
 
 def _firsts(span_N: torch.Tensor, count: int) -> torch.Tensor:
