@@ -87,21 +87,22 @@ def teacher_logits(inputs: ObjectiveInputs) -> torch.Tensor:
 
 def full_vocabulary_loss(inputs: ObjectiveInputs, beta: float) -> torch.Tensor:
     """GKD's generalized JSD_β over the whole vocabulary at temperature τ (math.md §3): β = 1 reverse KL. A
-    teacher with another tokenizer: where its distribution reached the student's vocabulary (math.md §18.3:
-    projected, at span starts; or both restricted to the shared vocabulary, at one-to-one spans)."""
+    teacher with another tokenizer (math.md §18.3): the divergence where its distribution reached the
+    student's vocabulary (projected, at span starts; or both restricted to the shared vocabulary, at
+    one-to-one spans), the exact span-level sampled reverse KL on the other tokens."""
     spans, student_BTV = inputs.signal.spans, inputs.logits_BTV
     if spans is not None and spans.vocab_ids_S is not None:
         student_BTV = student_BTV[..., spans.vocab_ids_S]
     divergence_BT = losses.generalized_jsd(
         student_BTV, teacher_logits(inputs), beta, inputs.objective.temperature
     )
-    if spans is not None:
-        assert spans.full_BT is not None
-        divergence_BT = divergence_BT * spans.full_BT
-        inputs.metrics["divergence_frac"] = losses.masked_mean(
-            spans.full_BT.float(), inputs.rollout.loss_mask_BT
-        )
-    return direct(divergence_BT, inputs)
+    if spans is None:
+        return direct(divergence_BT, inputs)
+    assert spans.full_BT is not None
+    mask_BT = inputs.rollout.loss_mask_BT
+    inputs.metrics["divergence_frac"] = losses.masked_mean(spans.full_BT.float(), mask_BT)
+    sampled_BT = policy_gradient(sampled_advantage(inputs), inputs) * (mask_BT & ~spans.full_BT)
+    return direct(divergence_BT * spans.full_BT, inputs) + sampled_BT
 
 
 def topk_rkl_loss(inputs: ObjectiveInputs) -> torch.Tensor:
@@ -254,8 +255,7 @@ def reward_stream(inputs: ObjectiveInputs) -> torch.Tensor:
 
 def sampled_rkl_loss(inputs: ObjectiveInputs) -> torch.Tensor:
     """Advantage -(log p_S - log p_T) of each sampled token, discounted, optionally minus vOPD's baseline
-    (math.md §2, §10); under a teacher with another tokenizer, of each aligned span, for each of its tokens
-    (math.md §18.2)."""
+    (math.md §2, §10)."""
     objective, signal = inputs.objective, inputs.signal
     baseline_BT = None
     if objective.baseline == "vopd":  # the state's reverse KL, under the same (untempered) policy
@@ -266,6 +266,13 @@ def sampled_rkl_loss(inputs: ObjectiveInputs) -> torch.Tensor:
             )
         else:
             baseline_BT = losses.generalized_jsd(inputs.logits_BTV.detach(), teacher_logits(inputs), beta=1.0)
+    return policy_gradient(sampled_advantage(inputs, baseline_BT), inputs)
+
+
+def sampled_advantage(inputs: ObjectiveInputs, baseline_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """The sampled reverse-KL advantage of each token (math.md §2); under a teacher with another tokenizer,
+    of each aligned span, for each of its tokens (math.md §18.2)."""
+    objective, signal = inputs.objective, inputs.signal
     advantage_BT, _ = losses.sampled_rkl_advantage(
         in_teacher_units(detached_logp(inputs), signal),
         signal.token_logp_BT,
@@ -276,7 +283,7 @@ def sampled_rkl_loss(inputs: ObjectiveInputs) -> torch.Tensor:
     )
     if signal.spans is not None:
         advantage_BT = losses.span_fill(advantage_BT, signal.spans.span_BT)
-    return policy_gradient(advantage_BT, inputs)
+    return advantage_BT
 
 
 def minillm_loss(inputs: ObjectiveInputs) -> torch.Tensor:

@@ -256,6 +256,7 @@ def check_config(config: Config) -> None:
         name
         for name, on in (
             ("objective.discount", objective.discount > 0),
+            ("rollout.on_policy_fraction < 1", config.rollout.on_policy_fraction < 1),
             ("objective.baseline=vopd", objective.baseline == "vopd"),
             ("weighting.*", config.weighting != WeightingConfig()),
             ("rollout.skd_topk", config.rollout.skd_topk >= 0),
