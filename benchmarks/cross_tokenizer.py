@@ -131,7 +131,7 @@ def main() -> int:
     print(f"\n{args.steps} steps, greedy accuracy on {results[0]['problems']} held-out problems")
     print(f"(teachers: same tokenizer {accuracy['same']:.3f}, BPE {accuracy['bpe']:.3f})\n")
     print(
-        "| objective | teacher tokenizer | before | after | step s | align s / step | tokens / span | 1:1 |"
+        "| method | teacher tokenizer | before | after | step s | align s / step | tokens / span | 1:1 |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
