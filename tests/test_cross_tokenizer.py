@@ -311,28 +311,21 @@ def test_the_prefix_projection_sums_each_teacher_token_onto_its_first_character(
     assert math.isclose(float(projected_11W[0, 0].exp().sum()), 1.0, rel_tol=1e-4)
 
 
+@pytest.mark.slow  # 22 s: decoding both real vocabularies, a 262k-wide student, SmolLM2's forwards
 def test_one_step_from_the_real_smollm2_into_a_student_with_gemma3s_tokenizer(
-    smollm2, gemma_tokenizer_dir, tmp_path
+    tiny_run, smollm2, gemma_tokenizer_dir, tmp_path
 ):
     """A fresh tiny student over Gemma 3's 262,144 ids (no chat template: plain-text prompts) distilled for
     two steps from the real SmolLM2-135M-Instruct (ChatML): the student's samples are arbitrary Unicode, and
     every span still lines up."""
-    config = load_config(
-        None,
-        [
-            f"student.tokenizer={gemma_tokenizer_dir}",
-            "student.preset=d16l1",
-            f"teacher.path={smollm2}",
-            "objective.type=sampled_rkl",
-            "data.task=addition",
-            "rollout.max_new_tokens=16",
-            "train.steps=2",
-            "train.prompts_per_step=2",
-            "train.eval_every=0",
-            "train.eval_size=2",
-            "train.diagnostics_every=1",
-            f"train.out_dir={tmp_path / 'run'}",
-        ],
+    config = tiny_run(
+        f"student.tokenizer={gemma_tokenizer_dir}",
+        f"teacher.path={smollm2}",
+        "objective.type=sampled_rkl",
+        "rollout.max_new_tokens=16",
+        "train.steps=2",
+        "train.prompts_per_step=2",
+        "train.diagnostics_every=1",
     )
     loop.run(config, show_progress=False)
     rows = _rows(tmp_path / "run")
