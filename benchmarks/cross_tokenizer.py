@@ -130,9 +130,7 @@ def main() -> int:
     accuracy = {tag: teacher_accuracy(teacher, args.eval_size) for tag, teacher in teachers.items()}
     print(f"\n{args.steps} steps, greedy accuracy on {results[0]['problems']} held-out problems")
     print(f"(teachers: same tokenizer {accuracy['same']:.3f}, BPE {accuracy['bpe']:.3f})\n")
-    print(
-        "| method | teacher tokenizer | before | after | step s | align s / step | tokens / span | 1:1 |"
-    )
+    print("| method | teacher tokenizer | before | after | step s | align s / step | tokens / span | 1:1 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         align = "— | 1 | 1"

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from opdistill.config import ModelSpec, load_config
-from opdistill.data.examples import Example
+from opdistill.data.examples import Example, rollout_of
 from opdistill.data.rendering import encode_completion, encode_prompts, end_ids, plain_text, use_chat_settings
 from opdistill.models import char_tokenizer, tiny_model
 from opdistill.sampling.rollout import sample_prompts
+from opdistill.teachers.cross import CrossTokenizerTeacher
+from opdistill.types import SignalRequest, TeacherSignal
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -45,7 +47,7 @@ LAYOUTS = {
 
 def chat_tokenizer(layout: str):
     template, bos, eos, turn_end, others = LAYOUTS[layout]
-    tokenizer = char_tokenizer([string.ascii_letters + string.digits + " +=?.:<>/\n"])
+    tokenizer = char_tokenizer([string.ascii_letters + string.digits + " +=?.:<>/\n_|"])
     tokenizer.add_special_tokens(
         {"additional_special_tokens": [turn_end, *others, eos, *([bos] if bos else [])]}
     )
@@ -177,3 +179,27 @@ def test_a_model_directory_declaring_several_end_ids_stops_at_each(tmp_path, tok
         ids[-1] for ids, cut in zip(rollout.completion_ids(), rollout.truncated_B, strict=True) if not cut
     ]
     assert other in ends and all(i in (tokenizer.eos_token_id, other) for i in ends)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_teacher_with_another_tokenizer_reads_its_own_turn_end_and_names_as_text(layout):
+    """Across tokenizers (teachers/cross.py) the teacher scores the student's finished reply ending the
+    way its own turns end (not its EOS), and a special token's name the student wrote is text to it."""
+    teacher, turn_end = chat_tokenizer(layout)
+    student = char_tokenizer([string.ascii_letters + string.digits + " +=?.:<>/\n_|"])
+    example = Example(prompt="what is 2+3?")
+    written = LAYOUTS[layout][3]  # the teacher's end-of-turn token, spelled out by the student
+    rollout = rollout_of(
+        encode_prompts(student, [example]), [encode_completion(student, f"5 {written}")], student.pad_token_id
+    )
+
+    class Seen:
+        def score(self, view, request, ids_BTK=None):
+            self.view = view
+            return TeacherSignal(token_logp_BT=torch.zeros(view.tokens_BT.shape))
+
+    inner = Seen()
+    CrossTokenizerTeacher(inner, student, teacher, 64).score(rollout, SignalRequest(), rows=[example])
+    ids = inner.view.tokens_BT[0].tolist()
+    assert ids[-1] == turn_end and ids.count(turn_end) == 1
+    assert teacher.decode(ids[:-1]) == f"5 {written}"

@@ -263,10 +263,7 @@ def test_a_real_pair_smollm2_and_gemma3_align_on_real_text(smollm2, gemma_tokeni
     mine = student(REAL_TEXT, add_special_tokens=False)["input_ids"]
     theirs = teacher(REAL_TEXT, add_special_tokens=False)["input_ids"]
     assert mine != theirs
-    [mine_ends], [their_ends] = (
-        token_ends(student, [mine], [REAL_TEXT]),
-        token_ends(teacher, [theirs], [REAL_TEXT]),
-    )
+    mine_ends, their_ends = token_ends(student, mine, REAL_TEXT), token_ends(teacher, theirs, REAL_TEXT)
     assert None in mine_ends  # byte-level BPE cuts the CJK characters inside a character
     mine_span, their_span = align(mine_ends, their_ends, len(REAL_TEXT))
     assert mine_span[-1] == their_span[-1] and len(set(mine_span)) > 0.6 * len(mine)

@@ -11,34 +11,36 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from opdistill.data.rendering import end_ids
+from tokenizers.decoders import DecodeStream
+
+from opdistill.data.rendering import turn_end
 
 
 def decode(tokenizer, rows: Sequence[Sequence[int]]) -> list[str]:
-    """Each row of ids as text, special tokens left out, spaces as they are: by the fast tokenizer's own
-    backend when it has one (HF's ``batch_decode`` spends most of its time checking its arguments)."""
-    rows = [list(row) for row in rows]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return backend.decode_batch(rows, skip_special_tokens=True)
-    return tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    """Each row of ids as text, special tokens left out, spaces as they are (by the fast tokenizer's Rust
+    backend: HF's ``batch_decode`` spends most of its time checking its arguments)."""
+    return tokenizer.backend_tokenizer.decode_batch([list(row) for row in rows], skip_special_tokens=True)
 
 
-def token_ends(tokenizer, rows: Sequence[Sequence[int]], texts: Sequence[str]) -> list[list[int | None]]:
-    """For each row of ids and the text it encodes: where in the text each token ends (a character offset),
-    or None where its decoded prefix is not a prefix of the text; a row's last token ends at the text's end.
-    Every prefix of every row is decoded in one call."""
-    prefixes = iter(decode(tokenizer, [row[: k + 1] for row in rows for k in range(len(row))]))
-    out = []
-    for row, text in zip(rows, texts, strict=True):
-        ends: list[int | None] = []
-        for _ in row:
-            prefix = next(prefixes)
-            ends.append(len(prefix) if text.startswith(prefix) else None)
-        if ends:
-            ends[-1] = len(text)
-        out.append(ends)
-    return out
+def token_ends(tokenizer, ids: Sequence[int], text: str) -> list[int | None]:
+    """Where in ``text`` each of ``ids`` ends (a character offset), or None for a token that ends inside a
+    character or adds no text (a special token); the last token ends at ``len(text)`` (the ids encode the
+    whole text). One streaming decode, linear in the row's length; once the decoding stops matching
+    ``text`` (a tokenizer that normalises), no later token has an end of its own."""
+    stream, backend = DecodeStream(skip_special_tokens=True), tokenizer.backend_tokenizer
+    ends: list[int | None] = []
+    written, matching = 0, True
+    for token in ids:
+        piece = stream.step(backend, token)
+        if piece and matching and text.startswith(piece, written):
+            written += len(piece)
+            ends.append(written)
+        else:
+            matching = matching and not piece
+            ends.append(None)
+    if ends:
+        ends[-1] = len(text)
+    return ends
 
 
 def span_index(ends: Sequence[int | None], boundaries: set[int]) -> list[int]:
@@ -74,8 +76,8 @@ def token_keys(tokenizer) -> list[tuple[bool, str]]:
 def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[list[int], list[int]]:
     """(student ids, teacher ids), pairwise the same token: ids with the same key (``token_keys``) on both
     sides that no other id of either vocabulary has (so not "" and not a lone byte's "\ufffd"), and the two
-    end-of-sequence tokens with each other. Sorted by student id; one tokenizer against itself pairs every
-    id with itself."""
+    turn-ending tokens (``turn_end``) with each other. Sorted by student id; one tokenizer against itself
+    pairs every id with itself."""
 
     def unique(keys: list[tuple[bool, str]]) -> dict[tuple[bool, str], int]:
         counts = Counter(keys)
@@ -84,7 +86,7 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[list[int], 
         }
 
     student, teacher = unique(token_keys(student_tokenizer)), unique(token_keys(teacher_tokenizer))
-    ends = end_ids(student_tokenizer)[0], end_ids(teacher_tokenizer)[0]
+    ends = turn_end(student_tokenizer), turn_end(teacher_tokenizer)
     pairs = {student[key]: teacher[key] for key in student.keys() & teacher.keys()}
     pairs = {mine: theirs for mine, theirs in pairs.items() if ends[0] != mine and ends[1] != theirs}
     pairs[ends[0]] = ends[1]
@@ -118,5 +120,5 @@ def prefix_projection(student_tokenizer, teacher_tokenizer) -> list[int]:
             continue
         prefixes = (student.get((False, text[:n]), -1) for n in range(min(len(text), longest), 0, -1))
         out.append(next((i for i in prefixes if i >= 0), -1))
-    out[end_ids(teacher_tokenizer)[0]] = end_ids(student_tokenizer)[0]
+    out[turn_end(teacher_tokenizer)] = turn_end(student_tokenizer)
     return out

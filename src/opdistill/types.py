@@ -102,6 +102,7 @@ class Spans:
     full_BT: torch.Tensor | None = None  # bool, the positions L2 covers (math.md §18.3), when it was asked
     vocab_ids_S: torch.Tensor | None = None  # L2 over the shared vocabulary: its student ids, L2's columns
     align_s: float = 0.0  # seconds spent re-tokenizing, aligning and moving the scores
+    teacher_tokens: int = 0  # the tokens the teacher read (its prompts and completions, in its own ids)
 
     def __getitem__(self, rows: slice | torch.Tensor) -> Spans:
         full_BT = None if self.full_BT is None else self.full_BT[rows]

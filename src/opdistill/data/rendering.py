@@ -94,6 +94,12 @@ def completion_target(tokenizer, example: Example) -> list[int]:
     return encode_completion(tokenizer, example.completion, example.messages())
 
 
+def turn_end(tokenizer) -> int:
+    """The token that ends the model's own turn: what ends an empty reply as ``encode_completion`` writes it
+    (ChatML's ``<|im_end|>``, Gemma's ``<end_of_turn>``; EOS without a chat template)."""
+    return encode_completion(tokenizer, "", [{"role": "user", "content": "?"}])[-1]
+
+
 def encode_completion(tokenizer, text: str, messages: Sequence[Mapping[str, str]] = ()) -> list[int]:
     """A target completion as the model must write it, ending the way its own turns end.
 

@@ -274,8 +274,10 @@ def objective_loss(config: Config, logits_BTV: torch.Tensor, batch: StepBatch) -
         return record.loss(inputs), metrics
     assert signal is not None
     # teacher_kl (the sampled reverse-KL estimate), mean |log-ratio|, share of negative-reward tokens
-    student_BT = objective.in_teacher_units(logp_BT, signal)
-    metrics.update(diagnostics.log_ratio_stats(student_BT - signal.token_logp_BT, mask_BT))
+    student_BT, ratio_BT = objective.in_teacher_units(logp_BT, signal), mask_BT  # per span: at span ends
+    if signal.spans is not None:
+        ratio_BT = mask_BT & losses.span_ends(signal.spans.span_BT)
+    metrics.update(diagnostics.log_ratio_stats(student_BT - signal.token_logp_BT, ratio_BT))
     loss_BT = record.loss(inputs)
     if config.weighting.eopd_coef:  # EOPD: forward KL on the teacher's top-K where the teacher is uncertain
         assert signal.entropy_BT is not None and signal.topk_ids_BTK is not None

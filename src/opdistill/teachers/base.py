@@ -12,6 +12,7 @@ from typing import Protocol, cast
 import torch
 
 from opdistill.config import Config, ModelSpec
+from opdistill.data.rendering import use_chat_settings
 from opdistill.errors import UserError
 from opdistill.logits import CHUNK_TOKENS
 from opdistill.models import load_model, load_tokenizer, tokenizer_fingerprint
@@ -104,8 +105,11 @@ def run_teachers(
             )
             for tag, spec in specs.items()
         }
-    if any(isinstance(teacher, CrossTokenizerTeacher) for teacher in teachers.values()):
-        check_config(config)
+    for teacher in teachers.values():
+        if isinstance(teacher, CrossTokenizerTeacher):  # it renders prompts with its own tokenizer
+            check_config(config)
+            data = config.data
+            use_chat_settings(teacher.teacher_tokenizer, data.chat_template_kwargs, data.max_prompt_tokens)
     widest, vocab = max(config.teacher_request.topk, config.objective.student_topk), len(tokenizer)
     if teachers and widest > vocab:
         raise UserError(

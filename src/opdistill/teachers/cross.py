@@ -20,7 +20,7 @@ import torch
 from opdistill.alignment import align, decode, prefix_projection, shared_vocabulary, token_ends, unwritable
 from opdistill.config import Config, WeightingConfig
 from opdistill.data.examples import Example, rollout_of
-from opdistill.data.rendering import encode_prompts, end_ids
+from opdistill.data.rendering import encode_prompts, end_ids, turn_end
 from opdistill.errors import UserError
 from opdistill.logits import CompletionLogits, reduce_chunks
 from opdistill.objectives.losses import MASKED, TAIL_FLOOR
@@ -59,7 +59,7 @@ class CrossTokenizerTeacher:
             )
         self.inner, self.chunk_tokens, self.vocabulary = inner, chunk_tokens, vocabulary
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
-        self.student_ends, self.teacher_end = end_ids(student_tokenizer), end_ids(teacher_tokenizer)[0]
+        self.student_ends, self.teacher_end = end_ids(student_tokenizer), turn_end(teacher_tokenizer)
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
         self._projection: torch.Tensor | None = None
 
@@ -92,6 +92,7 @@ class CrossTokenizerTeacher:
         signal = self.at_student_positions(rollout, view, alignment, scored, request)
         assert signal.spans is not None
         signal.spans.align_s = align_s + time.perf_counter() - started
+        signal.spans.teacher_tokens = int(view.attention_mask.sum())
         return signal
 
     def view(self, rollout: Rollout, rows: Sequence[Example]) -> tuple[Rollout, list[RowSpans]]:
@@ -102,12 +103,13 @@ class CrossTokenizerTeacher:
             ended.append(bool(content) and content[-1] in self.student_ends)
             contents.append(content[:-1] if ended[-1] else content)
         texts = decode(student, contents)
-        theirs = teacher(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # a special token's name in the text is text to the teacher, never its own special token
+        theirs = (
+            teacher(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
+        )
         completions, alignment = [], []
-        rows_ends = zip(token_ends(student, contents, texts), token_ends(teacher, theirs, texts), strict=True)
-        for (mine_ends, their_ends), text, their_ids, end in zip(
-            rows_ends, texts, theirs, ended, strict=True
-        ):
+        for mine, text, their_ids, end in zip(contents, texts, theirs, ended, strict=True):
+            mine_ends, their_ends = token_ends(student, mine, text), token_ends(teacher, their_ids, text)
             spans = RowSpans(*align(mine_ends, their_ends, len(text)))
             if end:  # the end token is a span of its own on both sides
                 spans = RowSpans([*spans.student, spans.count], [*spans.teacher, spans.count])

@@ -486,7 +486,8 @@ class Scorer:
 
 def alignment_metrics(signal: TeacherSignal, rollout: Rollout) -> dict[str, float]:
     """How a teacher with another tokenizer lined up with the student (none for one tokenizer): student
-    tokens per aligned span, the share of one-to-one spans, and the alignment's seconds."""
+    tokens per aligned span, the share of one-to-one spans, the alignment's seconds, and the tokens the
+    teacher read in its own ids (the step's ``teacher_scored_tokens``)."""
     if signal.spans is None:
         return {}
     mask_BT, spans = rollout.loss_mask_BT, signal.spans
@@ -495,6 +496,7 @@ def alignment_metrics(signal: TeacherSignal, rollout: Rollout) -> dict[str, floa
         "align_tokens_per_span": float(mask_BT.sum()) / count,
         "align_one_to_one": float(spans.one_to_one_BT.sum()) / count,
         "time_align_s": spans.align_s,
+        "teacher_scored_tokens": spans.teacher_tokens,
     }
 
 
