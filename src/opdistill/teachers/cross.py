@@ -62,6 +62,7 @@ class CrossTokenizerTeacher:
         self.student_ends, self.teacher_end = end_ids(student_tokenizer), turn_end(teacher_tokenizer)
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
         self._projection: torch.Tensor | None = None
+        self._to_student: torch.Tensor | None = None
 
     def shared(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(student ids, teacher ids) of the shared vocabulary, decoded once on first use (seconds for a
@@ -198,10 +199,11 @@ class CrossTokenizerTeacher:
 
     def student_ids(self, teacher_ids: torch.Tensor) -> torch.Tensor:
         """Teacher ids as the student's (-1 where the student's vocabulary has no token of the same text)."""
-        student_S, teacher_S = self.shared()
-        table = torch.full((len(self.teacher_tokenizer),), -1, dtype=torch.long)
-        table[teacher_S] = student_S
-        return table[teacher_ids]
+        if self._to_student is None:
+            student_S, teacher_S = self.shared()
+            self._to_student = torch.full((len(self.teacher_tokenizer),), -1, dtype=torch.long)
+            self._to_student[teacher_S] = student_S
+        return self._to_student[teacher_ids]
 
     def student_vocabulary_logits(self, logits: CompletionLogits) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The teacher's full logits at its own positions, a chunk at a time, in the student's vocabulary:
@@ -209,21 +211,23 @@ class CrossTokenizerTeacher:
         vocabulary's ids ([B, T_teacher, S], with those ids' student twins)."""
         if self.vocabulary == "shared":
             student_S, teacher_S = self.shared()
+
+            def bring(rows, positions, logits_btV: torch.Tensor) -> dict[str, torch.Tensor]:
+                return {"out": logits_btV[..., teacher_S.to(logits_btV.device)].float()}
+
         else:
-            projection, width = self.projection(), len(self.student_tokenizer)
+            student_S, projection, width = None, self.projection(), len(self.student_tokenizer)
             kept = projection >= 0
 
-        def bring(rows, positions, logits_btV: torch.Tensor) -> dict[str, torch.Tensor]:
-            device = logits_btV.device
-            if self.vocabulary == "shared":
-                return {"out": logits_btV[..., teacher_S.to(device)].float()}
-            probs_btV = logits_btV.float().softmax(-1)[..., kept.to(device)]
-            index_btV = projection[kept].to(device).expand_as(probs_btV)
-            mass_btW = probs_btV.new_zeros(*probs_btV.shape[:2], width).scatter_add(-1, index_btV, probs_btV)
-            return {"out": mass_btW.clamp(min=TAIL_FLOOR).log()}
+            def bring(rows, positions, logits_btV: torch.Tensor) -> dict[str, torch.Tensor]:
+                probs_btV = logits_btV.float().softmax(-1)[..., kept.to(logits_btV.device)]
+                index_btV = projection[kept].to(logits_btV.device).expand_as(probs_btV)
+                mass_btW = probs_btV.new_zeros(*probs_btV.shape[:2], width).scatter_add(
+                    -1, index_btV, probs_btV
+                )
+                return {"out": mass_btW.clamp(min=TAIL_FLOOR).log()}
 
-        out = reduce_chunks(logits.chunks(self.chunk_tokens), logits.shape, bring)["out"].cpu()
-        return out, student_S if self.vocabulary == "shared" else None
+        return reduce_chunks(logits.chunks(self.chunk_tokens), logits.shape, bring)["out"].cpu(), student_S
 
 
 def _firsts(span_N: torch.Tensor, count: int) -> torch.Tensor:
