@@ -242,6 +242,38 @@ def test_learning_rate_schedule():
         None, ["optim.warmup_steps=0", "train.steps=1000", "train.time_budget_s=10", "optim.lr=1.0"]
     )
     assert loop.learning_rate(timed, 1, 10.0) == pytest.approx(0.1)  # the clock, not the step, ends the decay
+    costed = load_config(
+        None, ["optim.warmup_steps=0", "train.steps=1000", "train.budget_flops=1e9", "optim.lr=1.0"]
+    )
+    assert loop.learning_rate(costed, 1, 0.0, 5e8) == pytest.approx(0.55)  # half the FLOPs: half the decay
+    assert loop.learning_rate(costed, 1, 0.0, 1e9) == pytest.approx(0.1)
+
+
+def test_flop_budget_ends_the_run_on_the_counted_flops(tmp_path):
+    """A FLOP budget stops the run at the first step whose cumulative FLOPs (6N per trained token, 2N per
+    sampled or prefilled token, 2N_teacher per scored token) reach it; metrics.jsonl carries the sums."""
+    from opdistill.observe.flops import FlopCounter, parameters
+
+    loop.run(_config(tmp_path / "one", "train.steps=1"), show_progress=False)
+    student_n = parameters(load_model(ModelSpec(path=str(tmp_path / "one" / "run" / "final")))[0])
+    teacher_n = parameters(load_model(ModelSpec(path=str(asset_dir("addition-teacher"))))[0])
+    (first,) = _metrics(tmp_path / "one" / "run")
+    sampled, trained = first["student_sampled_tokens"], first["student_train_tokens"]
+    assert first["student_flops"] == 6 * student_n * trained + 2 * student_n * trained
+    assert sampled < trained  # prompts: the prefill is trained - sampled
+    assert first["teacher_flops"] == 2 * teacher_n * first["teacher_scored_tokens"]
+    assert first["flops"] == first["student_flops"] + first["teacher_flops"]
+    assert FlopCounter(student_n, teacher_n)(first) == {
+        k: first[k] for k in ("student_flops", "teacher_flops", "flops")
+    }
+
+    budget = 2.5 * first["flops"]  # steps cost about the same: the budget is spent during step 3
+    result = loop.run(
+        _config(tmp_path, "train.steps=50", f"train.budget_flops={budget}"), show_progress=False
+    )
+    rows = _metrics(tmp_path / "run")
+    assert result["steps"] == len(rows) < 50
+    assert rows[-1]["flops"] >= budget > rows[-2]["flops"]
 
 
 def test_sft_stabiliser_adds_coef_times_token_mean_cross_entropy(make_model, tokenizer):

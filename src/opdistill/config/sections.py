@@ -340,6 +340,7 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 200  # optimizer steps (the schedule spans them)
     time_budget_s: float = 0.0  # stop after this much training time (eval excluded); 0 = no limit
+    budget_flops: float = 0.0  # stop once the counted student + teacher FLOPs reach this (0 = no limit)
     prompts_per_step: int = 64  # prompts per optimizer step (x rollout.n_per_prompt sequences)
     micro_batch_size: int = 0  # sequences per forward/backward (0 = all at once)
     seed: int = 0  # seeds model init, data order and sampling
@@ -364,6 +365,8 @@ class TrainConfig:
             raise UserError("train.steps and train.prompts_per_step must be at least 1.")
         if self.chunk_tokens < 1 or self.eval_batch_tokens < 1:
             raise UserError("train.chunk_tokens and train.eval_batch_tokens must be at least 1.")
+        if not (self.time_budget_s >= 0 and self.budget_flops >= 0):  # also refuses NaN
+            raise UserError("train.time_budget_s and train.budget_flops must be 0 (no limit) or positive.")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ class NullProgress:
     def __exit__(self, *exc):
         return False
 
-    def update(self, step: int, elapsed_s: float, fields: dict[str, float]) -> None:
+    def update(self, step: int, spent: float, fields: dict[str, float]) -> None:
         pass
 
     def note(self, message: str) -> None:
@@ -24,11 +24,11 @@ class NullProgress:
 
 
 class ProgressBar(NullProgress):
-    """Step, loss, teacher_kl, last eval accuracy, tokens/s and ETA. With a time budget the bar measures
-    training seconds (the budget ends the run); otherwise steps."""
+    """Step, loss, teacher_kl, last eval accuracy, tokens/s and ETA. With a budget (training seconds, unit
+    "s", or FLOPs) the bar measures what is spent of it (the budget ends the run); otherwise steps."""
 
-    def __init__(self, title: str, total_steps: int, start_step: int, budget_s: float = 0.0):
-        self.title, self.total_steps, self.budget_s = title, total_steps, budget_s
+    def __init__(self, title: str, total_steps: int, start_step: int, budget: float = 0.0, unit: str = ""):
+        self.title, self.total_steps, self.budget, self.unit = title, total_steps, budget, unit
         self.interactive = sys.stderr.isatty()
         self.last_line = 0.0
         self.progress = Progress(
@@ -39,9 +39,9 @@ class ProgressBar(NullProgress):
             TimeRemainingColumn(),
             disable=not self.interactive,
         )
-        total = budget_s or total_steps
+        total = budget or total_steps
         self.task = self.progress.add_task(
-            title, total=total, completed=0 if budget_s else start_step, where="", info=""
+            title, total=total, completed=0 if budget else start_step, where="", info=""
         )
 
     def __enter__(self):
@@ -57,14 +57,12 @@ class ProgressBar(NullProgress):
         else:
             super().note(message)
 
-    def update(self, step: int, elapsed_s: float, fields: dict[str, float]) -> None:
+    def update(self, step: int, spent: float, fields: dict[str, float]) -> None:
         info = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
-        where = f"step {step}" + (
-            f"  {elapsed_s:.0f}/{self.budget_s:.0f} s" if self.budget_s else f"/{self.total_steps}"
-        )
-        self.progress.update(
-            self.task, completed=elapsed_s if self.budget_s else step, where=where, info=info
-        )
+        number = "{:.0f}" if self.unit == "s" else "{:.3g}"
+        of_budget = f"{number.format(spent)}/{number.format(self.budget)} {self.unit}"
+        where = f"step {step}" + (f"  {of_budget}" if self.budget else f"/{self.total_steps}")
+        self.progress.update(self.task, completed=spent if self.budget else step, where=where, info=info)
         if not self.interactive and (time.monotonic() - self.last_line > 10 or step == self.total_steps):
             self.last_line = time.monotonic()
             print(f"{self.title} {where}  {info}", file=sys.stderr, flush=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from opdistill.config import Config, save_config
+from opdistill.config import Config, TrainConfig, save_config
 from opdistill.data.rendering import use_chat_settings
 from opdistill.data.tasks import Task, corpus_text, task_from_config
 from opdistill.errors import UserError
@@ -29,6 +29,7 @@ from opdistill.objectives import shaping
 from opdistill.objectives.registry import OBJECTIVES
 from opdistill.observe import monitor
 from opdistill.observe.evaluate import evaluate
+from opdistill.observe.flops import FlopCounter, teacher_parameters
 from opdistill.observe.progress import NullProgress, ProgressBar
 from opdistill.observe.runlog import Board, Log
 from opdistill.observe.timing import PHASES, timed
@@ -47,9 +48,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LOGS = ("metrics.jsonl", "eval.jsonl", "alarms.jsonl")
 
 
-def learning_rate(config: Config, step: int, elapsed_s: float) -> float:
-    """Linear warmup, then cosine (or constant) over the run. With a time budget, progress is whichever
-    of steps and training seconds is further along, so the decay ends when the budget does."""
+def learning_rate(config: Config, step: int, elapsed_s: float, flops: float = 0.0) -> float:
+    """Linear warmup, then cosine (or constant) over the run. With a time or FLOP budget, progress is
+    whichever of steps, training seconds and FLOPs is furthest along: the decay ends when the budget does."""
     opt, train = config.optim, config.train
     if step < opt.warmup_steps:
         return opt.lr * (step + 1) / opt.warmup_steps
@@ -58,6 +59,8 @@ def learning_rate(config: Config, step: int, elapsed_s: float) -> float:
     progress = (step - opt.warmup_steps) / max(1, train.steps - opt.warmup_steps)
     if train.time_budget_s > 0:
         progress = max(progress, elapsed_s / train.time_budget_s)
+    if train.budget_flops > 0:
+        progress = max(progress, flops / train.budget_flops)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return opt.lr * (opt.min_lr_ratio + (1 - opt.min_lr_ratio) * cosine)
 
@@ -114,6 +117,12 @@ def _run(
     teachers, ema_model = run_teachers(
         config, tokenizer, student, initial_student, saved.get("self_teacher"), world.device
     )
+    flops = FlopCounter(parameters, teacher_parameters(teachers.values()))
+    if train.budget_flops and flops.teacher_params is None:
+        raise UserError(
+            "train.budget_flops counts the teacher's FLOPs, and a teacher server's size is not known here: "
+            "use train.steps or train.time_budget_s with teacher.url."
+        )
     reference = initial_student() if config.objective.needs_reference else None  # StableOPD's, DPO's
     # the loss runs through `model` (DDP / FSDP2 under torchrun); sampling, scoring, evaluation use `student`
     model = distributed.wrap(student, world, train.parallel, train.precision)
@@ -154,9 +163,7 @@ def _run(
     last_eval: dict[str, float] = {}
     session_steps = 0
     title = f"{'distill' if distills else 'sft'} {run_dir.name}"
-    bar = (
-        ProgressBar(title, train.steps, state.step, train.time_budget_s) if show_progress else NullProgress()
-    )
+    bar = ProgressBar(title, train.steps, state.step, *_budget(train)) if show_progress else NullProgress()
     periodic_eval = bool(task.test) and bool(train.eval_every or train.eval_every_s)
     if periodic_eval and state.step == 0:  # where the curves start: the model before training
         last_eval = _evaluate_and_log(config, student, tokenizer, task, run_dir, state, world)
@@ -165,12 +172,12 @@ def _run(
         with bar, board, Log(run_dir, world) as log:
             if last_eval:  # the step-0 evaluation, made before the loop
                 board.log("eval", last_eval)
-            while state.step < train.steps and not _out_of_time(config, state):
+            while state.step < train.steps and not _budget_spent(train, state, flops):
                 started = time.perf_counter()
                 step = state.step
                 # sampling depends on (seed, step) only, which is what makes resume exact
                 torch.manual_seed(train.seed * 1_000_003 + step)
-                lr = learning_rate(config, step, state.elapsed_s)
+                lr = learning_rate(config, step, state.elapsed_s, flops.total(state.counters()))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
@@ -190,7 +197,7 @@ def _run(
                     ema_update(ema_model, student, config.opsd.ema_decay)
 
                 step_s = distributed.all_sum(time.perf_counter() - started, world) / world.size
-                record = _account(state, batch.metrics, metrics, lr, step_s, world)
+                record = _account(state, batch.metrics, metrics, lr, step_s, world, flops)
                 log.write("metrics", record)
                 board.log("train", record)
                 if state.bad_steps >= train.max_bad_steps:
@@ -207,9 +214,9 @@ def _run(
                 for message in monitor.alarms(record, state.alarms, evaluated):  # each printed once, kept
                     bar.note(f"alarm at step {step + 1}: {message}")
                     log.write("alarms", {"step": step + 1, "alarm": message})
-                bar.update(state.step, state.elapsed_s, _bar_fields(record, last_eval))
+                bar.update(state.step, _spent(train, record), _bar_fields(record, last_eval))
                 session_steps += 1
-                final = state.step >= train.steps or _out_of_time(config, state)
+                final = state.step >= train.steps or _budget_spent(train, state, flops)
                 if train.save_every and state.step % train.save_every == 0 and not final:
                     save()
                 stop = distributed.all_sum(float(bool(stop_requested)), world) > 0  # any rank interrupted
@@ -273,10 +280,16 @@ def _open_run_directory(
 
 
 def _account(
-    state: RunState, batch_metrics: dict, metrics: dict, lr: float, step_s: float, world: World
+    state: RunState,
+    batch_metrics: dict,
+    metrics: dict,
+    lr: float,
+    step_s: float,
+    world: World,
+    flops: FlopCounter,
 ) -> dict[str, Any]:
     """Advance ``state`` past the step just taken and return its metrics record (token counters summed over
-    ranks, the rest averaged)."""
+    ranks, the rest averaged; the run's FLOPs so far, from the counters)."""
     batch_metrics = distributed.reduce_metrics(batch_metrics, world, COUNTERS)
     finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
     state.bad_steps = 0 if finite else state.bad_steps + 1  # a bad step was skipped
@@ -286,12 +299,24 @@ def _account(
         setattr(state, key, getattr(state, key) + batch_metrics.pop(key, 0) + metrics.pop(key, 0))
     record = {"step": state.step, "lr": lr, **batch_metrics, **metrics, "step_s": step_s}
     record["tokens_per_s"] = record["loss_tokens"] / step_s
-    record.update({"elapsed_s": state.elapsed_s, **state.counters()})
+    record.update({"elapsed_s": state.elapsed_s, **state.counters(), **flops(state.counters())})
     return record
 
 
-def _out_of_time(config: Config, state: RunState) -> bool:
-    return config.train.time_budget_s > 0 and state.elapsed_s >= config.train.time_budget_s
+def _budget_spent(train: TrainConfig, state: RunState, flops: FlopCounter) -> bool:
+    out_of_time = train.time_budget_s > 0 and state.elapsed_s >= train.time_budget_s
+    return out_of_time or (train.budget_flops > 0 and flops.total(state.counters()) >= train.budget_flops)
+
+
+def _budget(train: TrainConfig) -> tuple[float, str]:
+    """What the progress bar measures: FLOPs or seconds of a budget, or (0, "") for steps."""
+    if train.budget_flops:
+        return train.budget_flops, "FLOPs"
+    return (train.time_budget_s, "s") if train.time_budget_s else (0.0, "")
+
+
+def _spent(train: TrainConfig, record: dict) -> float:
+    return record["flops"] if train.budget_flops else record["elapsed_s"]
 
 
 def _eval_due(config: Config, state: RunState, step_s: float) -> bool:

@@ -1,0 +1,57 @@
+"""The science experiments' machinery (benchmarks/science/, docs/science.md) at a tiny size: they run end to
+end and their accounting is right. Their outcomes are measured by the scripts, not asserted here."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCIENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "science"
+
+
+@pytest.fixture(scope="module")
+def science():
+    sys.path.insert(0, str(SCIENCE))
+    yield lambda name: importlib.import_module(name)
+    sys.path.remove(str(SCIENCE))
+
+
+def _run(common, name: str, evals: list[tuple[int, float, float, float]]):
+    """A Run whose evaluations are (step, accuracy, student FLOPs, teacher FLOPs)."""
+    rows = [
+        {"step": s, "greedy_acc": a, "student_flops": f, "teacher_flops": t, "flops": f + t}
+        for s, a, f, t in evals
+    ]
+    return common.Run(name, Path(name), {}, [], rows)
+
+
+def test_s1_target_is_the_best_sft_score_and_the_ratio_is_sft_over_opd_compute(science):
+    common, s1 = science("common"), science("s1_compute")
+    runs = {
+        ("opd", 64): _run(common, "opd", [(0, 0.7, 0, 0), (10, 0.85, 10, 10), (20, 0.95, 20, 20)]),
+        ("sft", 64): _run(common, "sft", [(0, 0.7, 0, 0), (10, 0.9, 30, 30), (20, 0.88, 60, 60)]),
+        ("sft_pool", 64): _run(common, "sft_pool", [(0, 0.7, 0, 0), (10, 0.8, 5, 1), (20, 0.86, 10, 1)]),
+    }
+    (row,) = s1.analyse(runs, [64])
+    assert row["target"] == 0.9 and row["sft_best"] == "sft"
+    assert row["final"] == {"opd": 0.95, "sft": 0.88, "sft_pool": 0.86}
+    # OPD first reaches 0.9 at step 20 (20 + 20 FLOPs); SFT reached it at step 10 (30 + 30)
+    assert row["cheaper"][1] == pytest.approx(60 / 40)
+    assert row["cheaper"][10] == pytest.approx((30 + 300) / (20 + 200))
+    runs["opd", 64] = _run(common, "opd", [(0, 0.7, 0, 0), (10, 0.85, 10, 10)])
+    assert s1.analyse(runs, [64])[0]["cheaper"][1] is None  # never reached: no ratio, not a number
+
+
+def test_s1_runs_end_to_end_at_a_tiny_size(science, tmp_path):
+    rows = science("s1_compute").main(
+        ["--smoke", "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "s1")]
+    )
+    assert [row["prompts"] for row in rows] == [8, 0]
+    assert (tmp_path / "s1.md").read_text().count("|") > 20 and (tmp_path / "s1.png").stat().st_size > 0
+    for run_dir in (tmp_path / "runs").iterdir():  # every method stopped on the FLOP budget, not on steps
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["flops"] >= 1.5e9 and last["step"] < 100_000
