@@ -49,6 +49,7 @@ from opdistill.config import Config, ModelSpec, load_config
 from opdistill.data.tasks import task_from_config
 from opdistill.models import load_model
 from opdistill.observe.evaluate import evaluate
+from opdistill.observe.flops import FlopCounter
 from opdistill.training import loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,18 +116,6 @@ def teacher_accuracy(config: Config, eval_size: int) -> float:
     return result["greedy_acc"]
 
 
-def student_flops(row: dict, params: int) -> float:
-    trained, sampled = row["student_train_tokens"], row["student_sampled_tokens"]
-    prefill = (
-        trained - sampled if sampled else 0
-    )  # on-policy: trained rows = sampled rows = prompt + completion
-    return 6 * params * trained + 2 * params * (sampled + prefill)
-
-
-def teacher_flops(row: dict, params: int) -> float:
-    return 2 * params * (row["teacher_scored_tokens"] + row["teacher_generated_tokens"])
-
-
 def run_method(method: str, seed: int, args: argparse.Namespace) -> dict:
     """Train (or reuse) one run; return its eval curve with cumulative FLOPs at each evaluated step."""
     config = run_config(method, seed, args)
@@ -141,6 +130,7 @@ def run_method(method: str, seed: int, args: argparse.Namespace) -> dict:
         result["wall_s"] = time.perf_counter() - started  # evaluation included
         (out / "result.json").write_text(json.dumps(result, indent=2))
     result = json.loads((out / "result.json").read_text())
+    flops = FlopCounter(args.student_params, args.teacher_params)
     rows = {0: dict.fromkeys(loop.COUNTERS, 0)}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -153,8 +143,8 @@ def run_method(method: str, seed: int, args: argparse.Namespace) -> dict:
             {
                 "step": record["step"],
                 "acc": record["greedy_acc"],
-                "student_flops": student_flops(row, args.student_params),
-                "teacher_flops": teacher_flops(row, args.teacher_params),
+                "student_flops": flops.student(row),
+                "teacher_flops": flops(row)["teacher_flops"],
             }
         )
     return {
@@ -163,7 +153,7 @@ def run_method(method: str, seed: int, args: argparse.Namespace) -> dict:
         "seed": seed,
         "curve": curve,
         "reused": reused,
-        "teacher_flops_total": teacher_flops(rows[max(rows)], args.teacher_params),
+        "teacher_flops_total": flops(rows[max(rows)])["teacher_flops"],
     }
 
 

@@ -105,11 +105,6 @@ def accuracy(model_dir: Path | str, cfg: Config, size: int, **options) -> dict:
     )
 
 
-def params(model_dir: Path | str) -> int:
-    model, _ = load_model(ModelSpec(path=str(model_dir)))
-    return sum(p.numel() for p in model.parameters())
-
-
 def header(title: str, started: float) -> list[str]:
     """The report's first lines: the command, when, at which commit, on what machine, how long."""
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
