@@ -156,10 +156,30 @@ def test_eval_and_tasks_on_the_builtin_task(tmp_path):
         ),
         (("eval", "--model", "/nonexistent", "--task", "addition"), "/nonexistent does not exist"),
         (("report", "/nonexistent"), "not a run directory"),
+        (("demo", "--budget-flops", "0"), "--budget-flops must be > 0"),
     ],
 )
 def test_bad_input_is_one_clear_sentence(tmp_path, args, message):
     _one_clear_sentence(opd(*args, cwd=tmp_path), message)
+
+
+def test_demo_gives_every_method_the_same_flop_budget_and_records_it(tmp_path):
+    from opdistill.cli.demo import run_demo
+
+    summary = run_demo(tmp_path / "demo", 3e9, seed=0, eval_n=20, prompts=16, show_progress=False)
+    assert summary["budget_flops"] == 3e9 and summary["train_prompts"] == 16
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["budget_flops"] == 3e9
+    for name in ("opd", "sft", "sft_pool"):
+        rows = [
+            json.loads(line) for line in (tmp_path / "demo" / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        # each run stopped at the first step past the budget, and the summary counts what metrics.jsonl does
+        assert rows[-1]["flops"] >= 3e9 > rows[-2]["flops"]
+        assert summary["compute"][name]["flops"] == pytest.approx(rows[-1]["flops"])
+    assert (
+        summary["compute"]["sft_pool"]["steps"] > summary["compute"]["opd"]["steps"]
+    )  # its steps are cheaper
+    assert (tmp_path / "demo" / "report.html").is_file()
 
 
 def test_malformed_data_line_and_tokenizer_mismatch(tmp_path, reverse_task):

@@ -11,6 +11,8 @@ from pathlib import Path
 from opdistill.config import describe
 from opdistill.errors import UserError
 
+DEMO_BUDGET = 7.2e11  # about 400 OPD steps of 64 prompts: docs/science.md S1, 256 prompts
+
 EPILOG = """config keys, as section.field=value overrides or YAML sections
 (e.g. train.steps=100 optim.lr=3e-4), with their defaults:"""
 
@@ -22,7 +24,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="OPD vs SFT baselines on the shipped tiny models (CPU, minutes)")
     demo.add_argument("--out", default="", help="run directory (default runs/demo-<date>-<time>)")
-    demo.add_argument("--budget", type=float, default=60.0, help="training seconds per method (default 60)")
+    demo.add_argument(
+        "--budget-flops",
+        type=float,
+        default=DEMO_BUDGET,
+        help=f"counted training FLOPs per method, student + teacher (default {DEMO_BUDGET:.2g})",
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--eval-n", type=int, default=1000, help="held-out problems for the final table")
     demo.add_argument("--teacher", type=Path, help="teacher model directory (default: the shipped teacher)")
@@ -30,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
         "--student", type=Path, help="student warm start directory (default: the shipped student)"
     )
     demo.add_argument(
-        "--prompts", type=int, default=0, help="train every method on only N prompts (default: all)"
+        "--prompts",
+        type=int,
+        default=256,
+        help="train every method on the same N prompts (default 256; 0: a fresh problem every time)",
     )
 
     for name, text in (
@@ -209,7 +219,7 @@ def _demo(args) -> int:
     from opdistill.cli.demo import run_demo
 
     run_dir = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
-    run_demo(run_dir, args.budget, args.seed, args.eval_n, args.teacher, args.student, args.prompts)
+    run_demo(run_dir, args.budget_flops, args.seed, args.eval_n, args.teacher, args.student, args.prompts)
     return 0
 
 

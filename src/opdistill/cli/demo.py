@@ -1,11 +1,12 @@
-"""`opd demo`: on-policy distillation vs two SFT baselines at equal training time, from shipped assets.
+"""`opd demo`: on-policy distillation vs two SFT baselines at equal compute, from shipped assets.
 
-Three runs share one recipe (recipes/demo.yaml), one student warm start, one teacher and one budget of
-training seconds (evaluation excluded):
+Three runs share one recipe (recipes/demo.yaml), one student warm start, one teacher, the same few training
+prompts (256 by default: the regime where OPD wins, docs/science.md S1) and one budget of counted FLOPs,
+student and teacher (observe/flops.py), so the table does not depend on the machine's speed:
   opd       the student samples, the teacher scores every token (full-vocabulary reverse KL)
-  sft       SFT on *fresh* teacher completions generated every step; the teacher's generation is paid
-            per example, as it would be with a large teacher
-  sft_pool  SFT on a cached pool of teacher completions reused for many epochs (making the pool counts)
+  sft       SFT on *fresh* teacher samples (temperature 1) of the step's prompts, paid every step
+  sft_pool  SFT on a cached pool of the teacher's greedy completions reused for many epochs (making the
+            pool counts)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from opdistill.errors import UserError
 from opdistill.models import load_model
 from opdistill.observe.diagnostics import gap_recovery
 from opdistill.observe.evaluate import evaluate
+from opdistill.observe.flops import FlopCounter
 from opdistill.observe.report import write_report
 from opdistill.training import loop
 
@@ -31,8 +33,8 @@ ASSETS = resources.files("opdistill") / "assets"
 RUNS = {
     "opd": ("student samples, teacher scores every token", {"objective": {"type": "full_rkl"}}),
     "sft": (
-        "SFT, fresh teacher samples every step",
-        {"objective": {"type": "sft"}, "data": {"completions": "teacher"}},
+        "SFT, fresh teacher samples (T=1) every step",
+        {"objective": {"type": "sft"}, "data": {"completions": "teacher", "teacher_temperature": 1.0}},
     ),
     "sft_pool": (
         "SFT, cached teacher pool reused",
@@ -48,20 +50,28 @@ def asset_dir(name: str) -> Path:
     return path
 
 
+# FLOPs per token of each method's step, in units of (student N, teacher N): train 6N (+2N sampling on
+# policy), the teacher 2N per token it scores or writes; used only to space each run's evaluations
+COST = {"opd": (8, 2), "sft": (6, 2), "sft_pool": (6, 0)}
+EVALS = 6
+
+
 def run_demo(
     run_dir: Path,
-    budget_s: float,
+    budget_flops: float,
     seed: int,
     eval_n: int,
     teacher: Path | None = None,
     student: Path | None = None,
-    prompts: int = 0,
+    prompts: int = 256,
     show_progress: bool = True,
 ) -> dict:
     started = time.perf_counter()
     console = Console(stderr=True)
     if not console.is_terminal:  # logs and pipes: wide enough that the table does not wrap
         console = Console(stderr=True, width=140)
+    if not budget_flops > 0 or prompts < 0:
+        raise UserError(f"--budget-flops must be > 0 and --prompts >= 0, not {budget_flops:g} and {prompts}.")
     if (run_dir / "summary.json").exists():
         raise UserError(f"{run_dir} already holds a demo; choose another --out or remove it.")
     recipe = resources.files("opdistill") / "recipes" / "demo.yaml"
@@ -70,8 +80,7 @@ def run_demo(
         [
             f"student.path={student or asset_dir('addition-student')}",
             f"teacher.path={teacher or asset_dir('addition-teacher')}",
-            f"train.time_budget_s={budget_s}",
-            f"train.eval_every_s={budget_s / 6}",
+            f"train.budget_flops={budget_flops}",
             f"train.seed={seed}",
             *([f"data.n_train_prompts={prompts}", f"data.pool_size={prompts}"] if prompts else []),
         ],
@@ -88,7 +97,7 @@ def run_demo(
 
     summary: dict = {
         "eval_problems": len(test),
-        "budget_s": budget_s,
+        "budget_flops": budget_flops,
         "seed": seed,
         "train_prompts": prompts or None,
     }
@@ -96,18 +105,23 @@ def run_demo(
     summary["student_before_acc"] = accuracy(Path(base.student.path), "student_params")
     console.print(
         f"teacher {summary['teacher_acc']:.3f}, student before {summary['student_before_acc']:.3f} on "
-        f"{len(test)} held-out problems; {budget_s:.0f} s of training per method"
+        f"{len(test)} held-out problems; {budget_flops:.2g} FLOPs of training per method"
+        + (f" on {prompts} prompts" if prompts else "")
     )
     compute = {}
+    flops = FlopCounter(summary["student_params"], summary["teacher_params"])
+    tokens_per_step = base.train.prompts_per_step * base.rollout.n_per_prompt * (max_new + 1)
     for name, (_, sections) in RUNS.items():
-        config = replace(
-            base, **sections, train={**sections.get("train", {}), "out_dir": str(run_dir / name)}
-        )
-        result = loop.run(config, show_progress=show_progress)
+        student_cost, teacher_cost = COST[name]
+        per_token = student_cost * summary["student_params"] + teacher_cost * summary["teacher_params"]
+        steps = budget_flops / (per_token * tokens_per_step)
+        train = {"out_dir": str(run_dir / name), "eval_every": max(1, round(steps / EVALS))}
+        result = loop.run(replace(base, **sections, train=train), show_progress=show_progress)
         if not result["complete"]:  # Ctrl-C: the run checkpointed itself; the comparison is void
             raise KeyboardInterrupt
         summary[f"{name}_acc"] = accuracy(run_dir / name / "final")
         compute[name] = {key: result[key] for key in ("steps", "elapsed_s", *loop.COUNTERS)}
+        compute[name]["flops"] = flops.total(result)
     summary["student_train_tokens"] = {n: c["student_train_tokens"] for n, c in compute.items()}
     summary["teacher_tokens"] = {
         n: c["teacher_scored_tokens"] + c["teacher_generated_tokens"] for n, c in compute.items()
@@ -121,7 +135,7 @@ def run_demo(
     write_report(
         {n: run_dir / n for n in RUNS},
         run_dir,
-        "opdistill demo: OPD vs SFT at equal training time",
+        "opdistill demo: OPD vs SFT at equal compute",
         _html_table(summary),
     )
     console.print(f"run directory {run_dir}: summary.json, report.html ({summary['wall_s']:.0f} s in all)")
@@ -129,22 +143,19 @@ def run_demo(
 
 
 def _rows(summary: dict) -> list[tuple[str, ...]]:
+    blank = ("",) * (len(HEADERS) - 3)
     rows = [
         (
             "teacher",
             f"{summary['teacher_params'] / 1e3:.0f}k params",
             f"{summary['teacher_acc']:.3f}",
-            "",
-            "",
-            "",
+            *blank,
         ),
         (
             "student before",
             f"warm start, {summary['student_params'] / 1e3:.0f}k params",
             f"{summary['student_before_acc']:.3f}",
-            "",
-            "",
-            "",
+            *blank,
         ),
     ]
     for name, (regime, _) in RUNS.items():
@@ -158,20 +169,29 @@ def _rows(summary: dict) -> list[tuple[str, ...]]:
                 "" if gap is None else f"{gap:.0%}",
                 str(c["steps"]),
                 f"{c['student_train_tokens'] / 1e6:.2f}M / {summary['teacher_tokens'][name] / 1e6:.2f}M",
+                f"{c['flops']:.2e}",
+                f"{c['elapsed_s']:.0f} s",
             )
         )
     return rows
 
 
-HEADERS = ("model", "regime", "accuracy", "gap closed", "steps", "tokens student/teacher")
+HEADERS = ("model", "regime", "accuracy", "gap closed", "steps", "tokens student/teacher", "FLOPs", "time")
+
+
+def _budget(summary: dict) -> str:
+    prompts = summary["train_prompts"]
+    return f"{summary['budget_flops']:.2g} FLOPs of training each, " + (
+        f"on the same {prompts} prompts" if prompts else "a fresh prompt every time"
+    )
 
 
 def _table(summary: dict) -> Table:
     table = Table(
-        title=f"greedy accuracy on {summary['eval_problems']} held-out problems, "
-        f"{summary['budget_s']:.0f} s of training each",
+        title=f"greedy accuracy on {summary['eval_problems']} held-out problems, {_budget(summary)}",
         caption="gap closed: (after - before) / (teacher - before) · tokens: through the student's "
-        "forward+backward / generated or scored by the teacher (pool included)",
+        "forward+backward / generated or scored by the teacher (pool included) · time: training, "
+        "evaluation excluded",
     )
     for header in HEADERS:
         table.add_column(header)
