@@ -55,3 +55,29 @@ def test_s1_runs_end_to_end_at_a_tiny_size(science, tmp_path):
     for run_dir in (tmp_path / "runs").iterdir():  # every method stopped on the FLOP budget, not on steps
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         assert last["flops"] >= 1.5e9 and last["step"] < 100_000
+
+
+def test_s2_reads_pass_at_k_from_the_evaluations_and_entropy_rates_from_the_diagnostics(science):
+    common, s2 = science("common"), science("s2_diversity")
+    evals = [
+        {"step": 0, "greedy_acc": 0.7, "pass@1": 0.3, "pass@4": 0.6, "distinct_answers": 2.5},
+        {"step": 9, "greedy_acc": 0.9, "pass@1": 0.8, "pass@4": 0.85, "distinct_answers": 1.2},
+    ]
+    metrics = [
+        {"step": s, "student_high_entropy_rate": s / 100, "teacher_high_entropy_rate": 0.2} for s in range(9)
+    ]
+    metrics.insert(3, {"step": 3})  # a step without diagnostics is not averaged in
+    (row,) = s2.analyse({"rkl": common.Run("rkl", Path("rkl"), {}, metrics, evals)}, k=4)
+    assert row["pass1"] == (0.3, 0.8) and row["passk"] == (0.6, 0.85) and row["distinct"] == (2.5, 1.2)
+    assert row["her"] == pytest.approx(((4 + 5 + 6 + 7 + 8) / 500, 0.2))  # the last five diagnostics steps
+
+
+def test_s2_runs_end_to_end_at_a_tiny_size(science, tmp_path):
+    rows = science("s2_diversity").main(
+        ["--smoke", "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "s2")]
+    )
+    assert [row["method"] for row in rows] == ["rkl", "jsd", "eopd"]
+    assert (tmp_path / "s2.md").read_text().count("|") > 20 and (tmp_path / "s2.png").stat().st_size > 0
+    configs = {d.name: (d / "config.yaml").read_text() for d in (tmp_path / "runs").iterdir()}
+    assert "type: jsd" in configs["jsd"] and "eopd_coef: 1.0" in configs["eopd"]
+    assert "type: full_rkl" in configs["rkl"] and "eopd_coef: 0.0" in configs["rkl"]
