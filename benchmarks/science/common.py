@@ -147,9 +147,11 @@ def pyplot():
     return plt
 
 
-def write(report: Path, lines: list[str], table: list[str]) -> None:
-    """The Markdown report; the table also to stdout."""
+def write(report: Path, title: str, started: float, summary: str, table: list[str]) -> None:
+    """The Markdown report (header, ``summary``, ``table``, the PNG beside it); the table also to stdout."""
     report.parent.mkdir(parents=True, exist_ok=True)
+    png = report.with_suffix(".png").name
+    lines = [*header(title, started), summary, "", *table, "", f"![{title.split(':')[0]}]({png})"]
     report.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(table))
     print(f"wrote {report.with_suffix('.md')} and {report.with_suffix('.png')}")

@@ -166,8 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = analyse(runs, args.prompts)
     lines = table(rows)
     plot(runs, rows, args.prompts, args.report.with_suffix(".png"), teacher_acc)
-    report = [
-        *common.header("S1: compute to SFT's best score, OPD vs SFT on teacher samples", started),
+    summary = (
         f"Budget {args.budget_flops:.2e} FLOPs per run (student + teacher, observe/flops.py); greedy "
         f"accuracy on {args.eval_size} held-out problems (teacher {teacher_acc:.3f}, warm start "
         f"{runs['opd', args.prompts[0]].evals[0]['greedy_acc']:.3f}); seed {args.seed}. Steps (opd / sft / "
@@ -176,13 +175,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{label(p)}: " + " / ".join(str(runs[m, p].result["steps"]) for m in METHODS)
             for p in args.prompts
         )
-        + ".",
-        "",
-        *lines,
-        "",
-        f"![S1]({args.report.with_suffix('.png').name})",
-    ]
-    common.write(args.report, report, lines)
+        + "."
+    )
+    title = "S1: compute to SFT's best score, OPD vs SFT on teacher samples"
+    common.write(args.report, title, started, summary, lines)
     return rows
 
 

@@ -148,18 +148,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = analyse(runs, args.samples)
     lines = table(rows, args.samples)
     plot(runs, args.samples, args.report.with_suffix(".png"))
-    report = [
-        *common.header("S2: diversity under reverse KL, JSD and entropy-aware OPD", started),
+    summary = (
         f"Budget {args.budget_flops:.2e} FLOPs per run; {args.eval_size} held-out problems, {args.samples} "
         f"samples each at T = 1; seed {args.seed}; steps: "
         + ", ".join(f"{m} {runs[m].result['steps']}" for m in METHODS)
-        + ". Arrows: warm start → end of the budget.",
-        "",
-        *lines,
-        "",
-        f"![S2]({args.report.with_suffix('.png').name})",
-    ]
-    common.write(args.report, report, lines)
+        + ". Arrows: warm start → end of the budget."
+    )
+    common.write(
+        args.report, "S2: diversity under reverse KL, JSD and entropy-aware OPD", started, summary, lines
+    )
     return rows
 
 
