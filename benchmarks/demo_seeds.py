@@ -57,7 +57,8 @@ def main() -> None:
         )
     print(
         f"teacher {s['teacher_params'] / 1e3:.0f}k params, student {s['student_params'] / 1e3:.0f}k params, "
-        f"{args.budget_flops:.2g} FLOPs of training per method, {args.prompts or 'unlimited'} training prompts, "
+        f"{args.budget_flops:.2g} FLOPs of training per method, "
+        f"{args.prompts or 'unlimited'} training prompts, "
         f"{s['eval_problems']} held-out problems"
     )
     print(

@@ -20,6 +20,7 @@ from opdistill.observe.diagnostics import (
     high_entropy_rate,
     log_ratio_stats,
     ngram_repeat_mask,
+    no_progress,
     overlap_stats,
     pass_at_k,
     position_buckets,
@@ -270,6 +271,20 @@ def test_gap_recovery_and_alarms():
     assert not rising([1.0, 2.0], evals=3)  # too few evals yet
     with pytest.raises(ValueError):
         rising([1.0, 2.0], evals=1)
+
+
+def test_no_progress_needs_flat_high_kl_and_no_accuracy_gain_over_the_window():
+    def stalled(kl, acc, evals=3):
+        return no_progress(kl, acc, evals, min_kl=0.1, flat=0.2, margin=0.01)
+
+    assert stalled([5.0, 1.0, 1.1, 0.9], [0.5, 0.0, 0.0, 0.005])  # only the last 3 evaluations count
+    assert not stalled([1.0, 1.1, 1.3], [0.0, 0.0, 0.0])  # +30%: not flat
+    assert not stalled([1.0, 0.9, 0.7], [0.0, 0.0, 0.0])  # falling
+    assert not stalled([0.09, 0.09, 0.09], [0.0, 0.0, 0.0])  # near zero: the student follows the teacher
+    assert not stalled([1.0, 1.0, 1.0], [0.0, 0.1, 0.02])  # accuracy rose by 0.02
+    assert not stalled([1.0, 1.0], [0.0, 0.0])  # too few evaluations yet
+    with pytest.raises(ValueError):
+        no_progress([1.0], [0.0], 1, 0.1, 0.2, 0.01)
 
 
 def test_pass_k_ladder_doubles_up_to_n():

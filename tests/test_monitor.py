@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -16,12 +17,15 @@ def _record(step, **overrides):
     return {**healthy, **overrides}
 
 
-def _run(records, eval_every=2, state=None):
-    """Names of the alarms fired, in order, over a stream of step records."""
+def _run(records, eval_every=2, state=None, accuracy=None):
+    """Names of the alarms fired, in order, over a stream of step records; ``accuracy(step)`` is the
+    held-out accuracy of each evaluation (none by default)."""
     state = monitor.AlarmState() if state is None else state
     names = []
     for record in records:
-        for message in monitor.alarms(record, state, evaluated=record["step"] % eval_every == 0):
+        evaluated = record["step"] % eval_every == 0
+        acc = accuracy(record["step"]) if evaluated and accuracy is not None else None
+        for message in monitor.alarms(record, state, evaluated=evaluated, accuracy=acc):
             names.append(message.split(":")[0])
     return names
 
@@ -130,3 +134,38 @@ def test_the_truncation_alarm_names_the_budget_an_episode_ran_out_of():
     records = [_record(step, truncation_rate=0.9, turns=7.0) for step in (1, 2, 3)]
     messages = [m for r in records for m in monitor.alarms(r, state, evaluated=False)]
     assert len(messages) == 1 and "env.max_turns" in messages[0] and "max_new_tokens" not in messages[0]
+
+
+def _stalled(steps, kl=lambda step: 0.7, noise=0.05):
+    """A failing OPD run: teacher_kl around ``kl(step)``, its per-evaluation mean (one evaluation every 2
+    steps) wobbling by ``noise``."""
+    return [_record(s, teacher_kl=kl(s) + noise * (-1) ** ((s + 1) // 2)) for s in range(1, steps + 1)]
+
+
+def test_no_progress_trips_once_when_teacher_kl_stays_flat_and_high_and_accuracy_does_not_rise():
+    stalled = _stalled(20)  # 10 evaluations
+    assert _run(stalled, accuracy=lambda step: 0.0) == ["no_progress"]
+    state = monitor.AlarmState()
+    messages = [m for r in stalled[:8] for m in monitor.alarms(r, state, r["step"] % 2 == 0, 0.0)]
+    assert len(messages) == 1 and "cold_start" in messages[0]  # at the 4th evaluation, with what to try
+    assert _run(stalled) == []  # no accuracy, no verdict (an SFT-like stream or a run without a test set)
+
+
+def test_no_progress_stays_quiet_while_the_student_learns_or_the_kl_is_low_or_falling():
+    assert _run(_stalled(20), accuracy=lambda step: 0.02 * step) == []  # accuracy rises
+    assert _run(_stalled(20, kl=lambda step: 0.05, noise=0.01), accuracy=lambda step: 0.0) == []  # near 0
+    falling = _stalled(20, kl=lambda step: 2.0 / step, noise=0.0)
+    assert _run(falling, accuracy=lambda step: 0.0) == []  # teacher_kl falls: the student follows
+
+
+def test_no_progress_survives_a_resume():
+    state = monitor.AlarmState()
+    assert _run(_stalled(6), state=state, accuracy=lambda step: 0.0) == []  # 3 evaluations
+    resumed = monitor.AlarmState(**dataclasses.asdict(copy.deepcopy(state)))  # as the checkpoint carries it
+    rest = _stalled(12)[6:]
+    assert _run(rest, state=resumed, accuracy=lambda step: 0.0) == ["no_progress"]
+    assert _run(rest, state=resumed, accuracy=lambda step: 0.0) == []
+    old = {
+        k: v for k, v in dataclasses.asdict(state).items() if k != "acc_per_eval"
+    }  # saved before the alarm
+    assert monitor.AlarmState(**old).acc_per_eval == []

@@ -273,3 +273,24 @@ def rising(values: Sequence[float], evals: int) -> bool:
     if evals < 2:
         raise ValueError(f"rising needs evals >= 2 to compare values, got {evals}")
     return len(values) >= evals and all(a < b for a, b in pairwise(values[-evals:]))
+
+
+def no_progress(
+    kl_per_eval: Sequence[float],
+    acc_per_eval: Sequence[float],
+    evals: int,
+    min_kl: float,
+    flat: float,
+    margin: float,
+) -> bool:
+    """The failing OPD regime (math.md §11.1, §11.4: failing runs stall from the start): over the last
+    ``evals`` evaluations the mean teacher_kl is flat, its relative change first → last under ``flat``,
+    and far from zero, every value above ``min_kl``, while the accuracy rose by at most ``margin``. The
+    two histories are read from their ends (entry i of each belongs to the same evaluation); False while
+    either holds fewer than ``evals`` values."""
+    if evals < 2:
+        raise ValueError(f"no_progress needs evals >= 2 to compare values, got {evals}")
+    if len(kl_per_eval) < evals or len(acc_per_eval) < evals:
+        return False
+    kl, acc = kl_per_eval[-evals:], acc_per_eval[-evals:]
+    return min(kl) > min_kl and abs(kl[-1] - kl[0]) < flat * kl[0] and acc[-1] - acc[0] <= margin

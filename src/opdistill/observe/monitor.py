@@ -26,6 +26,10 @@ MIN_TEACHER_HER = 0.02  # [D] a teacher high-entropy rate below this is too smal
 TRUNCATION_STEPS = 3  # [D] steps in a row with most responses truncated before the alarm
 RISING_EVALS = 3  # [D] evaluations in a row with rising teacher_kl before the alarm
 TRAP_RATE = 0.25  # [D] share of responses in a KL agreement trap that trips the alarm
+STALL_EVALS = 4  # [D] evaluations over which teacher_kl stays flat and high and accuracy does not rise
+STALL_MIN_KL = 0.1  # [D] nats/token: a mean teacher_kl above this is far from zero
+STALL_FLAT = 0.2  # [D] a relative change of teacher_kl under this over the window is flat
+STALL_MARGIN = 0.01  # [D] a rise in held-out accuracy up to this over the window is no progress
 
 
 @torch.no_grad()
@@ -117,17 +121,21 @@ class AlarmState:
     truncation_history: list[float] = field(default_factory=list)  # the last TRUNCATION_STEPS rates
     kl_since_eval: list[float] = field(default_factory=list)  # teacher_kl of each step since the last eval
     kl_per_eval: list[float] = field(default_factory=list)  # the mean teacher_kl between evaluations
+    acc_per_eval: list[float] = field(default_factory=list)  # the last STALL_EVALS evaluation accuracies
 
 
-def alarms(record: dict, state: AlarmState, evaluated: bool) -> list[str]:
+def alarms(record: dict, state: AlarmState, evaluated: bool, accuracy: float | None = None) -> list[str]:
     """Alarms that trip for the first time at this step, each as "name: message" (math.md §13; each
-    trips once per run); ``state`` is updated with this step.
+    trips once per run); ``state`` is updated with this step. ``accuracy``: the held-out accuracy of the
+    evaluation made at this step, if any.
 
     non_finite: the step's loss or gradient was not finite (the step was skipped) · diversity_collapse: the
     student's high-entropy-token rate is under half the teacher's at the same states (math.md §13.1) ·
     truncation_collapse: most responses hit the length cap for several steps (StableOPD's length inflation,
     math.md §13.5) · teacher_kl_rising: the mean teacher_kl between evaluations rose for several evaluations ·
-    kl_agreement_trap: a quarter or more of the responses end in a KAT trap (math.md §7.6)."""
+    no_progress: the mean teacher_kl stayed flat and far above zero and the accuracy did not rise for several
+    evaluations (math.md §11.4, §13.6) · kl_agreement_trap: a quarter or more of the responses end in a KAT
+    trap (math.md §7.6)."""
     tripped = state.tripped
     fired: list[str] = []
 
@@ -188,4 +196,19 @@ def alarms(record: dict, state: AlarmState, evaluated: bool) -> list[str]:
                     f"the mean teacher_kl rose over the last {RISING_EVALS} evaluations: "
                     f"{', '.join(f'{v:.3g}' for v in per_eval[-RISING_EVALS:])}.",
                 )
+            if accuracy is not None:
+                accs = state.acc_per_eval
+                accs[:] = [*accs, accuracy][-STALL_EVALS:]
+                if diagnostics.no_progress(
+                    per_eval, accs, STALL_EVALS, STALL_MIN_KL, STALL_FLAT, STALL_MARGIN
+                ):
+                    trip(
+                        "no_progress",
+                        f"over the last {STALL_EVALS} evaluations the mean teacher_kl stayed flat near "
+                        f"{per_eval[-1]:.3g} nats/token and the accuracy did not rise ({accs[0]:.3g} → "
+                        f"{accs[-1]:.3g}): the student may be unable to follow the teacher (too small, a "
+                        "format or thinking pattern it does not share, or a teacher with nothing new to "
+                        "teach). Try an off-policy cold start (cold_start.samples), teacher-aligned prompt "
+                        "selection (data.select_fraction) or a larger student.",
+                    )
     return fired

@@ -211,7 +211,8 @@ def _run(
                 if evaluated:
                     last_eval = _evaluate_and_log(config, student, tokenizer, task, run_dir, state, world)
                     board.log("eval", last_eval)
-                for message in monitor.alarms(record, state.alarms, evaluated):  # each printed once, kept
+                accuracy = last_eval.get("greedy_acc") if evaluated else None  # for no_progress
+                for message in monitor.alarms(record, state.alarms, evaluated, accuracy):  # each once, kept
                     bar.note(f"alarm at step {step + 1}: {message}")
                     log.write("alarms", {"step": step + 1, "alarm": message})
                 bar.update(state.step, _spent(train, record), _bar_fields(record, last_eval))
