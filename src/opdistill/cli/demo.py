@@ -144,7 +144,7 @@ def run_demo(
 
 def _rows(summary: dict) -> list[tuple[str, ...]]:
     blank = ("",) * (len(HEADERS) - 3)
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             "teacher",
             f"{summary['teacher_params'] / 1e3:.0f}k params",
