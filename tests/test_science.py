@@ -81,3 +81,18 @@ def test_s2_runs_end_to_end_at_a_tiny_size(science, tmp_path):
     configs = {d.name: (d / "config.yaml").read_text() for d in (tmp_path / "runs").iterdir()}
     assert "type: jsd" in configs["jsd"] and "eopd_coef: 1.0" in configs["eopd"]
     assert "type: full_rkl" in configs["rkl"] and "eopd_coef: 0.0" in configs["rkl"]
+
+
+def test_s4_runs_the_base_then_opsd_from_it_and_scores_both_views(science, tmp_path):
+    rows = science("s4_opsd").main(
+        ["--smoke", "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "s4")]
+    )
+    assert [row["regime"] for row in rows] == ["rule", "answer"]
+    for row in rows:
+        assert {"hidden_before", "hidden_after", "shown_before", "shown_after"} <= row.keys()
+    report = (tmp_path / "s4.md").read_text()
+    assert report.count("|") > 12 and (tmp_path / "s4.png").stat().st_size > 0
+    runs = tmp_path / "runs"
+    base, opsd = (runs / "rule_base" / "config.yaml").read_text(), (runs / "rule" / "config.yaml").read_text()
+    assert "shown: true" in base and "mix_plain: 0.5" in base  # the base learns to follow the shown context
+    assert str(runs / "rule_base" / "final") in opsd and "teacher: frozen" in opsd  # OPSD starts from it
