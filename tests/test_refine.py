@@ -148,6 +148,13 @@ def test_prefix_cut_and_continuation_match_an_independent_teacher(addition_setup
     assert any(t == len(d) for t, d in zip(cuts, drafts, strict=True))  # and a row left alone
     assert metrics["trd_prefix_kept"] == pytest.approx(sum(shares) / len(shares))
     assert metrics["trd_refined"] == sum(t < len(d) for t, d in zip(cuts, drafts, strict=True)) / len(rows)
+    # the teacher's tokens (FLOPs): its pass over every row, then prefill and continuation of each cut row
+    # (generated together up to the largest row's budget)
+    cut_pass = sum(len(p) + len(d) for p, d in zip(prompts, drafts, strict=True))
+    cut_rows = [b for b, (t, d) in enumerate(zip(cuts, drafts, strict=True)) if t < len(d)]
+    least = cut_pass + sum(len(prompts[b]) + len(outputs[b]) for b in cut_rows)
+    most = cut_pass + sum(len(prompts[b]) + MAX_NEW for b in cut_rows)
+    assert least <= metrics["teacher_generated_tokens"] <= most
     assert torch.equal(refined.prompt_ids_BP, rollout.prompt_ids_BP)
     assert_sampler_layout(refined, eos, tokenizer.pad_token_id, MAX_NEW)
 

@@ -122,8 +122,11 @@ def test_each_objective_lowers_its_own_divergence_against_a_fixed_teacher(tmp_pa
     assert sum(values[-5:]) / 5 < 0.85 * sum(values[:3]) / 3, values
     if "skd_topk" in objective:  # SKD logs its acceptance rate; some proposals are kept, some replaced
         assert all(0 < r["skd_acceptance"] < 1 for r in rows), [r["skd_acceptance"] for r in rows]
+        # and its FLOPs count the teacher reading each rollout once while verifying, as when it scores it
+        assert rows[-1]["teacher_generated_tokens"] == rows[-1]["teacher_scored_tokens"] > 0
     if "trd.mode" in objective:  # TRD refines part of the rollouts, keeping a prefix of each
         assert any(r["trd_refined"] > 0 for r in rows) and all(0 <= r["trd_prefix_kept"] <= 1 for r in rows)
+        assert rows[-1]["teacher_generated_tokens"] > rows[-1]["teacher_scored_tokens"]  # cuts + rewrites
     assert (tmp_path / "run" / "config.yaml").is_file() and (
         tmp_path / "run" / "final" / "model.safetensors"
     ).is_file()

@@ -8,7 +8,8 @@ for the head's matmul). Per token:
              2N x prompt prefill          the sampler's prompt pass: on-policy the trained rows are the
                                           sampled rows, so it is student_train_tokens - student_sampled_tokens
     teacher  2N x teacher_scored_tokens   scoring forwards over prompt + completion
-             2N x teacher_generated_tokens  generation (SFT targets, pools, cold start), prefill included
+             2N x teacher_generated_tokens  generation (SFT targets, pools, cold start, TRD's refinements)
+                                            and SKD's token-by-token verification, prefill included
 
 Attention-score FLOPs (about 4 x layers x context x hidden a token) are left out, as in the 6N rule, and so
 are extra no-grad student forwards (diagnostics, TIP, pruning) and evaluation: what is counted is what a

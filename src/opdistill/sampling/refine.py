@@ -35,7 +35,9 @@ Metrics (floats, shares of the batch's rows): ``trd_refined`` (trained on y_r), 
 ``trd_pass_to_fail`` (y_o failed and y_r passed / y_o passed and y_r failed, whichever the row keeps: the
 second is the leakage the paper tracks; only rows with a verifier, an answer and y_r ≠ y_o count),
 ``trd_nll_rejected`` (y_r rejected by the support check, whether or not the verifier kept it) and, in prefix
-mode, ``trd_prefix_kept`` (mean share of y_o's tokens kept before the cut; 1.0 when nothing is cut).
+mode, ``trd_prefix_kept`` (mean share of y_o's tokens kept before the cut; 1.0 when nothing is cut); and the
+counter ``teacher_generated_tokens``: the tokens the teacher read and wrote (the pass that finds the cuts and
+the continuations, or the rewrites), which the run's FLOPs count (observe/flops.py).
 """
 
 from __future__ import annotations
@@ -78,13 +80,16 @@ def refine(
     metrics: dict[str, float] = {}
     if settings.mode == "prefix":
         cut_B = prefix_cuts(teacher, rollout, settings.cut_topk).tolist()
-        refined = continue_prefixes(
+        refined, written_tokens = continue_prefixes(
             teacher, tokenizer, prompts, drafts, cut_B, max_new_tokens, settings.temperature, generator
         )
+        written_tokens += int(rollout.attention_mask.sum())  # the pass that finds the cuts
         kept_B = [t / max(len(d), 1) for t, d in zip(cut_B, drafts, strict=True)]
         metrics["trd_prefix_kept"] = sum(kept_B) / len(kept_B)
     elif settings.mode == "prompt":
-        refined = rewrite_drafts(teacher, tokenizer, rows, drafts, settings, max_new_tokens, generator)
+        refined, written_tokens = rewrite_drafts(
+            teacher, tokenizer, rows, drafts, settings, max_new_tokens, generator
+        )
     else:
         raise ValueError(f"refine needs trd.mode prefix or prompt, got {settings.mode!r}")
     refined = [through_first_end(ids[:max_new_tokens], end_ids(tokenizer)) for ids in refined]
@@ -126,6 +131,7 @@ def refine(
         trd_fail_to_pass=fail_to_pass / n,
         trd_pass_to_fail=pass_to_fail / n,
         trd_nll_rejected=rejected / n,
+        teacher_generated_tokens=written_tokens,
     )
     return layout(rollout, completions, sampler_logp, tokenizer, max_new_tokens), metrics
 
@@ -158,15 +164,15 @@ def continue_prefixes(
     max_new_tokens: int,
     temperature: float,
     generator: torch.Generator | None,
-) -> list[list[int]]:
-    """Per row y_o[:t] ⊕ the teacher's continuation of prompt ⊕ y_o[:t] (at most ``max_new_tokens - t`` new
-    tokens), or y_o itself where t is the whole of y_o. One batched ``generate`` over the rows that are cut:
-    a row's tokens do not depend on the budget, so clipping each row to its own budget afterwards gives what
-    a call per row would."""
+) -> tuple[list[list[int]], int]:
+    """(per row y_o[:t] ⊕ the teacher's continuation of prompt ⊕ y_o[:t] (at most ``max_new_tokens - t`` new
+    tokens), or y_o itself where t is the whole of y_o; the tokens the teacher read and wrote doing it). One
+    batched ``generate`` over the rows that are cut: a row's tokens do not depend on the budget, so clipping
+    each row to its own budget afterwards gives what a call per row would."""
     cut_rows = [b for b, t in enumerate(cut_B) if t < len(drafts[b]) and t < max_new_tokens]
     refined = [list(d) for d in drafts]
     if not cut_rows:
-        return refined
+        return refined, 0
     budget = {b: max_new_tokens - cut_B[b] for b in cut_rows}
     continued = sample_prompts(
         teacher,
@@ -180,7 +186,7 @@ def continue_prefixes(
     for row, b in enumerate(cut_rows):
         tail = continued.tokens_BT[row][continued.loss_mask_BT[row]].tolist()
         refined[b] = drafts[b][: cut_B[b]] + tail[: budget[b]]
-    return refined
+    return refined, int(continued.attention_mask.sum())
 
 
 def rewrite_drafts(
@@ -191,10 +197,11 @@ def rewrite_drafts(
     settings: TrdConfig,
     max_new_tokens: int,
     generator: torch.Generator | None,
-) -> list[list[int]]:
-    """Per row the teacher's answer to ``settings.template`` filled with the example's last turn and the
+) -> tuple[list[list[int]], int]:
+    """(per row the teacher's answer to ``settings.template`` filled with the example's last turn and the
     decoded draft, as the token ids it sampled with the shared tokenizer (through its end token where it
-    ended); a row whose teacher ran out of budget without writing any text keeps its draft."""
+    ended); the tokens the teacher read and wrote). A row whose teacher ran out of budget without writing any
+    text keeps its draft."""
     examples = [
         teacher_example(ex, completion_text(tokenizer, d), settings.template)
         for ex, d in zip(rows, drafts, strict=True)
@@ -214,7 +221,7 @@ def rewrite_drafts(
     ):
         # cut off by the budget, it did not end, so neither does y_r; without any text there is none
         refined.append(list(draft) if truncated and not completion_text(tokenizer, ids) else ids)
-    return refined
+    return refined, int(written.attention_mask.sum())
 
 
 def teacher_example(example: Example, draft: str, template: str) -> Example:

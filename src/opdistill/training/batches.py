@@ -246,8 +246,8 @@ def roll_out(
         "truncation_rate": diagnostics.truncation_rate(rollout.truncated_B),
         "student_sampled_tokens": int(rollout.loss_mask_BT.sum()),
     }
-    if guide is not None:
-        metrics.update(guide.stats())
+    if guide is not None:  # the teacher read every prompt and sampled token once, through its KV cache
+        metrics.update(guide.stats(), teacher_generated_tokens=int(rollout.attention_mask.sum()))
     if context.engine is not None:  # optimizer steps the engine's weights are behind the student's
         metrics["rollout_lag"] = step - context.engine.synced_step
     metrics.update(episode_metrics)
