@@ -23,9 +23,7 @@ class RunState:
     student_train_tokens: int = 0  # tokens the student's loss ran over
     student_sampled_tokens: int = 0  # tokens the student sampled
     teacher_scored_tokens: int = 0  # tokens the teacher scored
-    teacher_generated_tokens: int = (
-        0  # tokens the teacher read to write (SFT targets, pools, cold start, SKD, TRD)
-    )
+    teacher_generated_tokens: int = 0  # tokens the teacher read to write (SFT targets, pools, SKD, TRD)
     kat_ema: float | None = None  # KAT's running threshold (weighting.kat)
     alarms: AlarmState = field(default_factory=AlarmState)
 
