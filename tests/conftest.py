@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -70,3 +74,15 @@ def gemma_tokenizer_dir():
     from opdistill.convert import fetch
 
     return fetch("gemma3-270m-tokenizer", Path(__file__).parents[1] / "build" / "models")
+
+
+@pytest.fixture(scope="module")
+def science():
+    """``science(name)`` imports an experiment of benchmarks/science/ (docs/science.md); torch's thread count
+    is put back afterwards, since the scripts set their own."""
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks" / "science")
+    sys.path.insert(0, folder)
+    threads = torch.get_num_threads()
+    yield importlib.import_module
+    torch.set_num_threads(threads)
+    sys.path.remove(folder)

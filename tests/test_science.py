@@ -3,21 +3,10 @@ end and their accounting is right. Their outcomes are measured by the scripts, n
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-SCIENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "science"
-
-
-@pytest.fixture(scope="module")
-def science():
-    sys.path.insert(0, str(SCIENCE))
-    yield lambda name: importlib.import_module(name)
-    sys.path.remove(str(SCIENCE))
 
 
 def _run(common, name: str, evals: list[tuple[int, float, float, float]]):

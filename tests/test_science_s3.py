@@ -4,23 +4,12 @@ the script, not asserted here."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-SCIENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "science"
-
-
-@pytest.fixture(scope="module")
-def science():
-    sys.path.insert(0, str(SCIENCE))
-    yield lambda name: importlib.import_module(name)
-    sys.path.remove(str(SCIENCE))
 
 
 def test_compare_gives_the_cosine_and_the_relative_error(science):

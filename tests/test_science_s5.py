@@ -4,21 +4,10 @@ is measured by the script, not asserted here."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-SCIENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "science"
-
-
-@pytest.fixture(scope="module")
-def science():
-    sys.path.insert(0, str(SCIENCE))
-    yield lambda name: importlib.import_module(name)
-    sys.path.remove(str(SCIENCE))
 
 
 def _diagnostics(step: int, bins: list[float | None], **extra) -> dict:

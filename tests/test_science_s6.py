@@ -4,12 +4,9 @@ prefixes, and the experiment's machinery at a tiny size. Its outcome is measured
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import random
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,15 +14,12 @@ from opdistill.data.tasks import load_task
 from opdistill.data.tasks.addition import problem, with_corrections, wrong_sum
 from opdistill.errors import UserError
 
-SCIENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "science"
 STEP = re.compile(r"(\d)\+(\d)\+(\d)=(?:(\d\d)=)?(\d\d)")  # a step, with its wrong sum if corrected
 
 
 @pytest.fixture(scope="module")
-def s6():
-    sys.path.insert(0, str(SCIENCE))
-    yield importlib.import_module("s6_correction")
-    sys.path.remove(str(SCIENCE))
+def s6(science):
+    return science("s6_correction")
 
 
 def _digest(stream, n: int = 2000) -> str:

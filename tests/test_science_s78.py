@@ -4,29 +4,15 @@ and both scripts end to end at a tiny size. Their outcomes are measured by the s
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
-import torch
 
 from opdistill.data.tasks import load_task
 from opdistill.data.tasks.addition import problem
-
-SCIENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "science"
-
-
-@pytest.fixture(scope="module")
-def science():
-    sys.path.insert(0, str(SCIENCE))
-    threads = torch.get_num_threads()
-    yield lambda name: importlib.import_module(name)
-    torch.set_num_threads(threads)  # the scripts set theirs (--threads 1 here: tiny models, a shared machine)
-    sys.path.remove(str(SCIENCE))
 
 
 def test_swap_off_is_todays_task_and_on_swaps_every_step_with_the_same_answers():
