@@ -4,6 +4,7 @@ report header (command, commit, machine) and the plot setup. Each experiment is 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -27,6 +28,29 @@ from opdistill.training import loop
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "src" / "opdistill" / "recipes" / "demo.yaml"
 THREADS = 2
+
+
+def parser(doc: str | None, name: str, smoke: str = "tiny: a few steps each") -> argparse.ArgumentParser:
+    """The options every experiment takes (--seed, --out, --report, --override, --smoke). ``name`` is its
+    script's: for s2_diversity the runs go to runs/science/s2 and the report to
+    benchmarks/science/s2_diversity.md."""
+    options = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    options.add_argument("--seed", type=int, default=0)
+    options.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/science") / name.split("_")[0],
+        help="the run directories; finished runs there are reused",
+    )
+    options.add_argument(
+        "--report",
+        type=Path,
+        default=REPO / "benchmarks" / "science" / name,
+        help="the Markdown report (REPORT.md) and its plot (REPORT.png)",
+    )
+    options.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
+    options.add_argument("--smoke", action="store_true", help=smoke)
+    return options
 
 
 def assets() -> list[str]:

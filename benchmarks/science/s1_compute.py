@@ -139,18 +139,11 @@ def plot(runs, rows, prompts, path: Path, teacher_acc: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__, "s1_compute", smoke="tiny: 2 prompt counts, a few steps each")
     parser.add_argument("--prompts", type=int, nargs="+", default=[64, 256, 1024, 0])
     parser.add_argument("--budget-flops", type=float, default=7.2e11, help="per run: about 400 OPD steps")
     parser.add_argument("--evals", type=int, default=16, help="evaluations per run")
     parser.add_argument("--eval-size", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/science/s1"))
-    parser.add_argument("--report", type=Path, default=common.REPO / "benchmarks" / "science" / "s1_compute")
-    parser.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
-    parser.add_argument("--smoke", action="store_true", help="tiny: 2 prompt counts, a few steps each")
     args = parser.parse_args(argv)
     if args.smoke:
         args.prompts, args.budget_flops, args.evals, args.eval_size = [8, 0], 1.5e9, 2, 20

@@ -125,20 +125,11 @@ def plot(runs: dict[str, common.Run], k: int, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__, "s2_diversity")
     parser.add_argument("--budget-flops", type=float, default=7.2e11, help="per run: about 400 steps")
     parser.add_argument("--evals", type=int, default=8, help="evaluations per run")
     parser.add_argument("--eval-size", type=int, default=300)
     parser.add_argument("--samples", type=int, default=8, help="samples per problem: pass@1 .. pass@k")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/science/s2"))
-    parser.add_argument(
-        "--report", type=Path, default=common.REPO / "benchmarks" / "science" / "s2_diversity"
-    )
-    parser.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
-    parser.add_argument("--smoke", action="store_true", help="tiny: a few steps each")
     args = parser.parse_args(argv)
     if args.smoke:
         args.budget_flops, args.evals, args.eval_size, args.samples = 2e9, 2, 10, 2

@@ -340,9 +340,7 @@ def plot(
 
 
 def main(argv: list[str] | None = None) -> tuple[dict[Key, tuple[float, float]], list[dict]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__, "s3_topk_bias", smoke="tiny: one small batch, two K, a few steps")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 18], help="(A) top-K widths")
     parser.add_argument("--batches", type=int, default=4, help="(A) fixed batches to average over")
     parser.add_argument("--prompts", type=int, default=64, help="(A) prompts per fixed batch")
@@ -350,13 +348,6 @@ def main(argv: list[str] | None = None) -> tuple[dict[Key, tuple[float, float]],
     parser.add_argument("--budget-flops", type=float, default=5.4e11, help="(B) per run: about 300 steps")
     parser.add_argument("--evals", type=int, default=8, help="(B) evaluations per run")
     parser.add_argument("--eval-size", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/science/s3"))
-    parser.add_argument(
-        "--report", type=Path, default=common.REPO / "benchmarks" / "science" / "s3_topk_bias"
-    )
-    parser.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
-    parser.add_argument("--smoke", action="store_true", help="tiny: one small batch, two K, a few steps")
     args = parser.parse_args(argv)
     if args.smoke:
         args.ks, args.batches, args.prompts = [2, 18], 1, 4

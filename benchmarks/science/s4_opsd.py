@@ -14,7 +14,6 @@ teacher-KL through OPSD, against the self-teacher's accuracy.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -107,20 +106,15 @@ def plot(runs: dict[str, common.Run], rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__, "s4_opsd")
     parser.add_argument(
         "--base-steps", type=int, default=800, help="SFT steps of the base (context-following)"
     )
     parser.add_argument("--steps", type=int, default=200, help="OPSD steps")
     parser.add_argument("--eval-size", type=int, default=1000, help="held-out problems (1,000: all of them)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/science/s4"))
-    parser.add_argument("--report", type=Path, default=common.REPO / "benchmarks" / "science" / "s4_opsd")
-    parser.add_argument("--smoke", action="store_true", help="tiny: a few steps each")
     args = parser.parse_args(argv)
     tiny = ["train.prompts_per_step=8", "train.eval_size=10"] if args.smoke else []
+    tiny += args.override
     if args.smoke:
         args.base_steps, args.steps, args.eval_size = 3, 3, 10
     started = time.perf_counter()

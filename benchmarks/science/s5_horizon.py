@@ -311,9 +311,7 @@ def plot(runs: dict[str, common.Run], labels: dict[str, str], topk: int, path: P
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__, "s5_horizon")
     parser.add_argument(
         "--budget-flops", type=float, default=7.2e11, help="per run: about 400 full-length steps"
     )
@@ -324,11 +322,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-size", type=int, default=1000)
     parser.add_argument("--prompts-per-step", type=int, default=64)
     parser.add_argument("--diagnostics-every", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/science/s5"))
-    parser.add_argument("--report", type=Path, default=common.REPO / "benchmarks" / "science" / "s5_horizon")
-    parser.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
-    parser.add_argument("--smoke", action="store_true", help="tiny: a few steps each")
     args = parser.parse_args(argv)
     if args.smoke:
         args.budget_flops, args.evals, args.eval_size, args.prompts_per_step = 6e8, 1, 10, 8

@@ -263,30 +263,19 @@ def plot(curves: dict[str, list[dict]], teacher: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__, "s6_correction")
     parser.add_argument("--budget-flops", type=float, default=5.4e11, help="per run: about 300 steps")
     parser.add_argument(
         "--corrections", type=float, default=0.3, help="the teacher's share of corrected steps"
     )
     parser.add_argument("--evals", type=int, default=5, help="checkpoints measured per run")
     parser.add_argument("--eval-size", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=common.THREADS, help="torch threads (1 on a machine shared by others)"
-    )
-    parser.add_argument("--out", type=Path, default=Path("runs/science/s6"))
-    parser.add_argument(
-        "--report", type=Path, default=common.REPO / "benchmarks" / "science" / "s6_correction"
-    )
-    parser.add_argument(
-        "--override", nargs="*", default=[], help="extra config overrides for every student run"
     )
     parser.add_argument(
         "--teacher-override", nargs="*", default=[], help="extra overrides for the teacher's SFT"
     )
-    parser.add_argument("--smoke", action="store_true", help="tiny: a few steps each")
     args = parser.parse_args(argv)
     if args.smoke:
         args.budget_flops, args.evals, args.eval_size = 6e8, 1, 8

@@ -19,7 +19,6 @@ aligns).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -111,10 +110,7 @@ def plot(runs: dict[str, common.Run], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    s8.add_arguments(parser, "s7_shared_mass")
+    parser = s8.options(__doc__, "s7_shared_mass")
     args = parser.parse_args(argv)
     s8.prepare(args)
     started = time.perf_counter()

@@ -220,29 +220,26 @@ def teacher_accuracy(dirs: dict[str, Path], cfg: Config, size: int) -> dict[str,
     return {name: common.accuracy(path, cfg, size)["greedy_acc"] for name, path in dirs.items()}
 
 
-def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+def options(doc: str | None, name: str) -> argparse.ArgumentParser:
     """The options S7 and S8 share."""
+    parser = common.parser(doc, name)
     parser.add_argument("--budget-flops", type=float, default=7.2e11, help="per run: about 400 steps")
     parser.add_argument("--evals", type=int, default=8, help="evaluations per run")
     parser.add_argument("--eval-size", type=int, default=300)
     parser.add_argument("--diagnostics-every", type=int, default=5, help="steps between diagnostics")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cold-samples", type=int, default=1024, help="swap_cold: cold_start.samples")
     parser.add_argument(
         "--select-fraction", type=float, default=0.25, help="swap_select: data.select_fraction"
     )
-    parser.add_argument("--out", type=Path, default=Path(f"runs/science/{name.split('_')[0]}"))
     parser.add_argument(
         "--teachers",
         type=Path,
         help="where the teachers are trained (runs/science/teachers; --smoke: OUT/teachers)",
     )
-    parser.add_argument("--report", type=Path, default=common.REPO / "benchmarks" / "science" / name)
-    parser.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
     parser.add_argument(
         "--threads", type=int, default=common.THREADS, help="torch threads (1 on a machine shared by others)"
     )
-    parser.add_argument("--smoke", action="store_true", help="tiny: a few steps each")
+    return parser
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -265,10 +262,7 @@ def prepare(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser, "s8_conditions")
+    parser = options(__doc__, "s8_conditions")
     args = parser.parse_args(argv)
     prepare(args)
     started = time.perf_counter()
