@@ -28,6 +28,9 @@ from opdistill.training import loop
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "src" / "opdistill" / "recipes" / "demo.yaml"
 THREADS = 2
+OPD_STEP_FLOPS = (
+    (8 * 33_504 + 2 * 133_008) * 64 * 53
+)  # one OPD step of the shipped pair: 64 rows of 53 tokens
 
 
 def parser(doc: str | None, name: str, smoke: str = "tiny: a few steps each") -> argparse.ArgumentParser:
@@ -51,6 +54,12 @@ def parser(doc: str | None, name: str, smoke: str = "tiny: a few steps each") ->
     options.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
     options.add_argument("--smoke", action="store_true", help=smoke)
     return options
+
+
+def budget(flops: float, evals: int, step_flops: float = OPD_STEP_FLOPS) -> list[str]:
+    """Overrides that stop a run at ``flops`` and evaluate it about ``evals`` times on the way, for a method
+    whose step costs about ``step_flops``."""
+    return [f"train.budget_flops={flops}", f"train.eval_every={max(1, round(flops / step_flops / evals))}"]
 
 
 def assets() -> list[str]:

@@ -44,15 +44,13 @@ PRICES = (1, 10, 100)  # the teacher's FLOPs re-priced at this multiple of the s
 
 
 def run_config(out: Path, method: str, prompts: int, args: argparse.Namespace):
-    steps = args.budget_flops / (COST[method] * TOKENS_PER_STEP)
     return common.config(
         out / f"{method}-p{prompts}",
         [
             *METHODS[method][1],
             f"data.n_train_prompts={prompts}",
             f"data.pool_size={prompts or 4096}",
-            f"train.budget_flops={args.budget_flops}",
-            f"train.eval_every={max(1, round(steps / args.evals))}",
+            *common.budget(args.budget_flops, args.evals, COST[method] * TOKENS_PER_STEP),
             f"train.eval_size={args.eval_size}",
             f"train.seed={args.seed}",
             *args.override,

@@ -32,17 +32,14 @@ METHODS = {
     "eopd": ("entropy-aware (EOPD)", ["objective.type=full_rkl", "weighting.eopd_coef=1.0"]),
 }
 COLORS = {"rkl": "tab:blue", "jsd": "tab:orange", "eopd": "tab:green"}
-STEP_FLOPS = (8 * 33_504 + 2 * 133_008) * 64 * 53  # one step of any of them with the shipped pair
 
 
 def run_config(out: Path, method: str, args: argparse.Namespace):
-    steps = args.budget_flops / STEP_FLOPS
     return common.config(
         out / method,
         [
             *METHODS[method][1],
-            f"train.budget_flops={args.budget_flops}",
-            f"train.eval_every={max(1, round(steps / args.evals))}",
+            *common.budget(args.budget_flops, args.evals),
             f"train.eval_size={args.eval_size}",
             f"train.eval_samples={args.samples}",
             "train.diagnostics_every=10",

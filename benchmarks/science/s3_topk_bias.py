@@ -78,7 +78,6 @@ COLORS = {
     "tail": "tab:orange",
     "pg": "tab:purple",
 }  # by variant; in (B) the teacher's support is dashed
-STEP_FLOPS = (8 * 33_504 + 2 * 133_008) * 64 * 53  # one step of full_rkl with the shipped pair
 Key = tuple[str, str, int]  # (support, variant, K)
 
 
@@ -221,13 +220,11 @@ def run_config(out: Path, name: str, args: argparse.Namespace) -> Config:
             f"objective.topk_variant={variant}",
             f"objective.topk_support={support}",
         ]
-    steps = args.budget_flops / STEP_FLOPS
     return common.config(
         out / name,
         [
             *objective,
-            f"train.budget_flops={args.budget_flops}",
-            f"train.eval_every={max(1, round(steps / args.evals))}",
+            *common.budget(args.budget_flops, args.evals),
             f"train.eval_size={args.eval_size}",
             f"train.seed={args.seed}",
             *args.override,

@@ -67,7 +67,6 @@ COLORS = {
     "swap_select": "tab:purple",
     "tiny": "tab:brown",
 }
-STEP_FLOPS = (8 * 33_504 + 2 * 133_008) * 64 * 53  # one step of the shipped pair
 
 
 def teacher_dirs(root: Path, names: set[str], smoke: bool = False) -> dict[str, Path]:
@@ -97,14 +96,12 @@ def teacher_dirs(root: Path, names: set[str], smoke: bool = False) -> dict[str, 
 def run_config(out: Path, name: str, teacher: Path, overrides: list[str], args: argparse.Namespace) -> Config:
     """One run: the demo's recipe from the shipped student, ``teacher``, the budget, evaluations and the
     diagnostics at top-``K``."""
-    steps = args.budget_flops / STEP_FLOPS
     return common.config(
         out / name,
         [
             f"teacher.path={teacher}",
             *(override.format_map(vars(args)) for override in overrides),
-            f"train.budget_flops={args.budget_flops}",
-            f"train.eval_every={max(1, round(steps / args.evals))}",
+            *common.budget(args.budget_flops, args.evals),
             f"train.eval_size={args.eval_size}",
             f"train.diagnostics_every={args.diagnostics_every}",
             f"objective.topk={K}",
