@@ -72,11 +72,14 @@ def run(
     (checkpointed, resumable) — the same as an interruption, used to test resume. Under ``torchrun`` every
     rank runs this; rank 0 logs and checkpoints (distributed.py)."""
     world = distributed.init(config.train.prompts_per_step)
+    finished = False
     try:
         with contextlib.ExitStack() as closing:  # a vLLM engine is closed before the process group goes
-            return _run(config, world, resume, stop_after, show_progress and world.is_main, closing)
+            summary = _run(config, world, resume, stop_after, show_progress and world.is_main, closing)
+        finished = True
+        return summary
     finally:
-        distributed.shutdown()
+        distributed.shutdown(finished)
 
 
 def _run(
