@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,20 @@ def science():
     yield importlib.import_module
     torch.set_num_threads(threads)
     sys.path.remove(folder)
+
+
+TALLY: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="session")
+def tally() -> Counter[str]:
+    """Counts the reliability tests add to (``tally["fuzz_mutants"] += n``): printed at the end of the run,
+    the figures of docs/reliability.md."""
+    return TALLY
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if TALLY:
+        counts = "  ".join(f"{name}: {TALLY[name]}" for name in sorted(TALLY))
+        terminalreporter.write_sep("-", "reliability")
+        terminalreporter.write_line(counts)

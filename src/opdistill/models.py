@@ -169,6 +169,13 @@ def load_model(spec: ModelSpec, corpus: Iterable[str] = (), seed: int = 0):
     return set_attention(fit_vocabulary(model, tokenizer, path), spec.attention), tokenizer
 
 
+def check_context(model, new_tokens: int, what: str) -> None:
+    """A UserError when ``new_tokens`` (a completion length) exceed the positions ``model`` was built for."""
+    limit = getattr(model.config, "max_position_embeddings", 0)
+    if limit and new_tokens > limit:
+        raise UserError(f"{what}={new_tokens} is longer than the model's context of {limit} positions.")
+
+
 def fit_vocabulary(model, tokenizer, path: Path):
     """``model`` with exactly one logit row per token of ``tokenizer``. Checkpoints often pad their
     embedding rows (Qwen2.5 0.5B-3B have 151,936, 7B and up 152,064, for 151,665 tokens): the padding rows

@@ -243,7 +243,7 @@ def _eval(args) -> int:
     from opdistill.data.examples import EVAL_SPLITS, read_examples
     from opdistill.data.rendering import encode_completion
     from opdistill.data.tasks import RegexVerifier, function_verifier
-    from opdistill.models import load_model
+    from opdistill.models import check_context, load_model
     from opdistill.observe.evaluate import evaluate
 
     if args.task:
@@ -263,6 +263,7 @@ def _eval(args) -> int:
     if not max_new:
         lengths = [len(encode_completion(tokenizer, ex.completion)) for ex in examples if ex.completion]
         max_new = max(lengths) + 8 if lengths else 256
+    check_context(model, max_new, "--max-new-tokens")
     shown: list = []
     result = evaluate(
         model,
@@ -292,7 +293,7 @@ def _generate(args) -> int:
 
     from opdistill.config import ModelSpec
     from opdistill.data.examples import read_examples, write_jsonl
-    from opdistill.models import load_model
+    from opdistill.models import check_context, load_model
     from opdistill.sampling.generate import generate
 
     out = Path(args.out)
@@ -311,6 +312,7 @@ def _generate(args) -> int:
     else:
         examples = read_examples(args.data)[: args.limit or None]
     model, tokenizer = load_model(ModelSpec(path=args.model))
+    check_context(model, args.max_new_tokens, "--max-new-tokens")
     kept, counts = generate(
         model,
         tokenizer,

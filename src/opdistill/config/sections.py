@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -323,8 +324,14 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm (0 = off)
 
     def __post_init__(self):
-        if self.lr < 0:
+        if not self.lr >= 0 or self.lr == math.inf:  # also refuses NaN
             raise UserError(f"optim.lr={self.lr} must be positive (or 0: chosen by the student's size).")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise UserError(f"optim.betas={list(self.betas)} must both be in [0, 1), e.g. [0.9, 0.98].")
+        if not (0 <= self.weight_decay < math.inf and 0 <= self.grad_clip < math.inf):
+            raise UserError("optim.weight_decay and optim.grad_clip must be 0 (off) or positive.")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise UserError("optim.warmup_steps must be 0 or more and optim.min_lr_ratio in [0, 1].")
 
     def for_student(self, parameters: int, lora: bool) -> OptimConfig:
         """The config with ``lr`` chosen where it is 0: 1e-3 for students under 10M parameters (the tiny
@@ -365,8 +372,17 @@ class TrainConfig:
             raise UserError("train.steps and train.prompts_per_step must be at least 1.")
         if self.chunk_tokens < 1 or self.eval_batch_tokens < 1:
             raise UserError("train.chunk_tokens and train.eval_batch_tokens must be at least 1.")
-        if not (self.time_budget_s >= 0 and self.budget_flops >= 0):  # also refuses NaN
-            raise UserError("train.time_budget_s and train.budget_flops must be 0 (no limit) or positive.")
+        if not (self.time_budget_s >= 0 and self.budget_flops >= 0 and self.eval_every_s >= 0):  # refuses NaN
+            raise UserError(
+                "train.time_budget_s, train.budget_flops and train.eval_every_s must be 0 (off) or positive."
+            )
+        counts = ("micro_batch_size", "eval_every", "eval_samples", "save_every", "keep_checkpoints")
+        counts += ("max_bad_steps", "diagnostics_every", "threads")
+        for name in counts:
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be 0 or more; got {getattr(self, name)}.")
+        if self.eval_size < 1:
+            raise UserError("train.eval_size must be at least 1: the final evaluation's problems.")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +34,34 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoints/step_N`` atomically; ``model_state`` is the full state dict of a sharded model."""
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step}"
-    tmp = root / f".step_{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp, model_state)
-    torch.save(state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+
+    def write(path: Path) -> None:
+        save_model(model, tokenizer, path, model_state)
+        torch.save(state, path / STATE_FILE)
+
+    final = publish(root / f"step_{step}", write)
     _write_atomic(root / "latest", final.name)
     for old in sorted(root.glob("step_*"), key=_step_of)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def publish(final: Path, write: Callable[[Path], None]) -> Path:
+    """Have ``write`` fill a temporary directory beside ``final``, then rename it into place: ``final`` is
+    whole or absent at every moment. A failed write (a full disk, no permission) removes the temporary
+    directory and says so in one sentence; whatever was there before is untouched."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = err.strerror or str(err)
+        raise UserError(f"cannot write {final} ({reason}); the checkpoints written before it are intact.") from None
     return final
 
 
@@ -59,7 +76,7 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / STATE_FILE, weights_only=False)
+    return torch.load(path / STATE_FILE, weights_only=True)  # tensors and plain data: no code runs
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:
@@ -68,7 +85,9 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
 
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= max_step]
+    text = path.read_text()
+    lines = text.split("\n")[:-1]  # a last line without its newline was cut by a kill mid-write: dropped
+    kept = [line for line in lines if line and json.loads(line)["step"] <= max_step]
     _write_atomic(path, "".join(line + "\n" for line in kept))
 
 

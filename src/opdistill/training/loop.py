@@ -24,7 +24,7 @@ from opdistill.config import Config, TrainConfig, save_config
 from opdistill.data.rendering import use_chat_settings
 from opdistill.data.tasks import Task, corpus_text, task_from_config
 from opdistill.errors import UserError
-from opdistill.models import load_model, load_student, save_model
+from opdistill.models import check_context, load_model, load_student, save_model
 from opdistill.objectives import shaping
 from opdistill.objectives.registry import OBJECTIVES
 from opdistill.observe import monitor
@@ -37,7 +37,13 @@ from opdistill.sampling.vllm_engine import VllmEngine
 from opdistill.teachers.base import run_teachers
 from opdistill.teachers.local import LocalTeacher, ema_update
 from opdistill.training import batches, distributed
-from opdistill.training.checkpoint import latest_checkpoint, load_state, save_checkpoint, truncate_jsonl
+from opdistill.training.checkpoint import (
+    latest_checkpoint,
+    load_state,
+    publish,
+    save_checkpoint,
+    truncate_jsonl,
+)
 from opdistill.training.coldstart import cold_start, disjoint
 from opdistill.training.distributed import World
 from opdistill.training.state import RunState
@@ -97,11 +103,13 @@ def _run(
         torch.set_num_threads(train.threads)
     task = task_from_config(config.data, train.seed)
     checkpoint, saved = _open_run_directory(config, run_dir, world, resume)
+    resume = checkpoint is not None
     state = RunState.from_dict(saved) if resume else RunState()
 
     # a fresh model gets a character tokenizer over the task's text (read only when one is built)
     corpus = () if config.student.path or checkpoint else corpus_text(task)
     student, tokenizer = load_student(config.student, config.lora, corpus, train.seed, checkpoint)
+    check_context(student, config.rollout.max_new_tokens, "rollout.max_new_tokens")
     world.place(student).train()
     use_chat_settings(tokenizer, config.data.chat_template_kwargs, config.data.max_prompt_tokens)
     parameters = sum(p.numel() for p in student.parameters())
@@ -163,7 +171,7 @@ def _run(
     previous_handlers = {
         sig: signal.signal(sig, lambda *_: stop_requested.append(True)) for sig in STOP_SIGNALS
     }
-    last_eval: dict[str, float] = {}
+    last_eval = _logged_eval(run_dir, state.step) if resume else {}  # (a resume after the final one)
     session_steps = 0
     title = f"{'distill' if distills else 'sft'} {run_dir.name}"
     bar = ProgressBar(title, train.steps, state.step, *_budget(train)) if show_progress else NullProgress()
@@ -235,7 +243,8 @@ def _run(
         last_eval = _evaluate_and_log(config, student, tokenizer, task, run_dir, state, world)
     model_state = save()
     if world.is_main:
-        save_model(student, tokenizer, run_dir / "final", model_state and dict(model_state))
+        state_dict = model_state and dict(model_state)
+        publish(run_dir / "final", lambda path: save_model(student, tokenizer, path, state_dict))
     world.barrier()
     return {
         "out": str(run_dir),
@@ -264,10 +273,17 @@ def _rollout_engine(config: Config, student, step: int, world: World) -> VllmEng
 def _open_run_directory(
     config: Config, run_dir: Path, world: World, resume: bool
 ) -> tuple[Path | None, dict]:
-    """The checkpoint to resume from and what it saved (logs cut back to its step), or none for a new run;
-    a new run refuses a directory that already holds one. Writes the resolved config."""
+    """The checkpoint to resume from and what it saved (logs cut back to its step), or none for a new run or
+    one resumed before its first checkpoint; a new run refuses a directory that already holds one. Writes the
+    resolved config."""
     checkpoint, saved = None, {}
-    if resume:
+    started = (run_dir / "config.yaml").is_file()
+    if resume and started and not (run_dir / "checkpoints" / "latest").is_file():
+        if world.is_main:  # stopped before its first checkpoint: nothing to keep, so it starts again
+            print(f"no checkpoint yet in {run_dir}: starting again from step 0.", file=sys.stderr)
+            for name in LOGS:
+                truncate_jsonl(run_dir / name, 0)
+    elif resume:
         checkpoint = latest_checkpoint(run_dir)
         saved = load_state(checkpoint)
         for name in LOGS if world.is_main else ():
@@ -331,6 +347,13 @@ def _eval_due(config: Config, state: RunState, step_s: float) -> bool:
     return bool(train.eval_every_s) and (state.elapsed_s // train.eval_every_s) > (
         (state.elapsed_s - step_s) // train.eval_every_s
     )
+
+
+def _logged_eval(run_dir: Path, step: int) -> dict:
+    """The evaluation logged at ``step``, if any: a run resumed from its last checkpoint has its final one."""
+    path = run_dir / "eval.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    return next((row for row in rows if row["step"] == step), {})
 
 
 def _evaluate_and_log(

@@ -99,6 +99,22 @@ def _builtin() -> dict[str, tuple[str, Callable[..., tuple[Stream, list[Example]
     }
 
 
+def _check_options(task: str, build: Callable, options: dict[str, Any]) -> None:
+    """Each of ``options`` is a keyword of the task's ``build`` with a value of its default's type (an int
+    does for a float)."""
+    parameters = {name: p.default for name, p in inspect.signature(build).parameters.items() if name != "seed"}
+    for key, value in options.items():
+        if key not in parameters:
+            choices = ", ".join(parameters) or "none"
+            raise UserError(f"data.task_options.{key} is not an option of task {task!r} (its options: {choices}).")
+        kind = type(parameters[key])
+        if not (type(value) is kind or (kind is float and type(value) is int)):
+            raise UserError(
+                f"data.task_options.{key} must be a {kind.__name__}, like its default {parameters[key]!r}; "
+                f"got {value!r}."
+            )
+
+
 def task_names() -> dict[str, str]:
     """Built-in task name -> one-line description."""
     return {name: desc for name, (desc, _) in _builtin().items()}
@@ -124,8 +140,10 @@ def load_task(
             raise UserError(
                 f"unknown task {task!r}; built-in tasks: {', '.join(builtin)} (or give data.train_file)."
             )
+        build = builtin[task][1]
+        _check_options(task, build, task_options or {})
         try:
-            train, test, verify = builtin[task][1](seed=seed, **(task_options or {}))
+            train, test, verify = build(seed=seed, **(task_options or {}))
         except TypeError as err:
             raise UserError(f"bad data.task_options for task {task!r}: {err}.") from None
     else:
