@@ -255,7 +255,10 @@ def _eval(args) -> int:
     examples = examples[: args.limit or None]
     if not examples:
         raise UserError("no problems to evaluate.")
-    ks = [int(k) for k in args.k.split(",") if k] if args.n else []
+    try:
+        ks = [int(k) for k in args.k.split(",") if k] if args.n else []
+    except ValueError:
+        raise UserError(f"--k {args.k!r} must be whole numbers separated by commas, e.g. 1,4,16.") from None
     if any(not 1 <= k <= args.n for k in ks):
         raise UserError(f"every --k must be between 1 and --n ({args.n}); got {args.k}.")
     model, tokenizer = load_model(ModelSpec(path=args.model))

@@ -9,6 +9,7 @@ import difflib
 import functools
 import inspect
 import itertools
+import math
 import re
 import types
 import typing
@@ -124,9 +125,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             raise UserError(f"{where} must be a float; got {value!r}.") from None
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where} must be a finite number; got {value!r}.")
     if hint is str and value is None:
         return ""
     if hint in (int, float, str, bool) and (type(value) is not hint):

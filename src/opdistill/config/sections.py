@@ -97,8 +97,10 @@ class DataConfig:
                 f"data.columns maps example fields ({', '.join(EXAMPLE_FIELDS)}) to column names, e.g. "
                 f"{{prompt: question}}; got {self.columns!r}."
             )
-        if self.shuffle_buffer < 1:
-            raise UserError("data.shuffle_buffer must be at least 1.")
+        if self.shuffle_buffer < 1 or self.pool_size < 1:
+            raise UserError("data.shuffle_buffer and data.pool_size must be at least 1.")
+        if self.n_train_prompts < 0 or self.teacher_temperature < 0:
+            raise UserError("data.n_train_prompts and data.teacher_temperature must be 0 or more.")
         if not 0 <= self.select_fraction <= 1 or not 0 <= self.select_mix <= 1 or self.select_topk < 1:
             raise UserError(
                 "data.select_fraction and data.select_mix must be in [0, 1] and data.select_topk at least 1."
@@ -501,6 +503,9 @@ class ColdStartConfig:
             raise UserError(f"cold_start.require={self.require!r} does not compile: {err}.") from None
 
 
+MAX_SEQUENCES = 1_000_000  # sequences one step (or pool, or cold start) may hold: past it, memory runs out
+
+
 @dataclass(frozen=True)
 class Config:
     student: ModelSpec = field(default_factory=ModelSpec)
@@ -520,6 +525,15 @@ class Config:
 
     def __post_init__(self):
         objective, weighting, rollout = self.objective, self.weighting, self.rollout
+        sizes = {
+            "train.prompts_per_step x rollout.n_per_prompt": self.train.prompts_per_step * rollout.n_per_prompt,
+            "data.pool_size": self.data.pool_size,
+            "cold_start.samples": self.cold_start.samples,
+            "cold_start.prompts_per_step": self.cold_start.prompts_per_step,
+        }
+        for name, size in sizes.items():
+            if size > MAX_SEQUENCES:
+                raise UserError(f"{name} = {size:,} sequences is more than one step holds ({MAX_SEQUENCES:,}).")
         # what puts tokens into a batch that the student did not sample
         not_sampled = [
             name
