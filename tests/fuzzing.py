@@ -119,7 +119,8 @@ def bounded(raw: dict, work: Path) -> dict:
     data file that is not on this machine replaced by the shipped assets or ``work/addition.jsonl``."""
     tree = copy.deepcopy(raw)
     specs = [tree.get("student") or {}, tree.get("teacher") or {}, *(tree.get("teachers") or {}).values()]
-    for spec, asset in zip(specs, ["addition-student", "addition-teacher", *["addition-student"] * 9]):
+    assets = ["addition-student", "addition-teacher"] + ["addition-student"] * (len(specs) - 2)
+    for spec, asset in zip(specs, assets, strict=True):
         if spec.get("path"):
             spec["path"] = str(ROOT / spec["path"] if (ROOT / spec["path"]).exists() else ASSETS / asset)
         if spec.get("url"):
@@ -190,7 +191,9 @@ def option_mutants(commands: dict[str, list[str]]) -> list[Mutant]:
     mutants = []
     for name, argv in commands.items():
         options = [i for i, arg in enumerate(argv) if arg.startswith("--")]
-        positionals = [i for i in range(1, len(argv)) if not argv[i].startswith("--") and i - 1 not in options]
+        positionals = [
+            i for i in range(1, len(argv)) if not argv[i].startswith("--") and i - 1 not in options
+        ]
         for i in options + positionals:
             value_at = i + 1 if i in options else i
             for fault, value in VALUES.items():

@@ -37,38 +37,38 @@ def work(tmp_path_factory) -> Path:
     (root / "addition.jsonl").write_text(
         '{"prompt": "12+34=", "answer": "46"}\n{"prompt": "50+21=", "answer": "71"}\n'
     )
-    config = bounded(yaml.safe_load((ASSETS.parents[2] / "configs" / "distill_addition.yaml").read_text()), root)
-    outcome = play(Mutant("base", ("distill", "--config", "config.yaml"), yaml.safe_dump(config)), root, DEADLINE)
+    config = bounded(
+        yaml.safe_load((ASSETS.parents[2] / "configs" / "distill_addition.yaml").read_text()), root
+    )
+    outcome = play(
+        Mutant("base", ("distill", "--config", "config.yaml"), yaml.safe_dump(config)), root, DEADLINE
+    )
     assert outcome.kind == "ran", outcome.stderr
     return root
 
 
 def commands(work: Path) -> dict[str, list[str]]:
     """A base command line per subcommand that runs in seconds (``report`` reads the finished run)."""
-    data = str(work / "addition.jsonl")
-    return {
-        "eval": ["eval", "--model", STUDENT, "--task", "addition", "--task-option", "digits=2", "--limit", "4",
-                 "--max-new-tokens", "24", "--n", "2", "--k", "1,2", "--temperature", "1.0", "--seed", "0",
-                 "--show", "1"],
-        "eval-data": ["eval", "--model", STUDENT, "--data", data, "--answer-regex", "\\d+", "--limit", "2"],
-        "generate": ["generate", "--model", TEACHER, "--task", "addition", "--task-option", "digits=2",
-                     "--split", "train", "--limit", "2", "--out", "gen.jsonl", "--n", "1", "--temperature", "0.5",
-                     "--top-p", "0.9", "--max-new-tokens", "24", "--require", ">", "--max-retries", "1",
-                     "--seed", "0"],
-        "generate-data": ["generate", "--model", TEACHER, "--data", data, "--out", "gen.jsonl",
-                          "--max-new-tokens", "24"],
-        "report": ["report", str(work / "run"), "--out", "report"],
-        "serve-teacher": ["serve-teacher", "--model", TEACHER, "--host", "127.0.0.1", "--port", "0",
-                          "--max-tokens", "512", "--max-batch-tokens", "1024", "--max-topk", "8",
-                          "--chunk-tokens", "256", "--dtype", "float32", "--device", "cpu"],
-        "demo": ["demo", "--out", "demo", "--budget-flops", "3e9", "--eval-n", "4", "--prompts", "8",
-                 "--seed", "0"],
-    }  # fmt: skip
+    data, run = work / "addition.jsonl", work / "run"
+    lines = {
+        "eval": f"eval --model {STUDENT} --task addition --task-option digits=2 --limit 4 "
+        "--max-new-tokens 24 --n 2 --k 1,2 --temperature 1.0 --seed 0 --show 1",
+        "eval-data": f"eval --model {STUDENT} --data {data} --answer-regex \\d+ --limit 2",
+        "generate": f"generate --model {TEACHER} --task addition --task-option digits=2 --split train "
+        "--limit 2 --out gen.jsonl --n 1 --temperature 0.5 --top-p 0.9 --max-new-tokens 24 --require > "
+        "--max-retries 1 --seed 0",
+        "generate-data": f"generate --model {TEACHER} --data {data} --out gen.jsonl --max-new-tokens 24",
+        "report": f"report {run} --out report",
+        "serve-teacher": f"serve-teacher --model {TEACHER} --host 127.0.0.1 --port 0 --max-tokens 512 "
+        "--max-batch-tokens 1024 --max-topk 8 --chunk-tokens 256 --dtype float32 --device cpu",
+        "demo": "demo --out demo --budget-flops 3e9 --eval-n 4 --prompts 8 --seed 0",
+    }
+    return {name: line.split() for name, line in lines.items()}
 
 
 def campaign(work: Path, sample: dict[str, int] | None, seed: int) -> collections.Counter[str]:
-    """Play the mutants (a seeded sample of each kind, or all) and count outcomes; the failures' names and
-    last lines of stderr come back in the counter's ``failures`` list attribute."""
+    """Play the mutants (a seeded sample of each kind, or all) and count their outcomes; fails listing every
+    mutant that ended in a traceback, a hang or an unclear exit, with the end of its stderr."""
     rng = random.Random(seed)
     pools = {"config": config_mutants(rng, work)}
     for mutant in option_mutants(commands(work)):

@@ -162,8 +162,9 @@ def config_keys() -> Iterator[tuple[str, str, str, str]]:
 
 @functools.cache
 def describe() -> str:
-    """Every config key with its default and its comment, one per line (for ``--help``). Made once per process:
-    reading the comments parses sections.py (a tenth of a second), and both training commands show it."""
+    """Every config key with its default and its comment, one per line (for ``--help``). Made once per
+    process: reading the comments parses sections.py (a tenth of a second), and both training commands show
+    it."""
     return "\n".join(f"  {key}={default}  {comment}".rstrip() for _, key, default, comment in config_keys())
 
 

@@ -526,14 +526,17 @@ class Config:
     def __post_init__(self):
         objective, weighting, rollout = self.objective, self.weighting, self.rollout
         sizes = {
-            "train.prompts_per_step x rollout.n_per_prompt": self.train.prompts_per_step * rollout.n_per_prompt,
+            "train.prompts_per_step x rollout.n_per_prompt": self.train.prompts_per_step
+            * rollout.n_per_prompt,
             "data.pool_size": self.data.pool_size,
             "cold_start.samples": self.cold_start.samples,
             "cold_start.prompts_per_step": self.cold_start.prompts_per_step,
         }
         for name, size in sizes.items():
             if size > MAX_SEQUENCES:
-                raise UserError(f"{name} = {size:,} sequences is more than one step holds ({MAX_SEQUENCES:,}).")
+                raise UserError(
+                    f"{name} = {size:,} sequences is more than one step holds ({MAX_SEQUENCES:,})."
+                )
         # what puts tokens into a batch that the student did not sample
         not_sampled = [
             name

@@ -61,7 +61,9 @@ def publish(final: Path, write: Callable[[Path], None]) -> Path:
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = err.strerror or str(err)
-        raise UserError(f"cannot write {final} ({reason}); the checkpoints written before it are intact.") from None
+        raise UserError(
+            f"cannot write {final} ({reason}); the checkpoints written before it are intact."
+        ) from None
     return final
 
 

@@ -101,8 +101,8 @@ def init(prompts_per_step: int) -> World:
 
 def shutdown(finished: bool) -> None:
     """Tear the process group down. A rank that ``finished`` first waits for every rank, so no rank closes
-    its connections while a peer still works (once, in CI, a gloo rank aborted at exit while its peer was still writing);
-    a rank leaving on an error does not wait for peers that may never come."""
+    its connections while a peer still works (once, in CI, a gloo rank aborted at exit while its peer was
+    still writing); a rank leaving on an error does not wait for peers that may never come."""
     if dist.is_initialized():
         if finished:
             dist.barrier()

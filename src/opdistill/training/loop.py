@@ -282,7 +282,7 @@ def _open_run_directory(
         if world.is_main:  # stopped before its first checkpoint: nothing to keep, so it starts again
             print(f"no checkpoint yet in {run_dir}: starting again from step 0.", file=sys.stderr)
             for name in LOGS:
-                truncate_jsonl(run_dir / name, 0)
+                truncate_jsonl(run_dir / name, -1)  # the step-0 evaluation included
     elif resume:
         checkpoint = latest_checkpoint(run_dir)
         saved = load_state(checkpoint)

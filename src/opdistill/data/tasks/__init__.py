@@ -102,11 +102,14 @@ def _builtin() -> dict[str, tuple[str, Callable[..., tuple[Stream, list[Example]
 def _check_options(task: str, build: Callable, options: dict[str, Any]) -> None:
     """Each of ``options`` is a keyword of the task's ``build`` with a value of its default's type (an int
     does for a float)."""
-    parameters = {name: p.default for name, p in inspect.signature(build).parameters.items() if name != "seed"}
+    signature = inspect.signature(build).parameters
+    parameters = {name: p.default for name, p in signature.items() if name != "seed"}
     for key, value in options.items():
         if key not in parameters:
             choices = ", ".join(parameters) or "none"
-            raise UserError(f"data.task_options.{key} is not an option of task {task!r} (its options: {choices}).")
+            raise UserError(
+                f"data.task_options.{key} is not an option of task {task!r} (its options: {choices})."
+            )
         kind = type(parameters[key])
         if not (type(value) is kind or (kind is float and type(value) is int)):
             raise UserError(
