@@ -152,7 +152,10 @@ class RemoteTeacher:
             }
             if at_rows is not None:
                 body["at_ids"] = [at_rows[b] for b in chunk]
-            return self._call("POST", "/score", body)["sequences"]
+            answer = self._call("POST", "/score", body).get("sequences")
+            if not (isinstance(answer, list) and len(answer) == len(chunk)):
+                raise UserError(f"the teacher at {self.url} answered /score without one result per sequence.")
+            return answer
 
         return [seq for part in self._map(send, chunks) for seq in part]
 
@@ -199,11 +202,27 @@ class RemoteTeacher:
             "at_logprobs": signal.given_logp_BTK,
             "entropy": signal.entropy_BT,
         }
+        asked = [name for name, target in targets.items() if target is not None]
         for b, seq in scored.items():
+            if not isinstance(seq, dict):
+                raise UserError(
+                    f"the teacher at {self.url} sent {seq!r:.40} for sequence {b}, not an object."
+                )
+            missing = [name for name in asked if name not in seq]
+            if missing:
+                raise UserError(f"the teacher at {self.url} sent no {', '.join(missing)} for sequence {b}.")
             for name, values in seq.items():
                 target = targets.get(name)
-                if target is not None and values:
+                if target is None or not values:
+                    continue
+                try:
                     target[b, : len(values)] = torch.tensor(values, dtype=target.dtype)
+                except (TypeError, ValueError, RuntimeError):  # not numbers, ragged, or the wrong shape
+                    row = "a number" if target.dim() == 2 else f"a row of {target.shape[2]} numbers"
+                    raise UserError(
+                        f"the teacher at {self.url} sent a malformed {name} for sequence {b}: expected {row} "
+                        f"per completion token (at most {T})."
+                    ) from None
         ids = signal.topk_ids_BTK
         if ids is not None and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.width:
             raise UserError(

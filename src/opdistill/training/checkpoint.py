@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from opdistill.errors import UserError
 from opdistill.models import save_model
@@ -58,9 +59,9 @@ def publish(final: Path, write: Callable[[Path], None]) -> Path:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = err.strerror or str(err)
+        reason = getattr(err, "strerror", None) or str(err).removeprefix("Error while serializing: ")
         raise UserError(
             f"cannot write {final} ({reason}); the checkpoints written before it are intact."
         ) from None

@@ -294,8 +294,11 @@ def _open_run_directory(
         )
     world.barrier()  # every rank has looked before rank 0 writes
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, run_dir / "config.yaml")
+        except OSError as err:
+            raise UserError(f"cannot write the run directory {run_dir} ({err.strerror or err}).") from None
     return checkpoint, saved
 
 
