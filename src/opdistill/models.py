@@ -135,13 +135,17 @@ def set_attention(model, attention: str):
     return model
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """The tokenizer of a model directory, left-padding, with a pad token (EOS where it has none) and
-    ``end_ids`` (see ``end_ids``) that include the directory's ``generation_config.json`` end ids."""
+    ``end_ids`` (see ``end_ids``) that include the directory's ``generation_config.json`` end ids. Code in
+    the directory runs only with ``trust_remote_code``."""
     path = Path(path)
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
         raise UserError(f"{path} holds no tokenizer (expected tokenizer.json / tokenizer_config.json).")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer in {path}: {err}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -154,16 +158,32 @@ def load_tokenizer(path: str | Path):
 
 def load_model(spec: ModelSpec, corpus: Iterable[str] = (), seed: int = 0):
     """(model, tokenizer) from ``spec.path``, or a fresh tiny model with the tokenizer of ``spec.tokenizer``
-    (a tokenizer directory) or a character tokenizer over ``corpus``."""
+    (a tokenizer directory) or a character tokenizer over ``corpus``. Weights load from safetensors only
+    (pickled ones can run code when read), and Python code in the directory runs only with
+    ``spec.trust_remote_code``, which warns."""
+    trust = spec.trust_remote_code
+    if trust:
+        print(
+            f"opd: warning: trust_remote_code is on: Python code in {spec.path or spec.tokenizer} will run; "
+            "set it only for a source you trust.",
+            file=sys.stderr,
+        )
     if not spec.path:
-        tokenizer = load_tokenizer(spec.tokenizer) if spec.tokenizer else char_tokenizer(corpus)
+        tokenizer = load_tokenizer(spec.tokenizer, trust) if spec.tokenizer else char_tokenizer(corpus)
         return tiny_model(spec, tokenizer, seed), tokenizer
     path = Path(spec.path)
     if not (path / "config.json").is_file():
         raise UserError(f"model directory {path} does not exist or holds no config.json.")
-    tokenizer = load_tokenizer(path)
+    if not any(path.glob("*.safetensors")):
+        raise UserError(
+            f"{path} holds no .safetensors weights: opd loads only those, since pickled weights (.bin, .pt) "
+            f"can run code when read. If you trust them, `opd convert {path} OUT` writes safetensors."
+        )
+    tokenizer = load_tokenizer(path, trust)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.dtype))
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, spec.dtype), use_safetensors=True, trust_remote_code=trust
+        )
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a causal LM from {path}: {err}") from None
     return set_attention(fit_vocabulary(model, tokenizer, path), spec.attention), tokenizer

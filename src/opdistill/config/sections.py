@@ -32,6 +32,7 @@ class ModelSpec:
     timeout_s: float = 60.0  # remote teacher: seconds per HTTP request before it is retried
     retries: int = 5  # remote teacher: retries after a failed request (backoff 0.5 s, doubling)
     tokenizer: str = ""  # tokenizer dir: a fresh model's (else characters); a remote teacher's, if not ours
+    trust_remote_code: bool = False  # run Python code shipped in the model directory (auto_map): trusted only
 
     def __post_init__(self):
         if not self.path and not parse_preset(self.preset):

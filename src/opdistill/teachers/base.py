@@ -43,7 +43,9 @@ def make_teacher(
     is checked against ``requests`` (e.g. the objective's and the diagnostics' requests) now, so an
     impossible run fails before step 1."""
     if spec.url:
-        tokenizer = load_tokenizer(spec.tokenizer) if spec.tokenizer else student_tokenizer
+        tokenizer = (
+            load_tokenizer(spec.tokenizer, spec.trust_remote_code) if spec.tokenizer else student_tokenizer
+        )
         teacher = RemoteTeacher(
             spec.url,
             tokenizer,
