@@ -214,7 +214,7 @@ def started(work: Path) -> bool:
     return serving or any(work.rglob("metrics.jsonl"))
 
 
-def play(mutant: Mutant, work: Path, deadline: float, patience: float = 15.0) -> Outcome:
+def play(mutant: Mutant, work: Path, deadline: float, patience: float = 8.0) -> Outcome:
     """Run ``opd *mutant.argv`` in a forked child with ``work`` as its directory. It is killed at ``deadline``
     seconds, or once it has visibly started and run ``patience`` seconds (a config asking for 10^12 steps
     trains until stopped), or at once when it is serving (``serve-teacher`` runs until stopped)."""
