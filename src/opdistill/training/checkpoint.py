@@ -33,14 +33,20 @@ def save_checkpoint(
     keep: int,
     model_state: dict | None = None,
 ) -> Path:
-    """Write ``checkpoints/step_N`` atomically; ``model_state`` is the full state dict of a sharded model."""
+    """Write ``checkpoints/step_N`` atomically; ``model_state`` is the full state dict of a sharded model.
+    A whole checkpoint of the same step already on disk (a run resumed at its last step saves it again) is
+    kept as it is: the same step's state, and no moment without it."""
     root = run_dir / "checkpoints"
 
     def write(path: Path) -> None:
         save_model(model, tokenizer, path, model_state)
         torch.save(state, path / STATE_FILE)
 
-    final = publish(root / f"step_{step}", write)
+    for stale in root.glob(".step_*"):  # what a killed session left half-written
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step_{step}"
+    if not (final / STATE_FILE).is_file():
+        publish(final, write)
     _write_atomic(root / "latest", final.name)
     for old in sorted(root.glob("step_*"), key=_step_of)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -56,9 +62,13 @@ def publish(final: Path, write: Callable[[Path], None]) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # moved aside, not deleted in place: a kill mid-way would leave half of it
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
     except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error
         shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(err, "strerror", None) or str(err).removeprefix("Error while serializing: ")
