@@ -15,8 +15,15 @@ Endpoints (JSON in and out; errors are ``{"error": "sentence"}`` with a 4xx/5xx 
 "entropy": bool}`` -> ``{"sequences": [{"token_logprobs": [n], "topk_ids": [n][K],
 "topk_logprobs": [n][K], "at_logprobs": [n][K], "entropy": [n]}, ...]}``; a key is present only when
 asked for, ``n`` is the sequence's completion length, and position ``t`` scores ``completion_ids[t]``
-given the prompt and ``completion_ids[:t]``. More than ``max_tokens_per_request`` prompt + completion
-tokens is refused with 413; malformed requests with 400.
+given the prompt and ``completion_ids[:t]``. An empty ``completion_ids`` is scored as empty lists.
+
+Refusals are 4xx, each with its one-sentence ``error``: 400 for a malformed request (not JSON, not an
+object, a field of the wrong type or out of range, an unknown field: a misspelt key would otherwise be
+ignored), 404 for another path, 405 for another method, 408 for a body that stops arriving for
+``timeout_s``, 411 for a body without a Content-Length, 413 for more than ``max_tokens_per_request``
+prompt + completion tokens or a Content-Length over the bytes such a request can take (refused from the
+header, before the body is read). A 5xx means scoring itself failed; the server keeps serving. It listens
+on 127.0.0.1 unless given another host, and has no authentication.
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ from opdistill.types import Rollout
 MAX_TOKENS = 32768  # prompt + completion tokens of one request
 MAX_BATCH_TOKENS = 65536  # padded tokens of one forward (one request that is larger still runs, alone)
 MAX_TOPK = 256  # widest top-K / at_ids a request may ask for (bounds the response size)
+TIMEOUT_S = 30.0  # seconds a client may leave its connection silent while sending a request
+FIELDS = ("sequences", "topk", "at_ids", "entropy")  # of a /score body
+SEQUENCE_FIELDS = ("prompt_ids", "completion_ids")
+ROUTES = {"/info": "GET", "/score": "POST"}
 
 
 class RequestError(Exception):
@@ -90,6 +101,7 @@ class ScoringServer:
         batch_wait_s: float = 0.0,
         name: str = "",
         chunk_tokens: int = CHUNK_TOKENS,
+        timeout_s: float = TIMEOUT_S,
     ):
         self.model = model.eval().requires_grad_(False)
         self.device = next(model.parameters()).device
@@ -98,6 +110,7 @@ class ScoringServer:
         self.max_tokens, self.max_batch_tokens, self.max_topk = max_tokens, max_batch_tokens, max_topk
         self.batch_wait_s = batch_wait_s  # after the first request, wait this long for more to batch
         self.chunk_tokens = chunk_tokens  # positions of logits that exist at once (logits.py)
+        self.timeout_s = timeout_s  # a silent client's connection is dropped (408) after this long
         self.info = {
             "api": "opd",
             "model": name,
@@ -113,12 +126,11 @@ class ScoringServer:
         self.forwards = 0  # model forwards run (fewer than requests when requests were batched)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         try:
-            self.httpd = ThreadingHTTPServer((host, port), _handler(self))
+            self.httpd = _HTTPServer((host, port), _handler(self))
         except OSError as err:
             raise UserError(
                 f"cannot listen on {host}:{port} ({err.strerror}); pick another --port."
             ) from None
-        self.httpd.daemon_threads = True
         self._threads: list[threading.Thread] = []
 
     @property
@@ -163,6 +175,10 @@ class ScoringServer:
         def bad(message: str) -> RequestError:
             return RequestError(HTTPStatus.BAD_REQUEST, message)
 
+        if unknown := body.keys() - FIELDS:
+            raise bad(
+                f"unknown field {min(unknown)[:40]!r}; /score takes sequences, topk, at_ids and entropy."
+            )
         sequences = body.get("sequences")
         if not isinstance(sequences, list) or not sequences:
             raise bad("'sequences' must be a non-empty list of {prompt_ids, completion_ids}.")
@@ -170,6 +186,11 @@ class ScoringServer:
         for i, seq in enumerate(sequences):
             if not isinstance(seq, dict):
                 raise bad(f"sequences[{i}] must be an object with prompt_ids and completion_ids.")
+            if unknown := seq.keys() - SEQUENCE_FIELDS:
+                raise bad(
+                    f"unknown field {min(unknown)[:40]!r} in sequences[{i}]; it takes prompt_ids and "
+                    "completion_ids."
+                )
             prompt, completion = seq.get("prompt_ids"), seq.get("completion_ids")
             if not self._ids_ok(prompt) or not prompt:
                 raise bad(
@@ -203,7 +224,10 @@ class ScoringServer:
                     widths.add(len(row))
             if len(widths) > 1 or not 0 < next(iter(widths), 1) <= self.max_topk:
                 raise bad(f"every at_ids row must hold the same number of ids, 1 to {self.max_topk}.")
-        return _Job(prompts, completions, topk, at_ids, bool(body.get("entropy", False)))
+        entropy = body.get("entropy", False)
+        if not isinstance(entropy, bool):
+            raise bad("'entropy' must be true or false.")
+        return _Job(prompts, completions, topk, at_ids, entropy)
 
     def _ids_ok(self, ids) -> bool:
         return (
@@ -275,8 +299,8 @@ class ScoringServer:
         topk = min(max(job.topk for job in jobs), self.vocab_size)
         widths = [len(row) for job in jobs for rows in job.at_ids or [] for row in rows]
         ids_BTK = None
-        if widths:
-            ids_BTK = torch.zeros(B, T, max(widths), dtype=torch.long)
+        if any(job.at_ids is not None for job in jobs):  # (no widths when every completion is empty)
+            ids_BTK = torch.zeros(B, T, max(widths, default=1), dtype=torch.long)
             b = 0
             for job in jobs:
                 for rows in job.at_ids or [[]] * len(job.prompts):
@@ -318,44 +342,102 @@ class ScoringServer:
         }
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # connections not yet accepted; the stdlib's 5 reset a burst of 32 clients
+
+
 def _handler(server: ScoringServer) -> type[BaseHTTPRequestHandler]:
     # the largest body a valid request can have: every id as up to 12 bytes of JSON, at_ids included
     max_body = 65536 + server.max_tokens * (1 + server.max_topk) * 12
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "opd-serve-teacher/1"
+        timeout = server.timeout_s  # of each read and write: a client that goes silent loses its thread
+
+        def handle(self):
+            with contextlib.suppress(ConnectionError):  # the client hung up mid-request: nobody to answer
+                super().handle()
 
         def do_GET(self):
-            if self.path.rstrip("/") == "/info":
+            if self._routed():
                 self._reply(HTTPStatus.OK, server.info)
-            else:
-                self._reply(
-                    HTTPStatus.NOT_FOUND, {"error": f"no {self.path} here; use GET /info or POST /score."}
-                )
 
         def do_POST(self):
-            if self.path.rstrip("/") != "/score":
-                self._reply(HTTPStatus.NOT_FOUND, {"error": f"no {self.path} here; use POST /score."})
-                return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > max_body or length < 0:
-                self.close_connection = True  # the body is not read
-                self._reply(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    {"error": f"a {length}-byte body is larger than this server accepts ({max_body} bytes)."},
-                )
+            if not self._routed():
                 return
             try:
-                body = json.loads(self.rfile.read(length))
-            except ValueError as err:
-                self._reply(HTTPStatus.BAD_REQUEST, {"error": f"the body is not valid JSON: {err}"})
-                return
-            try:
+                body = self._read_json()
                 if not isinstance(body, dict):
                     raise RequestError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object.")
                 self._reply(HTTPStatus.OK, server.submit(body))
             except RequestError as err:
                 self._reply(err.status, {"error": str(err)})
+
+        def _routed(self) -> bool:
+            """Whether this is GET /info or POST /score; if not, it has been answered 404 or 405."""
+            path = self.path.rstrip("/")
+            if ROUTES.get(path) == self.command:
+                return True
+            if path in ROUTES:
+                self._reply(
+                    HTTPStatus.METHOD_NOT_ALLOWED,
+                    {"error": f"{path} takes {ROUTES[path]} only, not {self.command}."},
+                )
+            else:
+                self._reply(
+                    HTTPStatus.NOT_FOUND,
+                    {"error": f"no {self.path[:80]} here; use GET /info or POST /score."},
+                )
+            return False
+
+        def _read_json(self) -> Any:
+            """The body, parsed; its size is checked from the header before a byte of it is read."""
+            self.close_connection = True  # on a refusal, what is left of the body is not read
+            lengths = self.headers.get_all("Content-Length") or []
+            if not lengths:
+                raise RequestError(
+                    HTTPStatus.LENGTH_REQUIRED,
+                    "POST /score needs a Content-Length header (no chunked bodies).",
+                )
+            if len(lengths) > 1 or not (lengths[0].isascii() and lengths[0].strip().isdigit()):
+                raise RequestError(
+                    HTTPStatus.BAD_REQUEST, "Content-Length must be one whole number of bytes."
+                )
+            length = int(lengths[0])
+            if length > max_body:
+                raise RequestError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"a {length}-byte body is larger than this server accepts ({max_body} bytes).",
+                )
+            try:
+                data = self.rfile.read(length)
+            except TimeoutError:
+                raise RequestError(
+                    HTTPStatus.REQUEST_TIMEOUT, f"the body stopped arriving for {self.timeout} s."
+                ) from None
+            if len(data) < length:
+                raise RequestError(
+                    HTTPStatus.BAD_REQUEST, f"the body ended after {len(data)} of its {length} bytes."
+                )
+            try:
+                return json.loads(data)
+            except RecursionError:
+                raise RequestError(
+                    HTTPStatus.BAD_REQUEST, "the body is not valid JSON (nested too deeply to read)."
+                ) from None
+            except ValueError as err:
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON ({err}).") from None
+
+        def send_error(self, code, message=None, explain=None):
+            """The stdlib's refusals of malformed HTTP (request line, headers), as JSON like ours; an unknown
+            method is 405 and an unsupported HTTP version 400, the client's mistakes rather than 5xx."""
+            self.close_connection = True
+            if code == HTTPStatus.NOT_IMPLEMENTED:  # no do_<method>
+                self._routed()
+                return
+            status = HTTPStatus.BAD_REQUEST if code >= 500 else HTTPStatus(code)
+            self._reply(status, {"error": f"{message or status.phrase}."})
 
         def _reply(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
             data = json.dumps(payload).encode()
@@ -364,7 +446,8 @@ def _handler(server: ScoringServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if self.command != "HEAD":
+                    self.wfile.write(data)
 
         def log_message(self, format, *args):  # quiet: one line per request would flood a training run's log
             pass
