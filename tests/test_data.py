@@ -102,8 +102,12 @@ def test_regex_and_function_verifiers(tmp_path, monkeypatch):
 def test_unknown_task_and_bad_options():
     with pytest.raises(UserError, match="unknown task 'sum'"):
         load_task(task="sum")
-    with pytest.raises(UserError, match="bad data.task_options"):
+    with pytest.raises(UserError, match="data.task_options.digitz is not an option of task 'addition'"):
         load_task(task="addition", task_options={"digitz": 3})
+    with pytest.raises(UserError, match="data.task_options.digits must be a int, like its default 4; got True"):
+        load_task(task="addition", task_options={"digits": True})
+    with pytest.raises(UserError, match="bad data.task_options for task 'addition': digits must be between"):
+        load_task(task="addition", task_options={"digits": 0})
 
 
 def test_eval_file_without_answers_is_refused_unless_a_verifier_decides(tmp_path):

@@ -165,7 +165,7 @@ def test_streamed_task_and_its_errors(tmp_path):
     [
         ("data.columns.promt=question", "data.columns maps example fields (prompt, answer, completion"),
         ("data.columns.prompt=", "data.columns maps example fields"),
-        ("data.shuffle_buffer=0", "data.shuffle_buffer must be at least 1"),
+        ("data.shuffle_buffer=0", "data.shuffle_buffer and data.pool_size must be at least 1"),
     ],
 )
 def test_bad_data_options_name_the_fix(override, message):

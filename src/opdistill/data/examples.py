@@ -4,8 +4,11 @@ example streams, and the one place text becomes token ids."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
+import math
+import os
 import random
 import sys
 from collections import deque
@@ -92,7 +95,8 @@ class Source(Protocol):
 
 
 class JsonlSource:
-    """A JSONL file: one object per line; positions are line numbers, blank lines are skipped."""
+    """A JSONL file: one object per line; positions are line numbers, blank lines are skipped, and a byte
+    order mark opening the file (as Windows editors write one) is dropped."""
 
     def __init__(self, path: Path, columns: Mapping[str, str] | None = None):
         if not path.is_file():
@@ -101,7 +105,8 @@ class JsonlSource:
         self.length: int | None = None
 
     def records(self) -> Iterator[tuple[int, str]]:
-        with self.path.open(encoding="utf-8") as handle:
+        # bytes that are not UTF-8 are kept as lone surrogates, so ``parse`` can name their line
+        with self.path.open(encoding="utf-8-sig", errors="surrogateescape") as handle:
             for number, line in enumerate(handle, start=1):
                 if line.strip():
                     yield number, line
@@ -112,9 +117,13 @@ class JsonlSource:
     def parse(self, position: int, raw: str) -> Example:
         where = self.where(position)
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{where}: not valid JSON ({err.msg}).") from None
+            raw.encode("utf-8")
+        except UnicodeEncodeError as err:
+            byte = raw[err.start].encode("utf-8", "surrogateescape")[0]
+            raise UserError(
+                f"{where}: not valid UTF-8 (byte 0x{byte:02x} at column {err.start + 1})."
+            ) from None
+        obj = _loads(raw, where)
         if not isinstance(obj, dict):
             raise UserError(f"{where}: each line must be a JSON object with a 'prompt' field.")
         return parse_record(obj, where, self.columns, strict=True)
@@ -138,16 +147,33 @@ class DatasetSource:
     def records(self) -> Iterator[tuple[int, dict]]:
         position = 0
         try:
-            for row in self.rows:
+            for row in self._rows():
                 yield position, row
                 position += 1
-        except Exception as err:  # a corrupt file surfaces only when its rows are read
-            raise UserError(f"dataset {self.name}: cannot read row {position}: {err}") from err
+        except Exception as err:  # a corrupt file surfaces only when its rows are read, a block at a time
+            raise UserError(
+                f"{self.where(position)}: cannot read it or a row after it ({str(err).strip()})."
+            ) from err
+
+    def _rows(self, block: int = 1000) -> Iterator[dict]:
+        """The rows. Those of a memory-mapped Arrow table (``save_to_disk``, the HF cache) are checked a block
+        at a time before they are read: Arrow trusts the bytes it maps, and a corrupt file would crash."""
+        table = getattr(getattr(self.rows, "data", None), "table", None)
+        if table is None or getattr(self.rows, "_indices", None) is not None:  # rows in another order
+            yield from self.rows
+            return
+        batches = self.rows.iter(batch_size=block)
+        for start in range(0, table.num_rows, block):
+            table.slice(start, block).validate(full=True)
+            batch = next(batches)
+            yield from (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
 
     def where(self, position: int) -> str:
         return f"{self.name} row {position}"
 
     def parse(self, position: int, raw: dict) -> Example:
+        if not isinstance(raw, dict):  # an element of a JSON array
+            raise UserError(f"{self.where(position)}: each row must be a JSON object with a 'prompt' field.")
         return parse_record(raw, self.where(position), self.columns, strict=False)
 
 
@@ -159,7 +185,8 @@ def open_source(
     - ``hf:NAME[:SPLIT]`` or ``hf:NAME:CONFIG:SPLIT``: ``datasets.load_dataset`` of a local directory or a
       dataset already in the HF cache — nothing is downloaded;
     - a directory: written by ``save_to_disk``, or data files ``load_dataset`` recognises;
-    - a ``.parquet`` / ``.csv`` / ``.arrow`` file, or a ``.json`` file holding one JSON array;
+    - a ``.parquet`` / ``.csv`` / ``.arrow`` file;
+    - a ``.json`` file holding one JSON array of objects (read whole; each value keeps its own type);
     - any other file: JSONL, with line-precise errors.
 
     A dataset with several splits gives the first of ``splits`` it has, unless the spec names one.
@@ -178,11 +205,15 @@ def open_source(
         return _dataset_source(spec, spec, None, None, splits, columns)
     if not path.is_file():
         raise UserError(f"data file {path} does not exist (a dataset in the HF cache is written hf:NAME).")
-    builder = DATASET_BUILDERS.get(path.suffix.lower())
     if path.suffix.lower() == ".json" and _first_char(path) == "[":
-        builder = "json"
+        return DatasetSource(spec, _json_array(path, spec), columns)
+    builder = DATASET_BUILDERS.get(path.suffix.lower())
+    # `datasets` reads an empty file (or a parquet table of no rows) as an error of its own
+    if builder and (path.stat().st_size == 0 or builder == "parquet" and _parquet_rows(path) == 0):
+        raise UserError(f"data file {spec} holds no examples.")
     if builder:
-        return _dataset_source(spec, builder, None, None, splits, columns, data_files=str(path))
+        options = _csv_options(path, spec) if builder == "csv" else {}
+        return _dataset_source(spec, builder, None, None, splits, columns, str(path), options)
     return JsonlSource(path, columns)
 
 
@@ -234,36 +265,47 @@ def parse_record(
         values = {field: value for field, value in values.items() if value is not None}
     if "prompt" not in values:
         raise UserError(f"{where}: field {_label('prompt', columns)} is missing.")
-    prompt = values["prompt"]
+    prompt, label = values["prompt"], f"{where}: field {_label('prompt', columns)}"
     if isinstance(prompt, list):
-        label = f"{where}: field {_label('prompt', columns)}"
-        prompt = tuple(_parse_message(m, f"{label}[{i}]") for i, m in enumerate(prompt))
+        prompt = tuple(_parse_message(m, f"{label}[{i}]", strict) for i, m in enumerate(prompt))
         if not prompt:
             raise UserError(f"{label} is an empty list of messages.")
-    elif not isinstance(prompt, str) or not prompt:
-        raise UserError(
-            f"{where}: field {_label('prompt', columns)} must be a non-empty string or a list of chat "
-            "messages."
-        )
+        # the model answers the last turn (and an environment's reset replaces it): it must be the user's
+        (role, content), last = prompt[-1], f"{label}[{len(prompt) - 1}]"
+        if role != "user":
+            raise UserError(
+                f"{last}: the last message must be the user's, which the model answers, got role {role!r} "
+                "(a reply to learn from belongs in completion)."
+            )
+        if not content.strip():
+            raise UserError(f"{last}: the last message, the user's, has no text.")
+    elif not isinstance(prompt, str) or not prompt.strip():
+        got = type(prompt).__name__ if not isinstance(prompt, str) else "only whitespace" if prompt else "''"
+        raise UserError(f"{label} must be a non-empty string or a list of chat messages, got {got}.")
+    else:
+        _check_text(prompt, label)
     fields: dict[str, Any] = {"prompt": prompt}
     ids = values.get("completion_ids", [])
     if not isinstance(ids, list | tuple) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in ids
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
     ):
-        raise UserError(f"{where}: field {_label('completion_ids', columns)} must be a list of token ids.")
+        raise UserError(
+            f"{where}: field {_label('completion_ids', columns)} must be a list of token ids (integers >= 0)."
+        )
     if ids and not values.get("completion"):
         raise UserError(
             f"{where}: field {_label('completion_ids', columns)} needs the completion's text too."
         )
     fields["completion_ids"] = tuple(ids)
     for name in ("answer", "completion", "privileged", "id", "teacher"):
-        value = values.get(name, "")
+        value, label = values.get(name, ""), f"{where}: field {_label(name, columns)}"
         if isinstance(value, int | float) and not isinstance(value, bool) and name in ("answer", "id"):
+            if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN, a float column's gap
+                raise UserError(f"{label} must be a string or a finite number, got {value}.")
             value = str(value)
         if not isinstance(value, str):
-            raise UserError(
-                f"{where}: field {_label(name, columns)} must be a string, got {type(value).__name__}."
-            )
+            raise UserError(f"{label} must be a string, got {type(value).__name__}.")
+        _check_text(value, label)
         fields[name] = value
     return Example(**fields)
 
@@ -274,18 +316,87 @@ def _label(field: str, columns: Mapping[str, str] | None) -> str:
     return repr(field) if column == field else f"{column!r} (data.columns {field})"
 
 
-def _parse_message(message: Any, where: str) -> tuple[str, str]:
+def _parse_message(message: Any, where: str, strict: bool) -> tuple[str, str]:
+    """A chat message as (role, content); ``strict`` (JSONL): a key besides those two is an error, as a
+    record's unknown field is, rather than dropped."""
     if not isinstance(message, dict) or not isinstance(message.get("content"), str):
         raise UserError(f"{where} must be an object with 'role' and 'content' strings.")
     role = message.get("role")
     if role not in ("system", "user", "assistant"):
         raise UserError(f"{where}: role must be system, user or assistant, got {role!r}.")
+    extra = sorted(set(message) - {"role", "content"})
+    if strict and extra:
+        raise UserError(f"{where}: unknown key {extra[0]!r}; a message has only 'role' and 'content'.")
+    _check_text(message["content"], where)
     return role, message["content"]
 
 
+def _check_text(value: str, where: str) -> None:
+    """A JSON escape such as ``\\ud800`` makes half a surrogate pair: a string no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UserError(
+            f"{where} holds {value[err.start]!r} at character {err.start}, half a surrogate pair: not text."
+        ) from None
+
+
+def _loads(text: str, where: str, lines: bool = False) -> Any:
+    """``json.loads``, failing with a UserError at ``where`` (``lines``: then at the line and column)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        at = f":{err.lineno}:{err.colno}" if lines else ""
+        raise UserError(f"{where}{at}: not valid JSON ({err.msg}).") from None
+    except RecursionError:
+        raise UserError(f"{where}: not valid JSON (nested too deeply to read).") from None
+    except ValueError as err:  # an integer of more than 4300 digits
+        raise UserError(f"{where}: not valid JSON ({str(err).split(':')[0]}).") from None
+
+
+def _json_array(path: Path, spec: str) -> list[Any]:
+    """The elements of a ``.json`` file holding one JSON array, as rows of a DatasetSource."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(f"{spec}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x}).") from None
+    return _loads(text, spec, lines=True)
+
+
 def _first_char(path: Path) -> str:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig", errors="replace") as handle:
         return handle.read(4096).lstrip()[:1]
+
+
+def _csv_options(path: Path, spec: str) -> dict[str, Any]:
+    """``load_dataset`` options that read every CSV cell as the text it is: left to pandas, "007" would become
+    7, "2" 2.0 in a column with an empty cell, and "NA", "null" or "None" an absent value. A first row with
+    more fields than the header would make pandas take the first column for an index, moving every other
+    column one place left."""
+    header, first = [], []
+    # a field longer than the csv module allows (128 KiB) ends the look here: pandas reads it
+    with (
+        contextlib.suppress(csv.Error),
+        path.open(encoding="utf-8-sig", errors="replace", newline="") as handle,
+    ):
+        rows = csv.reader(handle)
+        header = next(rows, [])
+        first = next(rows, [])
+    if len(first) > len(header):
+        raise UserError(f"{spec} [train] row 0: {len(first)} fields, but the header names {len(header)}.")
+    return {"na_filter": False, "converters": dict.fromkeys(header, str), "index_col": False}
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """The rows a parquet file's footer declares; None when it cannot be read (``load_dataset`` says why)."""
+    try:
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_metadata(path).num_rows
+    except Exception:
+        return None
 
 
 def _dataset_source(
@@ -296,6 +407,7 @@ def _dataset_source(
     splits: Sequence[str],
     columns: Mapping[str, str] | None,
     data_files: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> DatasetSource:
     """Local data files are streamed straight from disk (nothing is converted or cached); a ``save_to_disk``
     directory and a dataset from the HF cache are memory-mapped Arrow tables. Either way rows are read one
@@ -320,7 +432,9 @@ def _dataset_source(
         if saved:
             loaded = datasets.load_from_disk(path)
         else:
-            loaded = datasets.load_dataset(path, config_name, data_files=data_files, streaming=local)
+            loaded = datasets.load_dataset(
+                path, config_name, data_files=data_files, streaming=local, **(options or {})
+            )
     except Exception as err:
         where = "" if local else " (a hub name is read from the local HF cache only: download it first)"
         raise UserError(f"cannot load dataset {spec}{where}: {err}") from err
@@ -344,14 +458,30 @@ def _dataset_source(
 
 
 def write_jsonl(examples: Sequence[Example], path: str | Path | None) -> None:
-    """Examples as JSONL lines (only the fields they have) into ``path``, or onto stdout when it is None."""
-    with Path(path).open("w", encoding="utf-8") if path else contextlib.nullcontext(sys.stdout) as handle:
-        for ex in examples:
-            obj: dict[str, Any] = {"prompt": ex.prompt if isinstance(ex.prompt, str) else ex.messages()}
-            obj.update({k: getattr(ex, k) for k in EXAMPLE_FIELDS[1:] if getattr(ex, k)})
-            if ex.completion_ids:
-                obj["completion_ids"] = list(ex.completion_ids)
-            handle.write(json.dumps(obj) + "\n")
+    """Examples as JSONL lines (only the fields they have) into ``path``, or onto stdout when it is None.
+    The file is written beside ``path``, then renamed onto it: whole or as it was, never half written."""
+    if not path:
+        _write_lines(examples, sys.stdout)
+        return
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            _write_lines(examples, handle)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({err.strerror or err}); it is left as it was.") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; after a failure, the partial file
+
+
+def _write_lines(examples: Sequence[Example], handle) -> None:
+    for ex in examples:
+        obj: dict[str, Any] = {"prompt": ex.prompt if isinstance(ex.prompt, str) else ex.messages()}
+        obj.update({k: getattr(ex, k) for k in EXAMPLE_FIELDS[1:] if getattr(ex, k)})
+        if ex.completion_ids:
+            obj["completion_ids"] = list(ex.completion_ids)
+        handle.write(json.dumps(obj) + "\n")
 
 
 class ExampleStream:

@@ -83,8 +83,11 @@ def completion_target(tokenizer, example: Example) -> list[int]:
     decode to the text (made with another tokenizer) are an error."""
     if example.completion_ids:
         ids, ends = list(example.completion_ids), end_ids(tokenizer)
-        text = tokenizer.decode([i for i in ids if i not in ends], skip_special_tokens=True)
-        if max(ids) >= len(tokenizer) or text != example.completion:
+        in_vocabulary = max(ids) < len(tokenizer)  # checked first: decoding fails on an id past a C long
+        decoded = in_vocabulary and tokenizer.decode(
+            [i for i in ids if i not in ends], skip_special_tokens=True
+        )
+        if decoded != example.completion:
             raise UserError(
                 f"example {example.id or example.prompt!r}: its completion_ids do not decode to its "
                 "completion with this tokenizer (made with another model's?); drop the field to train on "
