@@ -104,7 +104,7 @@ def test_unknown_task_and_bad_options():
         load_task(task="sum")
     with pytest.raises(UserError, match="data.task_options.digitz is not an option of task 'addition'"):
         load_task(task="addition", task_options={"digitz": 3})
-    with pytest.raises(UserError, match="data.task_options.digits must be a int, like its default 4; got True"):
+    with pytest.raises(UserError, match="task_options.digits must be a int, like its default 4; got True"):
         load_task(task="addition", task_options={"digits": True})
     with pytest.raises(UserError, match="bad data.task_options for task 'addition': digits must be between"):
         load_task(task="addition", task_options={"digits": 0})
