@@ -114,8 +114,8 @@ def _delete(tree: dict, dotted: str) -> None:
 
 
 def bounded(raw: dict, work: Path) -> dict:
-    """A shipped config made to run in seconds on the shipped tiny models: one step of two prompts, small
-    evaluations and pools, the run directory relative (each mutant runs in a directory of its own); a model or
+    """A shipped config made to run in seconds on the shipped tiny models: one step of two prompts of at most
+    16 new tokens, small evaluations and pools, the run directory relative (each mutant runs in a directory of its own); a model or
     data file that is not on this machine replaced by the shipped assets or ``work/addition.jsonl``."""
     tree = copy.deepcopy(raw)
     specs = [tree.get("student") or {}, tree.get("teacher") or {}, *(tree.get("teachers") or {}).values()]
@@ -140,6 +140,9 @@ def bounded(raw: dict, work: Path) -> dict:
         "out_dir": "run",  # under the mutant's own directory
     }
     tree["train"] = {**(tree.get("train") or {}), **train}
+    rollout = tree.get("rollout") or {}
+    if rollout.get("max_new_tokens", 0) > 16:
+        tree["rollout"] = {**rollout, "max_new_tokens": 16}
     if "cold_start" in tree:
         tree["cold_start"].update(samples=4, steps=1, prompts_per_step=2)
     return tree
@@ -208,10 +211,13 @@ def option_mutants(commands: dict[str, list[str]]) -> list[Mutant]:
 
 
 def started(work: Path) -> bool:
-    """The mutant visibly got going: a run wrote metrics, or the teacher server is listening."""
-    out = work / "stdout.txt"
+    """The mutant visibly got going: a run (or its cold start) logged a step, a progress bar moved
+    (``opd generate``'s), or the teacher server is listening."""
+    out, err = work / "stdout.txt", work / "stderr.txt"
     serving = out.exists() and "Ctrl-C stops" in out.read_text(errors="replace")
-    return serving or any(work.rglob("metrics.jsonl"))
+    text = err.read_text(errors="replace") if err.exists() else ""
+    moving = re.search(r" step (?:[1-9]\d*/\d+|\d+/\d+ .*retry [1-9])", text)  # steps or redraws counted
+    return serving or bool(moving) or any(work.rglob("*metrics.jsonl"))
 
 
 def play(mutant: Mutant, work: Path, deadline: float, patience: float = 8.0) -> Outcome:

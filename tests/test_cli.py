@@ -156,7 +156,7 @@ def test_eval_and_tasks_on_the_builtin_task(tmp_path):
         ),
         (("eval", "--model", "/nonexistent", "--task", "addition"), "/nonexistent does not exist"),
         (("report", "/nonexistent"), "not a run directory"),
-        (("demo", "--budget-flops", "0"), "--budget-flops must be > 0"),
+        (("demo", "--budget-flops", "0"), "--budget-flops must be a positive number"),
     ],
 )
 def test_bad_input_is_one_clear_sentence(tmp_path, args, message):

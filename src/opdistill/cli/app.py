@@ -188,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"opd {args.command}: interrupted.", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as err:  # torch's out-of-memory errors are RuntimeErrors
+        text = str(err) or "MemoryError"
+        if args.debug or not isinstance(err, MemoryError) and "memory" not in text:
+            raise
+        print(
+            f"opd {args.command}: error: out of memory ({text.splitlines()[0][:200]}); smaller batches "
+            "(train.micro_batch_size, train.prompts_per_step, --n) or shorter completions need less.",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def _train(args, objective: str) -> int:
@@ -213,6 +223,14 @@ def _train(args, objective: str) -> int:
     return 0
 
 
+def _check_sequences(count: int, what: str) -> None:
+    """The same bound a training config has on the sequences one step holds."""
+    from opdistill.config.sections import MAX_SEQUENCES
+
+    if count > MAX_SEQUENCES:
+        raise UserError(f"{what} = {count:,} sequences is more than one command holds ({MAX_SEQUENCES:,}).")
+
+
 def _demo(args) -> int:
     import time
 
@@ -229,6 +247,8 @@ def _task(name: str, options: list[str]):
 
     from opdistill.data.tasks import load_task
 
+    if not name:
+        raise UserError("--task needs the name of a built-in task; `opd tasks` lists them.")
     parsed = {}
     for item in options:
         key, eq, value = item.partition("=")
@@ -246,7 +266,9 @@ def _eval(args) -> int:
     from opdistill.models import check_context, load_model
     from opdistill.observe.evaluate import evaluate
 
-    if args.task:
+    if min(args.max_new_tokens, args.n, args.limit) < 0:
+        raise UserError("--max-new-tokens (0: from the references), --n and --limit must be 0 or more.")
+    if args.task is not None:
         task = _task(args.task, args.task_option)
         examples, verify = task.test, task.verify
     else:  # the evaluation split of a dataset (a JSONL file has just the one)
@@ -255,6 +277,7 @@ def _eval(args) -> int:
     examples = examples[: args.limit or None]
     if not examples:
         raise UserError("no problems to evaluate.")
+    _check_sequences(len(examples) * max(args.n, 1), "problems x --n")
     try:
         ks = [int(k) for k in args.k.split(",") if k] if args.n else []
     except ValueError:
@@ -302,13 +325,14 @@ def _generate(args) -> int:
     out = Path(args.out)
     if out.exists():
         raise UserError(f"{out} already exists; choose another --out (nothing is overwritten).")
-    if args.n < 1 or args.max_new_tokens < 1 or args.max_retries < 0:
-        raise UserError("--n and --max-new-tokens must be at least 1 and --max-retries at least 0.")
+    if args.n < 1 or args.max_new_tokens < 1 or min(args.max_retries, args.limit) < 0:
+        raise UserError("--n and --max-new-tokens must be at least 1, --max-retries and --limit at least 0.")
     try:
         require = re.compile(args.require) if args.require else None
     except re.error as err:
         raise UserError(f"--require {args.require!r} is not a regular expression: {err}.") from None
-    if args.task:
+    _check_sequences(max(args.limit, 1) * args.n, "--limit x --n")
+    if args.task is not None:
         task, count = _task(args.task, args.task_option), args.limit or 1000
         test = args.split == "test"
         examples = task.test[:count] if test else [task.train[i] for i in range(count)]

@@ -70,8 +70,11 @@ def run_demo(
     console = Console(stderr=True)
     if not console.is_terminal:  # logs and pipes: wide enough that the table does not wrap
         console = Console(stderr=True, width=140)
-    if not budget_flops > 0 or prompts < 0:
-        raise UserError(f"--budget-flops must be > 0 and --prompts >= 0, not {budget_flops:g} and {prompts}.")
+    if not 0 < budget_flops < float("inf") or prompts < 0 or eval_n < 1:
+        raise UserError(
+            f"--budget-flops must be a positive number, --prompts >= 0 and --eval-n >= 1, not "
+            f"{budget_flops:g}, {prompts} and {eval_n}."
+        )
     if (run_dir / "summary.json").exists():
         raise UserError(f"{run_dir} already holds a demo; choose another --out or remove it.")
     recipe = resources.files("opdistill") / "recipes" / "demo.yaml"

@@ -386,6 +386,10 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be 0 or more; got {getattr(self, name)}.")
         if self.eval_size < 1:
             raise UserError("train.eval_size must be at least 1: the final evaluation's problems.")
+        if self.threads > 1024:
+            raise UserError(
+                f"train.threads={self.threads} is more threads than any machine has (at most 1024)."
+            )
 
 
 @dataclass(frozen=True)

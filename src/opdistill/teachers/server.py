@@ -127,10 +127,9 @@ class ScoringServer:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         try:
             self.httpd = _HTTPServer((host, port), _handler(self))
-        except OSError as err:
-            raise UserError(
-                f"cannot listen on {host}:{port} ({err.strerror}); pick another --port."
-            ) from None
+        except (OSError, OverflowError, TypeError, UnicodeError) as err:  # taken, out of range, no such host
+            reason = getattr(err, "strerror", None) or str(err)
+            raise UserError(f"cannot listen on {host}:{port} ({reason}); check --host and --port.") from None
         self._threads: list[threading.Thread] = []
 
     @property
@@ -470,8 +469,12 @@ def serve(
     from opdistill.config import ModelSpec
     from opdistill.models import load_model
 
+    try:
+        where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a torch device, e.g. cpu, cuda or cuda:1.") from None
     model, tokenizer = load_model(ModelSpec(path=model_dir, dtype=dtype))
-    torch.nn.Module.to(model, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.nn.Module.to(model, where)
     server = ScoringServer(
         model,
         tokenizer,
