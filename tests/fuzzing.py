@@ -115,8 +115,9 @@ def _delete(tree: dict, dotted: str) -> None:
 
 def bounded(raw: dict, work: Path) -> dict:
     """A shipped config made to run in seconds on the shipped tiny models: one step of two prompts of at most
-    16 new tokens, small evaluations and pools, the run directory relative (each mutant runs in a directory of its own); a model or
-    data file that is not on this machine replaced by the shipped assets or ``work/addition.jsonl``."""
+    16 new tokens, small evaluations and pools, the run directory relative (each mutant runs in a directory
+    of its own); a model or data file that is not on this machine replaced by the shipped assets or
+    ``work/addition.jsonl``."""
     tree = copy.deepcopy(raw)
     specs = [tree.get("student") or {}, tree.get("teacher") or {}, *(tree.get("teachers") or {}).values()]
     assets = ["addition-student", "addition-teacher"] + ["addition-student"] * (len(specs) - 2)
