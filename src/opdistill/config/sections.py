@@ -35,6 +35,11 @@ class ModelSpec:
     trust_remote_code: bool = False  # run Python code shipped in the model directory (auto_map): trusted only
 
     def __post_init__(self):
+        if not (0 < self.timeout_s <= 86400 and 0 <= self.retries <= 1000):
+            raise UserError(
+                f"a teacher's timeout_s must be in (0, 86400] seconds and retries in [0, 1000]; got "
+                f"{self.timeout_s:g} and {self.retries}."
+            )
         if not self.path and not parse_preset(self.preset):
             raise UserError(
                 f"model preset {self.preset!r} is not of the form d<hidden>l<layers>, e.g. d32l2."
