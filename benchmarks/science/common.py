@@ -180,6 +180,16 @@ def pyplot():
     return plt
 
 
+def finish(fig, axes, xlabel: str, path: Path) -> None:
+    """Every panel's x label, grid and legend, then the figure saved at ``path``."""
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def write(report: Path, title: str, started: float, summary: str, table: list[str]) -> None:
     """The Markdown report (header, ``summary``, ``table``, the PNG beside it); the table also to stdout."""
     report.parent.mkdir(parents=True, exist_ok=True)

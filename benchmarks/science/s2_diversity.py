@@ -113,12 +113,7 @@ def plot(runs: dict[str, common.Run], k: int, path: Path) -> None:
     acc.set_ylabel("held-out accuracy (sampled, T = 1)")
     gap.set_ylabel(f"pass@{k} − pass@1 (what sampling adds)")
     her.set_ylabel("share of tokens above 0.8 nats, at the student's states")
-    for ax in (acc, gap, her):
-        ax.set_xlabel("student + teacher FLOPs")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.finish(fig, (acc, gap, her), "student + teacher FLOPs", path)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

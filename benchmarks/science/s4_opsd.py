@@ -97,12 +97,7 @@ def plot(runs: dict[str, common.Run], rows: list[dict], path: Path) -> None:
         kl.plot([m["step"] for m in steps], [m["teacher_kl"] for m in steps], "-", color=color, label=regime)
     acc.set_ylabel("held-out greedy accuracy")
     kl.set_ylabel("teacher_kl (nats / token)")
-    for ax in (acc, kl):
-        ax.set_xlabel("OPSD step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.finish(fig, (acc, kl), "OPSD step", path)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

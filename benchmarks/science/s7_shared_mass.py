@@ -101,12 +101,7 @@ def plot(runs: dict[str, common.Run], path: Path) -> None:
     mass.set_ylabel(f"mass on the shared top-{s8.K} ids")
     overlap.set_ylabel(KEYS["overlap"])
     advantage.set_ylabel("overlap advantage (≤ 0; 0 = aligned)")
-    for ax in axes:
-        ax.set_xlabel("student + teacher FLOPs")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.finish(fig, axes, "student + teacher FLOPs", path)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -201,12 +201,7 @@ def plot(runs: dict[str, common.Run], path: Path) -> None:
     acc.set_ylabel("held-out greedy accuracy")
     kl.set_ylabel("teacher_kl, nats/token (10-step mean)")
     kl.set_yscale("log")
-    for ax in (acc, kl):
-        ax.set_xlabel("student + teacher FLOPs")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.finish(fig, (acc, kl), "student + teacher FLOPs", path)
 
 
 def smooth(values: list[float], window: int = 10) -> list[float]:
