@@ -62,13 +62,11 @@ def publish(final: Path, write: Callable[[Path], None]) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
         if final.exists():  # moved aside, not deleted in place: a kill mid-way would leave half of it
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error
         shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(err, "strerror", None) or str(err).removeprefix("Error while serializing: ")

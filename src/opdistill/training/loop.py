@@ -103,7 +103,7 @@ def _run(
         torch.set_num_threads(train.threads)
     task = task_from_config(config.data, train.seed)
     checkpoint, saved = _open_run_directory(config, run_dir, world, resume)
-    resume = checkpoint is not None
+    resume = checkpoint is not None  # --resume before the first checkpoint is a fresh start
     state = RunState.from_dict(saved) if resume else RunState()
 
     # a fresh model gets a character tokenizer over the task's text (read only when one is built)
